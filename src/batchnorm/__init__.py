@@ -1,0 +1,26 @@
+"""batchnorm: batch normalization for PyTorch.
+
+An exact, drop-in replacement for ``torch.nn.BatchNorm{1,2,3}d`` with its own math (stable
+statistics, closed-form backward, double backward), the variants that answer batch norm's limits,
+fast kernels, and a lab that tests batch norm's claims on real data.
+"""
+
+from batchnorm import functional
+from batchnorm.convert import convert
+from batchnorm.core.running import NonFiniteStatisticsWarning
+from batchnorm.dispatch import available_backends, select_backend, use_backend
+from batchnorm.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "NonFiniteStatisticsWarning",
+    "available_backends",
+    "convert",
+    "functional",
+    "select_backend",
+    "use_backend",
+]

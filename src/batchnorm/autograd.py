@@ -1,0 +1,84 @@
+"""Autograd Functions: batch norm's forward and its closed-form backward.
+
+Both Functions call the backend that ``batchnorm.dispatch`` selects. The backward is the closed
+form from ``batchnorm.core.normalize``, not autograd through the forward's operations.
+
+Double backward: when the backward itself runs with grad enabled (``create_graph=True``, as in a
+gradient penalty), the statistics are recomputed from the saved input with differentiable
+operations and the closed-form gradient is built from torch operations, so autograd can
+differentiate it again, including the dependence of the batch mean and variance on the input.
+
+The Functions use the ``setup_context`` form with ``generate_vmap_rule``, so they compose with
+``torch.func`` (vmap, grad, functional_call).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from batchnorm.backends import eager
+from batchnorm.core.moments import batch_moments
+from batchnorm.dispatch import select_backend
+
+
+def _cast_grads(grads, inputs):
+    return tuple(
+        None if grad is None else grad.to(tensor.dtype)
+        for grad, tensor in zip(grads, inputs, strict=True)
+    )
+
+
+class BatchNormTrain(torch.autograd.Function):
+    """Normalize with the batch's own statistics. Outputs (y, mean, biased variance)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        return select_backend(x).train_forward(x, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, eps = inputs
+        _, mean, variance = output
+        ctx.save_for_backward(x, weight, bias, mean, variance)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, variance)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        x, weight, bias, mean, variance = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        if torch.is_grad_enabled():
+            mean, variance = batch_moments(x)
+            grads = eager.train_backward(grad_out, x, mean, variance, weight, ctx.eps, needs)
+        else:
+            backend = select_backend(x)
+            grads = backend.train_backward(grad_out, x, mean, variance, weight, ctx.eps, needs)
+        return (*_cast_grads(grads, (x, weight, bias)), None)
+
+
+class BatchNormEval(torch.autograd.Function):
+    """Normalize with given (running) statistics. The statistics receive no gradient."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, mean, variance, weight, bias, eps):
+        return select_backend(x).eval_forward(x, mean, variance, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, mean, variance, weight, bias, eps = inputs
+        ctx.save_for_backward(x, mean, variance, weight, bias)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mean, variance, weight, bias = ctx.saved_tensors
+        needs_input, _, _, needs_weight, needs_bias, _ = ctx.needs_input_grad
+        needs = (needs_input, needs_weight, needs_bias)
+        backend = eager if torch.is_grad_enabled() else select_backend(x)
+        grads = backend.eval_backward(grad_out, x, mean, variance, weight, ctx.eps, needs)
+        dx, dw, db = _cast_grads(grads, (x, weight, bias))
+        return dx, None, None, dw, db, None

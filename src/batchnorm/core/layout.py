@@ -1,0 +1,53 @@
+"""Shapes and dtypes: where the channels are and what the statistics are accumulated in.
+
+Batch norm inputs are ``(N, C, *spatial)``. Statistics are per channel, reduced over every
+other axis. All helpers here are layout-agnostic: they work for contiguous, channels_last and
+arbitrarily strided tensors because they name axes, never strides.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHANNEL_AXIS = 1
+
+
+def reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
+    """Every axis except the channel axis."""
+    return (0, *range(2, x.dim()))
+
+
+def values_per_channel(x: torch.Tensor) -> int:
+    """How many values each channel's statistics are computed over: N * prod(spatial)."""
+    count = x.shape[0]
+    for size in x.shape[2:]:
+        count *= size
+    return count
+
+
+def channel_view_shape(x: torch.Tensor) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector against ``x``: (1, C, 1, ..., 1)."""
+    return (1, x.shape[CHANNEL_AXIS]) + (1,) * (x.dim() - 2)
+
+
+def as_channel(vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a (C,) vector to broadcast against ``x``."""
+    return vector.reshape(channel_view_shape(x))
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics of half-precision inputs accumulate in float32; float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def suggest_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format an output of the same shape should have to match ``x``."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if (
+        x.dim() == 5
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+        and not x.is_contiguous()
+    ):
+        return torch.channels_last_3d
+    return torch.contiguous_format

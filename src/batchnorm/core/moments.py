@@ -1,0 +1,96 @@
+r"""Per-channel batch moments: the one place in the package where statistics are computed.
+
+For a channel with values :math:`x_1, \dots, x_n` the batch norm statistics are
+
+.. math::
+    \mu = \frac{1}{n}\sum_i x_i, \qquad
+    \sigma^2 = \frac{1}{n}\sum_i (x_i - \mu)^2 \quad\text{(biased, used to normalize)},
+
+and the running variance is fed the unbiased :math:`\frac{n}{n-1}\sigma^2`.
+
+The variance is computed in two passes over centred values, never as
+:math:`E[x^2] - E[x]^2`: for a channel with mean 1e4 and standard deviation 1 in float32 the
+latter loses every significant digit (1e8 against a difference of 1), while the centred sum keeps
+the relative error near float32's epsilon. Inputs in float16/bfloat16 accumulate in float32 and
+float64 inputs in float64.
+
+Partial moments (count, mean, M2 = sum of squared deviations) of disjoint groups combine exactly
+with Chan et al.'s pairwise formula (:func:`merge_moments`), which synchronized batch norm and
+precise population statistics use to join batches or processes without a second pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from batchnorm.core.layout import accumulation_dtype, as_channel, reduce_dims, values_per_channel
+
+
+def centred_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, biased variance and the centred input ``x - mean`` (in the accumulation dtype).
+
+    The centred tensor is returned because normalizing needs it too: ``(x - mean) * scale + bias``
+    is exact where ``x * scale + (bias - mean * scale)`` cancels when |mean| >> std.
+    """
+    acc = accumulation_dtype(x.dtype)
+    dims = reduce_dims(x)
+    count = values_per_channel(x)
+    mean = x.sum(dim=dims, dtype=acc) / count
+    centred = x.to(acc) - as_channel(mean, x)
+    variance = (centred * centred).sum(dim=dims) / count
+    return mean, variance, centred
+
+
+def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance per channel of ``x`` (N, C, *), in the accumulation dtype."""
+    mean, variance, _ = centred_moments(x)
+    return mean, variance
+
+
+def unbiased(variance: torch.Tensor, count: int) -> torch.Tensor:
+    """Bessel's correction n / (n - 1), for the running variance (count must exceed 1)."""
+    return variance * (count / (count - 1))
+
+
+def merge_moments(
+    count_a: torch.Tensor,
+    mean_a: torch.Tensor,
+    m2_a: torch.Tensor,
+    count_b: torch.Tensor,
+    mean_b: torch.Tensor,
+    m2_b: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Join the moments of two disjoint groups (Chan, Golub & LeVeque 1979).
+
+    .. math::
+        n = n_a + n_b,\quad \delta = \mu_b - \mu_a,\quad
+        \mu = \mu_a + \delta\,\frac{n_b}{n},\quad
+        M_2 = M_{2,a} + M_{2,b} + \delta^2\,\frac{n_a n_b}{n}
+
+    Empty groups (count 0) are neutral: merging with one returns the other unchanged.
+    """
+    count = count_a + count_b
+    safe = torch.clamp(count, min=1)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (count_b / safe)
+    m2 = m2_a + m2_b + delta * delta * (count_a * count_b / safe)
+    return count, mean, m2
+
+
+def merge_many(
+    counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Join the moments of G groups given as stacked (G, C) tensors (counts may be (G,) or (G, C)).
+
+    Uses the same exact identities as :func:`merge_moments`, in closed form over all groups:
+    the pooled mean is count-weighted, and M2 adds each group's spread around the pooled mean.
+    """
+    if counts.dim() == 1:
+        counts = counts.unsqueeze(1).expand_as(means)
+    counts = counts.to(means.dtype)
+    total = counts.sum(dim=0)
+    safe = torch.clamp(total, min=1)
+    mean = (counts * means).sum(dim=0) / safe
+    deviation = means - mean
+    m2 = m2s.sum(dim=0) + (counts * deviation * deviation).sum(dim=0)
+    return total, mean, m2

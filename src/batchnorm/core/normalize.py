@@ -1,0 +1,127 @@
+r"""The per-channel normalization and its closed-form gradients (eager torch).
+
+Forward, with batch or population statistics :math:`\mu, \sigma^2`:
+
+.. math::
+    \hat x = (x - \mu)\,s, \quad s = \frac{1}{\sqrt{\sigma^2 + \epsilon}}, \qquad
+    y = \gamma \hat x + \beta .
+
+Backward with batch statistics (they depend on :math:`x`), over the :math:`n` values of a channel:
+
+.. math::
+    \frac{\partial L}{\partial\beta} = \sum_i g_i, \qquad
+    \frac{\partial L}{\partial\gamma} = \sum_i g_i \hat x_i, \qquad
+    \frac{\partial L}{\partial x_i} = \gamma s \Big(g_i - \frac{1}{n}\sum_j g_j
+        - \hat x_i \frac{1}{n}\sum_j g_j \hat x_j\Big)
+
+where :math:`g = \partial L/\partial y`. With fixed (running) statistics the last term and the
+mean of :math:`g` vanish: :math:`\partial L/\partial x_i = \gamma s\, g_i`.
+
+Every function here is written with differentiable torch operations, so autograd can
+differentiate the gradient itself (double backward) when the statistics are recomputed from
+``x`` inside the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from batchnorm.core.layout import accumulation_dtype, as_channel, reduce_dims, values_per_channel
+
+Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def inverse_std(variance: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(variance + eps)
+
+
+def affine_coefficients(
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``scale`` and ``shift`` with ``y = x * scale + shift``."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(shift.dtype)
+    return scale, shift
+
+
+def normalize_centred(
+    centred: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``y = centred * (gamma * invstd) + beta``, from the already centred input."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    scale = as_channel(scale, centred)
+    if bias is None:
+        y = centred * scale
+    else:
+        y = torch.addcmul(as_channel(bias.to(centred.dtype), centred), centred, scale)
+    return y.to(out_dtype)
+
+
+def apply_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``y = x * scale + shift`` in one pass, computed in the accumulation dtype, returned in x's."""
+    acc = accumulation_dtype(x.dtype)
+    y = torch.addcmul(as_channel(shift.to(acc), x), x, as_channel(scale.to(acc), x))
+    return y.to(x.dtype)
+
+
+def train_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    needs: tuple[bool, bool, bool],
+) -> Grads:
+    """Gradients for input, weight and bias when the statistics came from this batch."""
+    need_input, need_weight, need_bias = needs
+    acc = accumulation_dtype(x.dtype)
+    dims = reduce_dims(x)
+    count = values_per_channel(x)
+    centred = x.to(acc) - as_channel(mean, x)
+    sum_grad = grad_out.sum(dim=dims, dtype=acc)
+    sum_grad_centred = (grad_out.to(acc) * centred).sum(dim=dims)
+    grad_weight = sum_grad_centred * invstd if (need_weight and weight is not None) else None
+    grad_bias = sum_grad if need_bias else None
+    grad_input = None
+    if need_input:
+        gain = invstd if weight is None else invstd * weight.to(acc)
+        centred_coef = -gain * invstd * invstd * sum_grad_centred / count
+        offset = -gain * sum_grad / count
+        grad_input = torch.addcmul(as_channel(offset, x), centred, as_channel(centred_coef, x))
+        grad_input = torch.addcmul(grad_input, grad_out.to(acc), as_channel(gain, x))
+        grad_input = grad_input.to(x.dtype)
+    return grad_input, grad_weight, grad_bias
+
+
+def eval_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    needs: tuple[bool, bool, bool],
+) -> Grads:
+    """Gradients for input, weight and bias when the statistics were fixed (running ones)."""
+    need_input, need_weight, need_bias = needs
+    acc = accumulation_dtype(x.dtype)
+    dims = reduce_dims(x)
+    grad_input = grad_weight = grad_bias = None
+    if need_input:
+        gain = invstd if weight is None else invstd * weight.to(acc)
+        grad_input = (grad_out.to(acc) * as_channel(gain.to(acc), x)).to(x.dtype)
+    if need_weight and weight is not None:
+        centred = x.to(acc) - as_channel(mean.to(acc), x)
+        grad_weight = (grad_out.to(acc) * centred).sum(dim=dims) * invstd.to(acc)
+    if need_bias:
+        grad_bias = grad_out.sum(dim=dims, dtype=acc)
+    return grad_input, grad_weight, grad_bias
+

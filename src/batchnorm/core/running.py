@@ -1,0 +1,63 @@
+r"""The running-statistics update, as a pure function.
+
+With momentum :math:`m` (torch's convention: the weight of the new batch),
+
+.. math::
+    \hat\mu \leftarrow (1 - m)\,\hat\mu + m\,\mu_B, \qquad
+    \hat\sigma^2 \leftarrow (1 - m)\,\hat\sigma^2 + m\,\frac{n}{n-1}\sigma_B^2 .
+
+``momentum=None`` in the modules means a cumulative moving average: :math:`m = 1/k` for the
+k-th tracked batch, so the running statistics are the plain mean of every batch's statistics.
+
+Protection: a batch whose mean or variance is not finite (a NaN or inf in the input, an
+overflow in half precision) leaves the running statistics unchanged. The choice is made with
+``torch.where`` rather than a Python branch, so it costs no host synchronisation and traces
+under ``torch.compile(fullgraph=True)``; the caller receives the flag to warn or count.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from batchnorm.core.moments import unbiased
+
+
+class NonFiniteStatisticsWarning(RuntimeWarning):
+    """A training batch had non-finite statistics; the running statistics were left unchanged."""
+
+
+def updated_running_stats(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    batch_mean: torch.Tensor,
+    batch_var: torch.Tensor,
+    count: int,
+    momentum: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New running mean and variance, and a 0-dim bool tensor: were the batch statistics finite.
+
+    ``batch_var`` is the biased batch variance; the running variance receives the unbiased one.
+    Nothing is modified in place.
+    """
+    batch_mean = batch_mean.detach().to(running_mean.dtype)
+    batch_var = unbiased(batch_var.detach(), count).to(running_var.dtype)
+    finite = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
+    new_mean = running_mean * (1 - momentum) + batch_mean * momentum
+    new_var = running_var * (1 - momentum) + batch_var * momentum
+    return (
+        torch.where(finite, new_mean, running_mean),
+        torch.where(finite, new_var, running_var),
+        finite,
+    )
+
+
+def warn_nonfinite(owner: str) -> None:
+    warnings.warn(
+        f"{owner}: the batch statistics are not finite (NaN or inf in the input or an overflow); "
+        "the running statistics and num_batches_tracked were left unchanged. The output of this "
+        "batch is returned as computed, so the non-finite values stay visible.",
+        NonFiniteStatisticsWarning,
+        stacklevel=3,
+    )

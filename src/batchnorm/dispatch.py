@@ -1,0 +1,87 @@
+"""The one place that decides which backend computes a batch norm.
+
+Modules and functions never pick a kernel themselves: they call :func:`select_backend` with the
+input, and the choice depends on the device, dtype and layout of that input, on which backends
+are available in this installation, and on an explicit override:
+
+- ``with batchnorm.use_backend("reference"):`` forces a backend inside the block (tests use it to
+  run the same checks on every path);
+- the environment variable ``BATCHNORM_BACKEND`` sets the default override for a process.
+
+Backends are modules (or objects) with ``name``, ``supports(x)``, ``train_forward``,
+``eval_forward``, ``train_backward`` and ``eval_backward``; see ``batchnorm.backends.eager`` for
+the signatures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Protocol
+
+import torch
+
+from batchnorm.backends import eager, reference
+
+
+class Backend(Protocol):
+    name: str
+
+    def supports(self, x: torch.Tensor) -> bool: ...
+    def train_forward(self, x, weight, bias, eps): ...
+    def eval_forward(self, x, mean, variance, weight, bias, eps): ...
+    def train_backward(self, grad_out, x, mean, variance, weight, eps, needs): ...
+    def eval_backward(self, grad_out, x, mean, variance, weight, eps, needs): ...
+
+
+_BACKENDS: dict[str, Backend | ModuleType] = {"eager": eager, "reference": reference}
+# Automatic choice, in order of preference; the first that supports the input runs.
+_PREFERENCE: list[str] = ["eager"]
+_override: str | None = os.environ.get("BATCHNORM_BACKEND") or None
+
+
+def register_backend(backend: Backend | ModuleType, *, preferred: bool = False) -> None:
+    """Make a backend selectable by name; ``preferred`` puts it first in the automatic choice."""
+    _BACKENDS[backend.name] = backend
+    if preferred and backend.name not in _PREFERENCE:
+        _PREFERENCE.insert(0, backend.name)
+
+
+def available_backends() -> list[str]:
+    return list(_BACKENDS)
+
+
+def select_backend(x: torch.Tensor) -> Backend | ModuleType:
+    """The backend that will compute a batch norm of ``x``."""
+    if _override is not None:
+        backend = _BACKENDS.get(_override)
+        if backend is None:
+            raise ValueError(
+                f"unknown batch norm backend {_override!r}; available: {available_backends()}"
+            )
+        if not backend.supports(x):
+            raise ValueError(
+                f"backend {_override!r} does not support input on {x.device} with dtype "
+                f"{x.dtype} and shape {tuple(x.shape)}"
+            )
+        return backend
+    for name in _PREFERENCE:
+        backend = _BACKENDS[name]
+        if backend.supports(x):
+            return backend
+    return eager
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force a backend inside a ``with`` block (``None`` restores the automatic choice)."""
+    global _override
+    if name is not None and name not in _BACKENDS:
+        raise ValueError(f"unknown batch norm backend {name!r}; available: {available_backends()}")
+    previous, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = previous

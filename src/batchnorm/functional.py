@@ -1,0 +1,146 @@
+r"""Functional batch norm.
+
+:func:`batch_norm` has the semantics of ``torch.nn.functional.batch_norm``; :func:`batch_norm_pure`
+computes the same thing without modifying anything and returns the new running statistics, so it
+works under ``torch.func`` transforms (vmap, grad, functional_call) where an in-place update of a
+buffer cannot.
+
+.. math::
+    y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+"""
+
+from __future__ import annotations
+
+import torch
+
+from batchnorm.autograd import BatchNormEval, BatchNormTrain
+from batchnorm.core import checks
+from batchnorm.core.layout import values_per_channel
+from batchnorm.core.running import updated_running_stats, warn_nonfinite
+
+Momentum = float | torch.Tensor
+
+
+def _validate(
+    input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner
+) -> None:
+    checks.check_input(input, owner=owner)
+    channels = input.shape[1]
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            f"{owner}: expected running_mean and running_var both given or both None, got "
+            f"running_mean={'None' if running_mean is None else 'a tensor'} and "
+            f"running_var={'None' if running_var is None else 'a tensor'}"
+        )
+    checks.check_per_channel(running_mean, channels, "running_mean", owner)
+    checks.check_per_channel(running_var, channels, "running_var", owner)
+    checks.check_per_channel(weight, channels, "weight", owner)
+    checks.check_per_channel(bias, channels, "bias", owner)
+    checks.check_momentum(momentum, owner)
+    checks.check_eps(eps, owner)
+    if use_batch_stats:
+        checks.check_batch_statistics_possible(input, owner)
+
+
+def batch_norm_core(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: Momentum = 0.1,
+    eps: float = 1e-5,
+    owner: str = "batch_norm",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Validate, normalize, and compute (without applying) the running-statistics update.
+
+    Returns ``(output, new_running_mean, new_running_var, finite)``. The last three are None
+    when no running statistics are updated; ``finite`` is a 0-dim bool tensor telling whether
+    the batch statistics were finite (if not, the "new" statistics equal the old ones).
+    """
+    use_batch_stats = training or running_mean is None
+    _validate(
+        input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner
+    )
+    if not use_batch_stats:
+        output = BatchNormEval.apply(input, running_mean, running_var, weight, bias, eps)
+        return output, None, None, None
+    output, mean, variance = BatchNormTrain.apply(input, weight, bias, eps)
+    if not training or running_mean is None:
+        return output, None, None, None
+    new_mean, new_var, finite = updated_running_stats(
+        running_mean, running_var, mean, variance, values_per_channel(input), momentum
+    )
+    return output, new_mean, new_var, finite
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: Momentum = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Batch norm with the semantics of ``torch.nn.functional.batch_norm``.
+
+    In training, normalizes with the batch's mean and biased variance and, when running
+    statistics are given, updates them in place with the unbiased variance:
+    ``running = (1 - momentum) * running + momentum * batch``. Outside training it uses the
+    running statistics, or the batch's own when none are given.
+
+    Unlike torch, a training batch whose statistics are not finite leaves the running
+    statistics unchanged (with a :class:`NonFiniteStatisticsWarning`).
+
+    Example::
+
+        >>> x = torch.randn(8, 3, 4, 4)
+        >>> mean, var = torch.zeros(3), torch.ones(3)
+        >>> y = batch_norm(x, mean, var, training=True)
+        >>> bool(mean.abs().sum() > 0)
+        True
+    """
+    output, new_mean, new_var, finite = batch_norm_core(
+        input, running_mean, running_var, weight, bias, training, momentum, eps
+    )
+    if new_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+        if not torch.compiler.is_compiling() and not bool(finite):
+            warn_nonfinite("batch_norm")
+    return output
+
+
+def batch_norm_pure(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: Momentum = 0.1,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Like :func:`batch_norm`, but modifies nothing: returns
+    ``(output, new_running_mean, new_running_var)``.
+
+    Outside training, or without running statistics, the returned statistics are the ones
+    passed in. Suited to ``torch.func``::
+
+        >>> x = torch.randn(5, 8, 3)              # vmap over 5 independent batches
+        >>> rm, rv = torch.zeros(3), torch.ones(3)
+        >>> y, new_rm, new_rv = torch.func.vmap(
+        ...     lambda xb: batch_norm_pure(xb, rm, rv, training=True))(x)
+        >>> tuple(new_rm.shape)
+        (5, 3)
+    """
+    output, new_mean, new_var, _ = batch_norm_core(
+        input, running_mean, running_var, weight, bias, training, momentum, eps
+    )
+    if new_mean is None:
+        return output, running_mean, running_var
+    return output, new_mean, new_var

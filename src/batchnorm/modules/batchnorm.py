@@ -1,0 +1,153 @@
+r"""``BatchNorm1d``, ``BatchNorm2d`` and ``BatchNorm3d``: drop-in for ``torch.nn``'s.
+
+.. math::
+    y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+The modules subclass ``torch.nn.modules.batchnorm._BatchNorm`` for its parameters, buffers and
+checkpoint handling, so state-dict keys are identical (``weight``, ``bias``, ``running_mean``,
+``running_var``, ``num_batches_tracked``) and code that recognises batch norms with
+``isinstance(m, _BatchNorm)`` (weight-decay grouping, freezing, converters) recognises ours.
+The forward is ours: ``batchnorm.functional`` with its own statistics and backward.
+
+Beyond torch: a training batch whose statistics are not finite leaves ``running_mean``,
+``running_var`` and ``num_batches_tracked`` unchanged and warns once per module. Checking the
+flag costs one host synchronisation per training step on an accelerator; set
+``module.warn_on_nonfinite = False`` to skip the check (the protection itself stays, it is
+computed on the device).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+
+from batchnorm.core.checks import check_input
+from batchnorm.core.running import warn_nonfinite
+from batchnorm.functional import batch_norm_core
+
+
+class _BatchNorm(_TorchBatchNorm):
+    """Shared logic of the batch norm modules; subclasses only state which inputs they accept."""
+
+    _allowed_dims: tuple[int, ...] = ()
+    warn_on_nonfinite: bool = True
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._warned_nonfinite = False
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        check_input(
+            input,
+            allowed_dims=self._allowed_dims,
+            num_features=self.num_features,
+            owner=type(self).__name__,
+        )
+
+    def _momentum_now(self) -> float | torch.Tensor:
+        """The weight of this batch in the running statistics (cumulative average when None)."""
+        if self.momentum is not None:
+            return self.momentum
+        return 1.0 / (self.num_batches_tracked + 1).to(self.running_mean.dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        updating = self.training and self.track_running_stats and self.running_mean is not None
+        use_running = not self.training or self.track_running_stats
+        output, new_mean, new_var, finite = batch_norm_core(
+            input,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight,
+            self.bias,
+            training=self.training or self.running_mean is None,
+            momentum=self._momentum_now() if updating else 0.0,
+            eps=self.eps,
+            owner=type(self).__name__,
+        )
+        if updating:
+            self._commit_running_stats(new_mean, new_var, finite)
+        return output
+
+    def _commit_running_stats(self, new_mean, new_var, finite) -> None:
+        with torch.no_grad():
+            self.running_mean.copy_(new_mean)
+            self.running_var.copy_(new_var)
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
+        if (
+            self.warn_on_nonfinite
+            and not self._warned_nonfinite
+            and not torch.compiler.is_compiling()
+            and not bool(finite)
+        ):
+            self._warned_nonfinite = True
+            warn_nonfinite(self._describe())
+
+    def _describe(self) -> str:
+        name = getattr(self, "_qualified_name", None)
+        where = f" '{name}'" if name else ""
+        return f"{type(self).__name__}{where} ({self.extra_repr()})"
+
+
+class BatchNorm1d(_BatchNorm):
+    r"""Batch norm over a 2D input (N, C) or 3D input (N, C, L).
+
+    Args:
+        num_features: C, the number of channels.
+        eps: added to the variance for stability. Default: 1e-5.
+        momentum: weight of the new batch in the running statistics; None for a cumulative
+            moving average. Default: 0.1.
+        affine: learn a per-channel scale and shift. Default: True.
+        track_running_stats: keep running statistics for eval mode; if False, batch statistics
+            are used in both modes. Default: True.
+
+    Shape: input (N, C) or (N, C, L); output the same.
+
+    Example::
+
+        >>> bn = BatchNorm1d(16)
+        >>> bn(torch.randn(32, 16)).shape
+        torch.Size([32, 16])
+    """
+
+    _allowed_dims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    r"""Batch norm over a 4D input (N, C, H, W), contiguous or channels_last.
+
+    Arguments as for :class:`BatchNorm1d`. Shape: input (N, C, H, W); output the same.
+
+    Example::
+
+        >>> bn = BatchNorm2d(8)
+        >>> bn(torch.randn(4, 8, 5, 5)).shape
+        torch.Size([4, 8, 5, 5])
+    """
+
+    _allowed_dims = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    r"""Batch norm over a 5D input (N, C, D, H, W), contiguous or channels_last_3d.
+
+    Arguments as for :class:`BatchNorm1d`. Shape: input (N, C, D, H, W); output the same.
+
+    Example::
+
+        >>> bn = BatchNorm3d(4)
+        >>> bn(torch.randn(2, 4, 3, 3, 3)).shape
+        torch.Size([2, 4, 3, 3, 3])
+    """
+
+    _allowed_dims = (5,)
