@@ -17,6 +17,7 @@ from batchnorm.autograd import BatchNormEval, BatchNormTrain
 from batchnorm.core import checks
 from batchnorm.core.layout import values_per_channel
 from batchnorm.core.running import updated_running_stats, warn_nonfinite
+from batchnorm.dispatch import select_backend
 
 Momentum = float | torch.Tensor
 
@@ -63,10 +64,23 @@ def batch_norm_core(
     _validate(
         input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner
     )
+    # Without a gradient to compute, the backend is called directly: autograd.Function costs
+    # tens of microseconds per call, which dominates small inputs in inference.
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias)
+    )
     if not use_batch_stats:
-        output = BatchNormEval.apply(input, running_mean, running_var, weight, bias, eps)
+        if needs_grad:
+            output = BatchNormEval.apply(input, running_mean, running_var, weight, bias, eps)
+        else:
+            output = select_backend(input).eval_forward(
+                input, running_mean, running_var, weight, bias, eps
+            )
         return output, None, None, None
-    output, mean, variance = BatchNormTrain.apply(input, weight, bias, eps)
+    if needs_grad:
+        output, mean, variance = BatchNormTrain.apply(input, weight, bias, eps)
+    else:
+        output, mean, variance = select_backend(input).train_forward(input, weight, bias, eps)
     if not training or running_mean is None:
         return output, None, None, None
     new_mean, new_var, finite = updated_running_stats(

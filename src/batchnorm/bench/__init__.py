@@ -1,0 +1,1 @@
+"""``batchnorm bench``: ours against torch.nn on a fixed list of shapes, interleaved."""

@@ -1,0 +1,68 @@
+"""The ``batchnorm`` command: ``batchnorm bench``, ``batchnorm lab`` and ``batchnorm report``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from batchnorm.bench import runner, shapes
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape_list = shapes.QUICK if args.quick else shapes.default_shapes()
+    modes = [args.mode] if args.mode else list(runner.MODES)
+    rows = []
+    print(f"# batchnorm bench: ours vs torch.nn on {runner.machine_description()}", flush=True)
+    for shape in shape_list:
+        for layout in runner.applicable_layouts(shape):
+            if args.layout and layout != args.layout:
+                continue
+            for mode in modes:
+                row = runner.run_case(shape, mode, layout, rounds=args.rounds)
+                rows.append(row)
+                print(
+                    f"{shape.name:24s} {mode:5s} {layout:13s} "
+                    f"ours/torch {row.comparison.median_ratio:.2f}",
+                    flush=True,
+                )
+    table = runner.format_table(rows)
+    print()
+    print(table)
+    if args.markdown:
+        from pathlib import Path
+
+        Path(args.markdown).write_text(table + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchnorm", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser("bench", help="time ours against torch.nn (interleaved)")
+    bench.add_argument("--quick", action="store_true", help="two small shapes, for a smoke run")
+    bench.add_argument("--mode", choices=["train", "eval"], help="only this mode")
+    bench.add_argument("--layout", choices=["contiguous", "channels_last"], help="only this layout")
+    bench.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case")
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    bench.add_argument("--markdown", help="also write the table to this file")
+    bench.set_defaults(handler=_bench)
+
+    from batchnorm.lab.cli import add_commands as add_lab_commands
+
+    add_lab_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

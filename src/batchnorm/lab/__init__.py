@@ -1,0 +1,1 @@
+"""The lab: experiments that test batch norm's claims on real data, and the report."""
