@@ -24,7 +24,9 @@ _TO_OURS: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm2d: BatchNorm2d,
     nn.BatchNorm3d: BatchNorm3d,
 }
-_TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {ours: theirs for theirs, ours in _TO_OURS.items()}
+_TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {
+    ours: theirs for theirs, ours in _TO_OURS.items()
+}
 _TARGETS = {"batchnorm": _TO_OURS, "torch": _TO_TORCH}
 
 
@@ -74,7 +76,8 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
             if to == "batchnorm":
                 replacement._qualified_name = name or type(module).__name__
             return replacement
-        if _is_batch_norm(module) and type(module) not in _TO_TORCH and type(module) not in _TO_OURS:
+        known = type(module) in _TO_TORCH or type(module) in _TO_OURS
+        if _is_batch_norm(module) and not known:
             skipped.append(f"{name or '<root>'} ({type(module).__qualname__})")
         for child_name, child in list(module.named_children()):
             new_child = visit(child, f"{name}.{child_name}" if name else child_name)

@@ -20,7 +20,9 @@ def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
 def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     r"""Per-channel mean and biased variance.
 
-    .. math:: \mu_c = \frac{1}{n}\sum_i x_{ic}, \qquad \sigma^2_c = \frac{1}{n}\sum_i (x_{ic} - \mu_c)^2
+    .. math::
+        \mu_c = \frac{1}{n}\sum_i x_{ic}, \qquad
+        \sigma^2_c = \frac{1}{n}\sum_i (x_{ic} - \mu_c)^2
     """
     x = np.asarray(x, dtype=np.float64)
     mean = x.mean(axis=_axes(x))

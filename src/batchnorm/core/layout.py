@@ -39,15 +39,3 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics of half-precision inputs accumulate in float32; float64 stays float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
-
-def suggest_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The memory format an output of the same shape should have to match ``x``."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    if (
-        x.dim() == 5
-        and x.is_contiguous(memory_format=torch.channels_last_3d)
-        and not x.is_contiguous()
-    ):
-        return torch.channels_last_3d
-    return torch.contiguous_format

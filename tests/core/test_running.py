@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+import torch
+
+from batchnorm import reference
+from batchnorm.core.running import updated_running_stats
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.5, 1.0, 0.0])
+def test_update_matches_reference(momentum):
+    rng = np.random.default_rng(0)
+    rm, rv = rng.normal(size=4), rng.uniform(0.5, 2, size=4)
+    bm, bv = rng.normal(size=4), rng.uniform(0.5, 2, size=4)
+    new_mean, new_var, finite = updated_running_stats(
+        torch.tensor(rm), torch.tensor(rv), torch.tensor(bm), torch.tensor(bv), 10, momentum
+    )
+    ref_mean, ref_var = reference.update_running(rm, rv, bm, bv, 10, momentum)
+    np.testing.assert_allclose(new_mean.numpy(), ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(new_var.numpy(), ref_var, rtol=1e-12)
+    assert bool(finite)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_batch_leaves_statistics_unchanged(bad):
+    rm, rv = torch.zeros(3), torch.ones(3)
+    bm = torch.tensor([0.5, bad, 0.1])
+    new_mean, new_var, finite = updated_running_stats(rm, rv, bm, torch.ones(3), 8, 0.1)
+    assert not bool(finite)
+    assert torch.equal(new_mean, rm) and torch.equal(new_var, rv)
+
+
+def test_tensor_momentum_is_accepted():
+    new_mean, _, _ = updated_running_stats(
+        torch.zeros(2), torch.ones(2), torch.ones(2), torch.ones(2), 4, torch.tensor(0.25)
+    )
+    torch.testing.assert_close(new_mean, torch.full((2,), 0.25))

@@ -1,0 +1,226 @@
+"""Differential tests of the modules against torch.nn.BatchNorm{1,2,3}d."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import batchnorm
+from batchnorm import reference
+from tests.conftest import assert_close, make_input
+
+OURS = {
+    2: batchnorm.BatchNorm1d,
+    3: batchnorm.BatchNorm1d,
+    4: batchnorm.BatchNorm2d,
+    5: batchnorm.BatchNorm3d,
+}
+THEIRS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def make_pair(ndim, channels, param_dtype=torch.float32, seed=0, **flags):
+    ours = OURS[ndim](channels, dtype=param_dtype, **flags)
+    theirs = THEIRS[ndim](channels, dtype=param_dtype, **flags)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if ours.affine:
+            ours.weight.copy_(torch.rand(channels, generator=generator, dtype=param_dtype) + 0.5)
+            ours.bias.copy_(torch.randn(channels, generator=generator, dtype=param_dtype))
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def run_steps(module, inputs, grads):
+    """Training steps; returns outputs and gradients of input, weight and bias per step."""
+    results = []
+    for x, g in zip(inputs, grads, strict=True):
+        x = x.detach().clone().requires_grad_(True)
+        y = module(x)
+        params = [p for p in (module.weight, module.bias) if p is not None]
+        grads_ = torch.autograd.grad(y, [x, *params], g)
+        results.append((y.detach(), *grads_))
+    return results
+
+
+shapes = st.integers(2, 5).flatmap(
+    lambda ndim: st.tuples(
+        st.just(ndim),
+        st.integers(2, 6),  # N
+        st.integers(1, 5),  # C
+        st.lists(st.integers(1, 4), min_size=ndim - 2, max_size=ndim - 2),
+    )
+)
+
+
+@given(
+    shape=shapes,
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+    affine=st.booleans(),
+    track=st.booleans(),
+    momentum=st.sampled_from([0.1, 0.5, None]),
+    eps=st.sampled_from([1e-5, 1e-3]),
+    seed=st.integers(0, 10_000),
+)
+def test_matches_torch(shape, dtype, layout, affine, track, momentum, eps, seed):
+    ndim, n, c, spatial = shape
+    size = (n, c, *spatial)
+    if layout == "channels_last" and ndim not in (4, 5):
+        layout = "contiguous"
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    flags = dict(affine=affine, track_running_stats=track, momentum=momentum, eps=eps)
+    ours, theirs = make_pair(ndim, c, param_dtype, seed, **flags)
+    inputs = [make_input(size, dtype, layout, seed=seed + i, scale=2.0, offset=i) for i in range(3)]
+    grads = [make_input(size, dtype, layout, seed=seed + 100 + i) for i in range(3)]
+    ours_steps, theirs_steps = run_steps(ours, inputs, grads), run_steps(theirs, inputs, grads)
+    # Half-precision outputs and input gradients are rounded to the input dtype; the parameter
+    # gradients are sums over N*spatial values and carry that rounding in proportion.
+    count_scale = max(1.0, float(np.sqrt(n * np.prod(spatial or [1]))))
+    for ours_step, theirs_step in zip(ours_steps, theirs_steps, strict=True):
+        assert_close(ours_step[0], theirs_step[0], dtype)
+        assert_close(ours_step[1], theirs_step[1], dtype, scale=4)
+        for ours_grad, theirs_grad in zip(ours_step[2:], theirs_step[2:], strict=True):
+            assert_close(ours_grad, theirs_grad, dtype, scale=4 * count_scale)
+    for key, value in theirs.state_dict().items():
+        assert_close(ours.state_dict()[key], value, param_dtype)
+    ours.eval()
+    theirs.eval()
+    x = make_input(size, dtype, layout, seed=seed + 7)
+    with torch.no_grad():
+        assert_close(ours(x), theirs(x), dtype)
+
+
+@pytest.mark.parametrize(
+    "ndim, layout",
+    [(n, "contiguous") for n in (2, 3, 4, 5)]
+    + [(n, "strided") for n in (2, 3, 4, 5)]
+    + [(4, "channels_last"), (5, "channels_last")],
+)
+def test_matches_float64_reference(ndim, layout):
+    size = (3, 4, *([3] * (ndim - 2)))
+    ours, _ = make_pair(ndim, 4, torch.float64, seed=1)
+    x = make_input(size, torch.float64, layout, seed=2, scale=3.0, offset=-2.0)
+    g = make_input(size, torch.float64, layout, seed=3)
+    y, dx, dw, db = run_steps(ours, [x], [g])[0]
+    weight, bias = ours.weight.detach().numpy(), ours.bias.detach().numpy()
+    ref_y, ref_mean, ref_var = reference.forward_train(x.numpy(), weight, bias, ours.eps)
+    ref_dx, ref_dw, ref_db = reference.backward_train(g.numpy(), x.numpy(), weight, ours.eps)
+    for ours_value, ref in [(y, ref_y), (dx, ref_dx), (dw, ref_dw), (db, ref_db)]:
+        np.testing.assert_allclose(ours_value.numpy(), ref, rtol=1e-10, atol=1e-12)
+    ref_rm, ref_rv = reference.update_running(np.zeros(4), np.ones(4), ref_mean, ref_var,
+                                              x.numel() // 4, 0.1)
+    np.testing.assert_allclose(ours.running_mean.numpy(), ref_rm, rtol=1e-12)
+    np.testing.assert_allclose(ours.running_var.numpy(), ref_rv, rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_output_keeps_memory_format(layout):
+    x = make_input((2, 3, 4, 5), torch.float32, layout)
+    module = batchnorm.BatchNorm2d(3)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert module(x).is_contiguous(memory_format=fmt)
+    module.eval()
+    with torch.no_grad():
+        assert module(x).is_contiguous(memory_format=fmt)
+    x.requires_grad_(True)
+    module.train()
+    (grad,) = torch.autograd.grad(module(x).sum(), x)
+    assert grad.is_contiguous(memory_format=fmt)
+
+
+def test_state_dict_round_trip_both_ways():
+    theirs = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                           nn.LazyLinear(5), nn.BatchNorm1d(5, momentum=None))
+    theirs(torch.randn(6, 3, 8, 8))  # materialize and move the running statistics
+    ours = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(144, 5), batchnorm.BatchNorm1d(5, momentum=None))
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x))
+    ours.train()
+    ours(torch.randn(6, 3, 8, 8))
+    back = copy.deepcopy(theirs)
+    back.load_state_dict(ours.state_dict(), strict=True)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    assert int(back[5].num_batches_tracked) == 2
+
+
+def test_is_recognised_as_a_batch_norm():
+    assert isinstance(batchnorm.BatchNorm2d(3), nn.modules.batchnorm._BatchNorm)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_batch_protects_running_statistics(momentum, bad):
+    module = batchnorm.BatchNorm1d(3, momentum=momentum)
+    module(torch.randn(8, 3))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    x = torch.randn(8, 3)
+    x[2, 1] = bad
+    with pytest.warns(batchnorm.NonFiniteStatisticsWarning, match="BatchNorm1d"):
+        y = module(x)
+    assert not torch.isfinite(y[:, 1]).all(), "the non-finite output stays visible"
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module(x)  # warns once per module
+    module(torch.randn(8, 3))
+    assert int(module.num_batches_tracked) == 2
+
+
+def test_warning_names_the_converted_module():
+    model = batchnorm.convert(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))
+    x = torch.full((4, 2), float("nan"))
+    with pytest.warns(batchnorm.NonFiniteStatisticsWarning, match="'1'"):
+        model(x)
+
+
+def test_cumulative_average_with_momentum_none():
+    module = batchnorm.BatchNorm1d(2, momentum=None)
+    batches = [torch.randn(10, 2) * (i + 1) + i for i in range(4)]
+    for b in batches:
+        module(b)
+    expected_mean = torch.stack([b.mean(0) for b in batches]).mean(0)
+    expected_var = torch.stack([b.var(0, unbiased=True) for b in batches]).mean(0)
+    torch.testing.assert_close(module.running_mean, expected_mean)
+    torch.testing.assert_close(module.running_var, expected_var)
+
+
+def test_autocast_bfloat16():
+    model = nn.Sequential(nn.Linear(6, 4), batchnorm.BatchNorm1d(4))
+    reference_model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
+    reference_model.load_state_dict(model.state_dict())
+    x = torch.randn(16, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+        y_ref = reference_model(x)
+    assert y.dtype == y_ref.dtype
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=5e-2, atol=5e-2)
+    y.float().sum().backward()
+    assert model[0].weight.grad is not None and model[1].weight.grad.dtype == torch.float32
+    torch.testing.assert_close(model[1].running_mean, reference_model[1].running_mean,
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_track_running_stats_false_uses_batch_statistics_in_eval():
+    ours, theirs = make_pair(4, 3, track_running_stats=False)
+    assert ours.running_mean is None
+    x = torch.randn(4, 3, 2, 2)
+    ours.eval()
+    theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x))
