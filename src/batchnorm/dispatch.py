@@ -49,6 +49,16 @@ def register_backend(backend: Backend | ModuleType, *, preferred: bool = False) 
         _PREFERENCE.insert(0, backend.name)
 
 
+# The Numba CPU kernels, preferred for the CPU inputs they support. Without a working Numba the
+# import fails and the eager path serves every input.
+try:
+    from batchnorm.backends import cpu as _cpu_kernels
+except Exception:  # noqa: BLE001 - any failure to load the kernels means "not available"
+    _cpu_kernels = None
+else:
+    register_backend(_cpu_kernels, preferred=True)
+
+
 def available_backends() -> list[str]:
     return list(_BACKENDS)
 

@@ -1,0 +1,223 @@
+"""The CPU kernel backend: fused Numba kernels (``batchnorm.backends.cpu.kernels``) behind the
+backend interface of ``batchnorm.dispatch``, plus the fused batch norm + activation entry points.
+
+Tensors are handed to the kernels as zero-copy NumPy views in one of two canonical layouts:
+``(N, C, S)`` for contiguous inputs and ``(R, C)`` for (N, C) and channels_last inputs. Outputs
+are allocated with the input's memory format. float16/bfloat16 inputs are computed in float32;
+the returned statistics are in the accumulation dtype, as on the eager path.
+
+Compiled code is cached on disk (next to the kernels, or in the user's cache folder), so only
+the first process after an installation pays the compilation; ``warm_up()`` compiles or loads
+every specialisation ahead of time.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from batchnorm.backends.cpu import kernels
+from batchnorm.core.layout import accumulation_dtype
+
+name = "cpu"
+
+ACTIVATIONS = tuple(kernels.ACTIVATIONS)
+_COMPUTE_DTYPE = {
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+}
+_EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Plain (not vmapped, not traced) CPU tensors of a floating dtype with at least 2 dims."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _COMPUTE_DTYPE
+        and x.dim() >= 2
+        and x.numel() > 0
+        and not _is_wrapped(x)
+        and not torch.compiler.is_compiling()
+    )
+
+
+# -- layouts ----------------------------------------------------------------------------------
+
+
+def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
+    """``x`` detached, in its compute dtype, with a layout the kernels read directly."""
+    compute = _COMPUTE_DTYPE[x.dtype]
+    x = x.detach()
+    if x.dtype != compute:
+        x = x.to(compute)
+    if x.is_contiguous():
+        return x, torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x, torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x, torch.channels_last_3d
+    return x.contiguous(), torch.contiguous_format
+
+
+def _array(t: torch.Tensor, layout: torch.memory_format) -> np.ndarray:
+    """The canonical view: (N, C, S) planes, or (R, C) rows (2D, S == 1, or channels_last)."""
+    batch, channels = t.shape[0], t.shape[1]
+    if layout == torch.contiguous_format:
+        if t.dim() == 2:
+            return t.numpy()
+        size = t.numel() // (batch * channels)
+        if size == 1:
+            return t.view(batch, channels).numpy()
+        return t.view(batch, channels, size).numpy()
+    return t.permute(0, *range(2, t.dim()), 1).reshape(-1, channels).numpy()
+
+
+def _matching(t: torch.Tensor, like: torch.Tensor, layout: torch.memory_format) -> np.ndarray:
+    """``t`` (a gradient or residual) as an array laid out exactly like ``like``."""
+    t = t.detach()
+    if t.dtype != like.dtype:
+        t = t.to(like.dtype)
+    return _array(t.contiguous(memory_format=layout), layout)
+
+
+def _vector(t: torch.Tensor | None, dtype: torch.dtype) -> np.ndarray:
+    if t is None:
+        return _EMPTY[dtype]
+    return t.detach().to(dtype).contiguous().numpy()
+
+
+def _statistic(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).contiguous().numpy()
+
+
+def _blocks(rows: int) -> int:
+    """How many row blocks accumulate partial sums: one per kernel thread."""
+    return max(1, min(numba.get_num_threads(), rows))
+
+
+# -- entry points -----------------------------------------------------------------------------
+
+
+def forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    *,
+    mean: torch.Tensor | None = None,
+    variance: torch.Tensor | None = None,
+    activation: str = "identity",
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``f(BN(x) [+ residual])``: batch statistics when ``mean`` is None, else the given ones.
+
+    Returns ``(y, batch_mean, batch_biased_variance)``; the statistics are None in eval.
+    """
+    xc, layout = _prepare(x)
+    out = torch.empty_like(xc)
+    xa, oa = _array(xc, layout), _array(out, layout)
+    ra = xa if residual is None else _matching(residual, xc, layout)
+    act = kernels.ACTIVATIONS[activation]
+    w, b = _vector(weight, xc.dtype), _vector(bias, xc.dtype)
+    planes = xa.ndim == 3
+    if mean is None:
+        channels = x.shape[1]
+        batch_mean, batch_var = np.empty(channels), np.empty(channels)
+        if planes:
+            kernels.train_forward_planes(
+                xa, w, b, float(eps), act, ra, residual is not None, oa, batch_mean, batch_var
+            )
+        else:
+            kernels.train_forward_rows(
+                xa, w, b, float(eps), act, ra, residual is not None, oa, batch_mean, batch_var,
+                _blocks(xa.shape[0]),
+            )
+        y = out if out.dtype == x.dtype else out.to(x.dtype)
+        acc = accumulation_dtype(x.dtype)
+        return y, torch.from_numpy(batch_mean).to(acc), torch.from_numpy(batch_var).to(acc)
+    kernel = kernels.eval_forward_planes if planes else kernels.eval_forward_rows
+    kernel(xa, _statistic(mean), _statistic(variance), w, b, float(eps), act, ra,
+           residual is not None, oa)
+    return (out if out.dtype == x.dtype else out.to(x.dtype)), None, None
+
+
+def backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    needs: tuple[bool, bool, bool],
+    *,
+    train: bool,
+    activation: str = "identity",
+    residual: torch.Tensor | None = None,
+    need_residual: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``f(BN(x) [+ residual])``: (dx, dweight, dbias, dresidual).
+
+    ``train``: the statistics were the batch's own (they depend on x) or fixed ones.
+    """
+    need_input, need_weight, need_bias = needs
+    xc, layout = _prepare(x)
+    xa = _array(xc, layout)
+    ga = _matching(grad_out, xc, layout)
+    ra = xa if residual is None else _matching(residual, xc, layout)
+    grad_input = torch.empty_like(xc) if need_input else None
+    grad_residual = torch.empty_like(xc) if need_residual else None
+    channels = x.shape[1]
+    grad_weight, grad_bias = np.empty(channels), np.empty(channels)
+    arguments = (
+        ga, xa, ra, residual is not None, _statistic(mean), _statistic(variance),
+        _vector(weight, xc.dtype), _vector(bias, xc.dtype), float(eps),
+        kernels.ACTIVATIONS[activation], train,
+        need_input, xa if grad_input is None else _array(grad_input, layout),
+        xa if grad_residual is None else _array(grad_residual, layout), need_residual,
+        grad_weight, grad_bias,
+    )
+    if xa.ndim == 3:
+        kernels.backward_planes(*arguments)
+    else:
+        kernels.backward_rows(*arguments, _blocks(xa.shape[0]))
+    acc = accumulation_dtype(x.dtype)
+    return (
+        None if grad_input is None else grad_input.to(x.dtype),
+        torch.from_numpy(grad_weight).to(acc) if need_weight and weight is not None else None,
+        torch.from_numpy(grad_bias).to(acc) if need_bias else None,
+        None if grad_residual is None else grad_residual.to(x.dtype),
+    )
+
+
+def train_forward(x, weight, bias, eps):
+    return forward(x, weight, bias, eps)
+
+
+def eval_forward(x, mean, variance, weight, bias, eps):
+    return forward(x, weight, bias, eps, mean=mean, variance=variance)[0]
+
+
+def train_backward(grad_out, x, mean, variance, weight, eps, needs):
+    return backward(grad_out, x, mean, variance, weight, None, eps, needs, train=True)[:3]
+
+
+def eval_backward(grad_out, x, mean, variance, weight, eps, needs):
+    return backward(grad_out, x, mean, variance, weight, None, eps, needs, train=False)[:3]
+
+
+def warm_up() -> None:
+    """Compile (or load from the disk cache) every kernel specialisation: float32 and float64,
+    planes and rows layouts."""
+    for dtype in (torch.float32, torch.float64):
+        for size in ((4, 3), (4, 3, 5)):
+            x = torch.randn(size, dtype=dtype)
+            weight, bias = torch.ones(3, dtype=dtype), torch.zeros(3, dtype=dtype)
+            y, mean, var = train_forward(x, weight, bias, 1e-5)
+            eval_forward(x, mean, var, weight, bias, 1e-5)
+            backward(y, x, mean, var, weight, bias, 1e-5, (True, True, True), train=True,
+                     residual=x, need_residual=True)

@@ -1,0 +1,428 @@
+r"""Numba CPU kernels for batch norm, optionally fused with an activation and a residual add.
+
+Every input is seen in one of two canonical layouts, so a handful of kernels covers them all:
+
+- **planes** ``(N, C, S)`` contiguous: NCHW, (N, C, L), (N, C, D, H, W). The work is split over
+  channels; one thread owns a whole channel, so the statistics pass and the normalizing pass run
+  back to back on data that is still in the core's cache, with no synchronisation in between.
+- **rows** ``(R, C)`` contiguous: (N, C), and channels_last seen as (N*H*W, C). The work is split
+  over blocks of rows; each block accumulates per-channel partial sums, which are joined before
+  the elementwise pass.
+
+Statistics. Sums are accumulated in float64 about a per-channel shift :math:`k_c` (the channel's
+first value): :math:`S_1 = \sum (x - k)`, :math:`S_2 = \sum (x - k)^2`, then
+:math:`\mu = k + S_1/n`, :math:`\sigma^2 = S_2/n - (S_1/n)^2`. The subtraction loses at most a
+factor :math:`(\mu - k)^2/\sigma^2 \le n` of float64's precision, since the shift is one of the
+n values (it contributes :math:`(k-\mu)^2 \le n\sigma^2` to the sum of squared deviations): for
+n = 1e8 that is still 1e-8 relative, where :math:`E[x^2] - E[x]^2` in float32 loses every digit
+for a channel with mean 1e4 and standard deviation 1. All row blocks use the same shift, so
+their partial sums join by addition: Chan's pairwise merge (``batchnorm.core.moments``) reduces
+to a sum when the partial moments are taken about a common point.
+
+Normalizing computes :math:`z = (x - \mu) s + \beta\,[+ r]` with :math:`s = \gamma/\sqrt{\sigma^2
++ \epsilon}`, then the activation in place; centring before scaling keeps the output exact when
+:math:`|\mu| \gg \sigma`.
+
+Backward, with :math:`g = \partial L/\partial y` and :math:`d = g\,f'(z)` for the activation
+:math:`f` (:math:`z` is recomputed from the input, never stored), one fused reduction pass gives
+:math:`\sum d` and :math:`\sum d (x - \mu)`, and one elementwise pass
+
+.. math::
+    \partial_x L = d\,\gamma s_0 - (x - \mu)\,\gamma s_0^3 \tfrac{1}{n}\sum d(x-\mu)
+                  - \gamma s_0 \tfrac{1}{n}\sum d, \qquad s_0 = 1/\sqrt{\sigma^2+\epsilon}
+
+(the last two terms vanish with fixed statistics), and :math:`\partial_r L = d`.
+
+Reductions are compiled with ``reassoc`` so LLVM may vectorize them (the summation order then
+depends on the vector width, not on the data); elementwise kernels use strict IEEE arithmetic.
+NaN and inf propagate to the statistics, so the caller's non-finite check still sees them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+IDENTITY, RELU, SILU, GELU = 0, 1, 2, 3
+ACTIVATIONS = {"identity": IDENTITY, "relu": RELU, "silu": SILU, "gelu": GELU}
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _jit(**options):
+    """``numba.njit`` with an on-disk cache where one can be written.
+
+    Numba caches next to this file (or, when that folder is read-only, in the user's cache
+    folder); if neither is writable the kernels are still compiled, just not cached.
+    """
+
+    def decorate(function):
+        try:
+            return numba.njit(cache=True, **options)(function)
+        except RuntimeError:  # no writable cache location
+            return numba.njit(cache=False, **options)(function)
+
+    return decorate
+
+
+# Options of the serial reduction loops (inlined into the parallel kernels that call them) and of
+# the parallel entry points.
+_REDUCE = {"fastmath": {"reassoc", "contract"}}
+_PARALLEL = {"parallel": True}
+
+
+# -- activations, applied in place on a 1D segment --------------------------------------------
+
+
+@_jit()
+def _activate(values, act):
+    """``values = f(values)`` for the activation code ``act``."""
+    n = values.shape[0]
+    if act == RELU:
+        for i in range(n):
+            if values[i] < 0:  # NaN stays NaN, as in torch.relu
+                values[i] = 0
+    elif act == SILU:
+        for i in range(n):
+            z = np.float64(values[i])
+            values[i] = z / (1.0 + math.exp(-z))
+    elif act == GELU:
+        for i in range(n):
+            z = np.float64(values[i])
+            values[i] = 0.5 * z * (1.0 + math.erf(z * _SQRT_HALF))
+
+
+@_jit()
+def _activation_slope(z, act):
+    """f'(z) in float64 (the activation code is never IDENTITY here)."""
+    z = np.float64(z)
+    if act == RELU:
+        return 1.0 if z > 0 else 0.0
+    if act == SILU:
+        sigmoid = 1.0 / (1.0 + math.exp(-z))
+        return sigmoid * (1.0 + z * (1.0 - sigmoid))
+    return 0.5 * (1.0 + math.erf(z * _SQRT_HALF)) + z * _INV_SQRT_2PI * math.exp(-0.5 * z * z)
+
+
+# -- per-channel coefficients -----------------------------------------------------------------
+
+
+@_jit()
+def _channel_coefficients(mean, var, weight, bias, eps, c):
+    """(inverse std, scale gamma*invstd, shift beta) of channel c; empty weight/bias mean 1/0."""
+    invstd = 1.0 / math.sqrt(var[c] + eps)
+    gamma = np.float64(weight[c]) if weight.shape[0] > 0 else 1.0
+    beta = np.float64(bias[c]) if bias.shape[0] > 0 else 0.0
+    return invstd, gamma * invstd, beta
+
+
+@_jit()
+def _fill_coefficients(mean, var, weight, bias, eps, mean_x, scale_x, shift_x):
+    for c in range(mean.shape[0]):
+        _, scale, beta = _channel_coefficients(mean, var, weight, bias, eps, c)
+        mean_x[c] = mean[c]
+        scale_x[c] = scale
+        shift_x[c] = beta
+
+
+# -- planes (N, C, S) -------------------------------------------------------------------------
+
+
+@_jit()
+def _normalize_plane(xs, rs, has_res, m, s, b, act, ys):
+    n = xs.shape[0]
+    if has_res:
+        for i in range(n):
+            ys[i] = (xs[i] - m) * s + b + rs[i]
+    else:
+        for i in range(n):
+            ys[i] = (xs[i] - m) * s + b
+    if act != IDENTITY:
+        _activate(ys, act)
+
+
+@_jit(**_REDUCE)
+def _plane_sums(x, c):
+    """Shifted float64 sums of channel c: (shift, sum(x - shift), sum((x - shift)^2))."""
+    batch, _, size = x.shape
+    shift = np.float64(x[0, c, 0])
+    s1 = 0.0
+    s2 = 0.0
+    for n in range(batch):
+        xs = x[n, c]
+        for i in range(size):
+            d = np.float64(xs[i]) - shift
+            s1 += d
+            s2 += d * d
+    return shift, s1, s2
+
+
+@_jit(**_PARALLEL)
+def train_forward_planes(x, weight, bias, eps, act, residual, has_res, out, mean, var):
+    """Batch statistics into ``mean``/``var`` (float64, biased) and ``out = f(BN(x) [+ r])``."""
+    batch, channels, size = x.shape
+    count = batch * size
+    m = np.empty(channels, dtype=x.dtype)
+    s = np.empty(channels, dtype=x.dtype)
+    b = np.empty(channels, dtype=x.dtype)
+    for c in prange(channels):
+        shift, s1, s2 = _plane_sums(x, c)
+        centre = s1 / count
+        variance = s2 / count - centre * centre
+        if variance < 0:
+            variance = 0.0
+        mean[c] = shift + centre
+        var[c] = variance
+        _, scale, beta = _channel_coefficients(mean, var, weight, bias, eps, c)
+        m[c] = mean[c]  # the coefficients in the input's dtype
+        s[c] = scale
+        b[c] = beta
+        for n in range(batch):
+            _normalize_plane(x[n, c], residual[n, c], has_res, m[c], s[c], b[c], act, out[n, c])
+
+
+@_jit(**_PARALLEL)
+def eval_forward_planes(x, mean, var, weight, bias, eps, act, residual, has_res, out):
+    """``out = f(BN(x) [+ r])`` with given statistics."""
+    batch, channels, _ = x.shape
+    m = np.empty(channels, dtype=x.dtype)
+    s = np.empty(channels, dtype=x.dtype)
+    b = np.empty(channels, dtype=x.dtype)
+    _fill_coefficients(mean, var, weight, bias, eps, m, s, b)
+    for job in prange(batch * channels):
+        n = job // channels
+        c = job - n * channels
+        _normalize_plane(x[n, c], residual[n, c], has_res, m[c], s[c], b[c], act, out[n, c])
+
+
+@_jit()
+def _plane_grad_pre_activation(gs, xs, rs, has_res, m, s, b, act, buffer):
+    """d = g * f'(z) for one segment (``gs`` itself when there is no activation)."""
+    if act == IDENTITY:
+        return gs
+    for i in range(xs.shape[0]):
+        z = (xs[i] - m) * s + b
+        if has_res:
+            z += rs[i]
+        buffer[i] = gs[i] * _activation_slope(z, act)
+    return buffer
+
+
+@_jit(**_REDUCE)
+def _plane_grad_sums(grad, x, residual, has_res, c, m64, m, s, b, act, buffer):
+    batch = x.shape[0]
+    size = x.shape[2]
+    sum_d = 0.0
+    sum_dxc = 0.0
+    for n in range(batch):
+        ds = _plane_grad_pre_activation(grad[n, c], x[n, c], residual[n, c], has_res, m, s, b,
+                                        act, buffer)
+        xs = x[n, c]
+        for i in range(size):
+            d = np.float64(ds[i])
+            sum_d += d
+            sum_dxc += d * (np.float64(xs[i]) - m64)
+    return sum_d, sum_dxc
+
+
+@_jit(**_PARALLEL)
+def backward_planes(
+    grad, x, residual, has_res, mean, var, weight, bias, eps, act, train, need_input,
+    grad_input, grad_residual, need_residual, grad_weight, grad_bias,
+):
+    """Gradients of ``f(BN(x) [+ r])``; ``grad_weight``/``grad_bias`` (float64) receive
+    sum(d * x_hat) and sum(d)."""
+    batch, channels, size = x.shape
+    count = batch * size
+    m = np.empty(channels, dtype=x.dtype)
+    s = np.empty(channels, dtype=x.dtype)
+    b = np.empty(channels, dtype=x.dtype)
+    _fill_coefficients(mean, var, weight, bias, eps, m, s, b)
+    # gain, and the coefficients of (x - mean) and of 1 in the input gradient, in x's dtype
+    gain = np.empty(channels, dtype=x.dtype)
+    k_centred = np.zeros(channels, dtype=x.dtype)
+    k_offset = np.zeros(channels, dtype=x.dtype)
+    for c in prange(channels):
+        buffer = np.empty(size if act != IDENTITY else 0, dtype=x.dtype)
+        sum_d, sum_dxc = _plane_grad_sums(grad, x, residual, has_res, c, np.float64(mean[c]),
+                                          m[c], s[c], b[c], act, buffer)
+        invstd, scale, _ = _channel_coefficients(mean, var, weight, bias, eps, c)
+        grad_weight[c] = sum_dxc * invstd
+        grad_bias[c] = sum_d
+        if not (need_input or need_residual):
+            continue
+        gain[c] = scale
+        if train:
+            k_centred[c] = -scale * invstd * invstd * sum_dxc / count
+            k_offset[c] = -scale * sum_d / count
+        for n in range(batch):
+            ds = _plane_grad_pre_activation(grad[n, c], x[n, c], residual[n, c], has_res, m[c],
+                                            s[c], b[c], act, buffer)
+            xs = x[n, c]
+            if need_input:
+                dxs = grad_input[n, c]
+                g = gain[c]
+                mc = m[c]
+                kc = k_centred[c]
+                ko = k_offset[c]
+                for i in range(size):
+                    dxs[i] = ds[i] * g + (xs[i] - mc) * kc + ko
+            if need_residual:
+                drs = grad_residual[n, c]
+                for i in range(size):
+                    drs[i] = ds[i]
+
+
+# -- rows (R, C) ------------------------------------------------------------------------------
+
+
+@_jit(**_REDUCE)
+def _row_sums(x, shift, start, stop, s1, s2):
+    channels = x.shape[1]
+    for r in range(start, stop):
+        xr = x[r]
+        for c in range(channels):
+            d = np.float64(xr[c]) - shift[c]
+            s1[c] += d
+            s2[c] += d * d
+
+
+@_jit()
+def _normalize_row(xr, rr, has_res, m, s, b, act, yr):
+    channels = xr.shape[0]
+    if has_res:
+        for c in range(channels):
+            yr[c] = (xr[c] - m[c]) * s[c] + b[c] + rr[c]
+    else:
+        for c in range(channels):
+            yr[c] = (xr[c] - m[c]) * s[c] + b[c]
+    if act != IDENTITY:
+        _activate(yr, act)
+
+
+@_jit(**_PARALLEL)
+def _normalize_rows(x, m, s, b, act, residual, has_res, out):
+    for r in prange(x.shape[0]):
+        _normalize_row(x[r], residual[r], has_res, m, s, b, act, out[r])
+
+
+@_jit(**_PARALLEL)
+def train_forward_rows(x, weight, bias, eps, act, residual, has_res, out, mean, var, blocks):
+    """As :func:`train_forward_planes`; ``blocks`` row blocks accumulate partial sums."""
+    rows, channels = x.shape
+    shift = np.empty(channels, dtype=np.float64)
+    for c in range(channels):
+        shift[c] = x[0, c]
+    s1 = np.zeros((blocks, channels), dtype=np.float64)
+    s2 = np.zeros((blocks, channels), dtype=np.float64)
+    for k in prange(blocks):
+        _row_sums(x, shift, k * rows // blocks, (k + 1) * rows // blocks, s1[k], s2[k])
+    for c in range(channels):
+        t1 = 0.0
+        t2 = 0.0
+        for k in range(blocks):
+            t1 += s1[k, c]
+            t2 += s2[k, c]
+        centre = t1 / rows
+        variance = t2 / rows - centre * centre
+        mean[c] = shift[c] + centre
+        var[c] = variance if not variance < 0 else 0.0
+    m = np.empty(channels, dtype=x.dtype)
+    s = np.empty(channels, dtype=x.dtype)
+    b = np.empty(channels, dtype=x.dtype)
+    _fill_coefficients(mean, var, weight, bias, eps, m, s, b)
+    _normalize_rows(x, m, s, b, act, residual, has_res, out)
+
+
+@_jit()
+def eval_forward_rows(x, mean, var, weight, bias, eps, act, residual, has_res, out):
+    channels = x.shape[1]
+    m = np.empty(channels, dtype=x.dtype)
+    s = np.empty(channels, dtype=x.dtype)
+    b = np.empty(channels, dtype=x.dtype)
+    _fill_coefficients(mean, var, weight, bias, eps, m, s, b)
+    _normalize_rows(x, m, s, b, act, residual, has_res, out)
+
+
+@_jit()
+def _row_grad_pre_activation(gr, xr, rr, has_res, m, s, b, act, buffer):
+    if act == IDENTITY:
+        return gr
+    for c in range(xr.shape[0]):
+        z = (xr[c] - m[c]) * s[c] + b[c]
+        if has_res:
+            z += rr[c]
+        buffer[c] = gr[c] * _activation_slope(z, act)
+    return buffer
+
+
+@_jit(**_REDUCE)
+def _row_grad_sums(grad, x, residual, has_res, m64, m, s, b, act, start, stop, s1, s2):
+    channels = x.shape[1]
+    buffer = np.empty(channels if act != IDENTITY else 0, dtype=x.dtype)
+    for r in range(start, stop):
+        ds = _row_grad_pre_activation(grad[r], x[r], residual[r], has_res, m, s, b, act, buffer)
+        xr = x[r]
+        for c in range(channels):
+            d = np.float64(ds[c])
+            s1[c] += d
+            s2[c] += d * (np.float64(xr[c]) - m64[c])
+
+
+@_jit(**_PARALLEL)
+def _row_grad_input(grad, x, residual, has_res, m, s, b, act, gain, k_centred, k_offset,
+                    need_input, grad_input, need_residual, grad_residual):
+    channels = x.shape[1]
+    for r in prange(x.shape[0]):
+        buffer = np.empty(channels if act != IDENTITY else 0, dtype=x.dtype)
+        ds = _row_grad_pre_activation(grad[r], x[r], residual[r], has_res, m, s, b, act, buffer)
+        xr = x[r]
+        if need_input:
+            dxr = grad_input[r]
+            for c in range(channels):
+                dxr[c] = ds[c] * gain[c] + (xr[c] - m[c]) * k_centred[c] + k_offset[c]
+        if need_residual:
+            drr = grad_residual[r]
+            for c in range(channels):
+                drr[c] = ds[c]
+
+
+@_jit(**_PARALLEL)
+def backward_rows(
+    grad, x, residual, has_res, mean, var, weight, bias, eps, act, train, need_input,
+    grad_input, grad_residual, need_residual, grad_weight, grad_bias, blocks,
+):
+    """As :func:`backward_planes`; ``blocks`` row blocks accumulate partial sums."""
+    rows, channels = x.shape
+    m = np.empty(channels, dtype=x.dtype)
+    s = np.empty(channels, dtype=x.dtype)
+    b = np.empty(channels, dtype=x.dtype)
+    _fill_coefficients(mean, var, weight, bias, eps, m, s, b)
+    s1 = np.zeros((blocks, channels), dtype=np.float64)
+    s2 = np.zeros((blocks, channels), dtype=np.float64)
+    for k in prange(blocks):
+        _row_grad_sums(grad, x, residual, has_res, mean, m, s, b, act,
+                       k * rows // blocks, (k + 1) * rows // blocks, s1[k], s2[k])
+    gain = np.empty(channels, dtype=x.dtype)
+    k_centred = np.zeros(channels, dtype=x.dtype)
+    k_offset = np.zeros(channels, dtype=x.dtype)
+    for c in range(channels):
+        sum_d = 0.0
+        sum_dxc = 0.0
+        for k in range(blocks):
+            sum_d += s1[k, c]
+            sum_dxc += s2[k, c]
+        invstd, scale, _ = _channel_coefficients(mean, var, weight, bias, eps, c)
+        grad_weight[c] = sum_dxc * invstd
+        grad_bias[c] = sum_d
+        gain[c] = scale
+        if train:
+            k_centred[c] = -scale * invstd * invstd * sum_dxc / rows
+            k_offset[c] = -scale * sum_d / rows
+    if need_input or need_residual:
+        _row_grad_input(grad, x, residual, has_res, m, s, b, act, gain, k_centred, k_offset,
+                        need_input, grad_input, need_residual, grad_residual)
