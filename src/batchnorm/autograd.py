@@ -9,7 +9,10 @@ operations and the closed-form gradient is built from torch operations, so autog
 differentiate it again, including the dependence of the batch mean and variance on the input.
 
 The Functions use the ``setup_context`` form with ``generate_vmap_rule``, so they compose with
-``torch.func`` (vmap, grad, functional_call).
+``torch.func`` (vmap, grad, functional_call). That form binds its arguments with ``inspect`` on
+every call, which costs more than a small batch norm itself, so outside ``torch.func``
+transforms :func:`apply_train` and :func:`apply_eval` use twins in the classic ``ctx`` form
+that share the same forward, context and backward.
 """
 
 from __future__ import annotations
@@ -82,3 +85,37 @@ class BatchNormEval(torch.autograd.Function):
         grads = backend.eval_backward(grad_out, x, mean, variance, weight, ctx.eps, needs)
         dx, dw, db = _cast_grads(grads, (x, weight, bias))
         return dx, None, None, dw, db, None
+
+
+def _classic(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """The same Function in the classic form (forward takes ctx), without argument binding."""
+
+    def forward(ctx, *args):
+        output = function.forward(*args)
+        function.setup_context(ctx, args, output)
+        return output
+
+    return type(
+        function.__name__ + "Classic",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(function.backward)},
+    )
+
+
+_BatchNormTrainClassic = _classic(BatchNormTrain)
+_BatchNormEvalClassic = _classic(BatchNormEval)
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None) or (
+    lambda: True
+)
+
+
+def apply_train(x, weight, bias, eps):
+    if torch.compiler.is_compiling() or _transforms_active():
+        return BatchNormTrain.apply(x, weight, bias, eps)
+    return _BatchNormTrainClassic.apply(x, weight, bias, eps)
+
+
+def apply_eval(x, mean, variance, weight, bias, eps):
+    if torch.compiler.is_compiling() or _transforms_active():
+        return BatchNormEval.apply(x, mean, variance, weight, bias, eps)
+    return _BatchNormEvalClassic.apply(x, mean, variance, weight, bias, eps)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from batchnorm.autograd import BatchNormEval, BatchNormTrain
+from batchnorm.autograd import apply_eval, apply_train
 from batchnorm.core import checks
 from batchnorm.core.layout import values_per_channel
 from batchnorm.core.running import updated_running_stats, warn_nonfinite
@@ -71,14 +71,14 @@ def batch_norm_core(
     )
     if not use_batch_stats:
         if needs_grad:
-            output = BatchNormEval.apply(input, running_mean, running_var, weight, bias, eps)
+            output = apply_eval(input, running_mean, running_var, weight, bias, eps)
         else:
             output = select_backend(input).eval_forward(
                 input, running_mean, running_var, weight, bias, eps
             )
         return output, None, None, None
     if needs_grad:
-        output, mean, variance = BatchNormTrain.apply(input, weight, bias, eps)
+        output, mean, variance = apply_train(input, weight, bias, eps)
     else:
         output, mean, variance = select_backend(input).train_forward(input, weight, bias, eps)
     if not training or running_mean is None:

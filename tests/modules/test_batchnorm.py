@@ -84,11 +84,24 @@ def test_matches_torch(shape, dtype, layout, affine, track, momentum, eps, seed)
     # Half-precision outputs and input gradients are rounded to the input dtype; the parameter
     # gradients are sums over N*spatial values and carry that rounding in proportion.
     count_scale = max(1.0, float(np.sqrt(n * np.prod(spatial or [1]))))
-    for ours_step, theirs_step in zip(ours_steps, theirs_steps, strict=True):
+    weight = None if ours.weight is None else ours.weight.detach().double().numpy()
+    for x, g, ours_step, theirs_step in zip(inputs, grads, ours_steps, theirs_steps, strict=True):
         assert_close(ours_step[0], theirs_step[0], dtype)
-        assert_close(ours_step[1], theirs_step[1], dtype, scale=4)
-        for ours_grad, theirs_grad in zip(ours_step[2:], theirs_step[2:], strict=True):
-            assert_close(ours_grad, theirs_grad, dtype, scale=4 * count_scale)
+        if dtype in (torch.float16, torch.bfloat16):
+            # torch's half-precision backward loses digits where the gradient nearly cancels
+            # (few values per channel); ours accumulates in float32, so it is held to the
+            # float64 reference computed from the same rounded inputs instead.
+            expected = reference.backward_train(
+                g.double().numpy(), x.double().numpy(), weight, eps
+            )
+            expected = [torch.from_numpy(e) for e in expected]
+            if weight is None:
+                expected = expected[:1]
+        else:
+            expected = theirs_step[1:]
+        assert_close(ours_step[1], expected[0], dtype, scale=4)
+        for ours_grad, expected_grad in zip(ours_step[2:], expected[1:], strict=True):
+            assert_close(ours_grad, expected_grad, dtype, scale=4 * count_scale)
     for key, value in theirs.state_dict().items():
         assert_close(ours.state_dict()[key], value, param_dtype)
     ours.eval()
