@@ -51,7 +51,8 @@ def supports(x: torch.Tensor) -> bool:
 def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
     """``x`` detached, in its compute dtype, with a layout the kernels read directly."""
     compute = _COMPUTE_DTYPE[x.dtype]
-    x = x.detach()
+    if x.requires_grad:
+        x = x.detach()
     if x.dtype != compute:
         x = x.to(compute)
     if x.is_contiguous():
@@ -78,25 +79,44 @@ def _array(t: torch.Tensor, layout: torch.memory_format) -> np.ndarray:
 
 def _matching(t: torch.Tensor, like: torch.Tensor, layout: torch.memory_format) -> np.ndarray:
     """``t`` (a gradient or residual) as an array laid out exactly like ``like``."""
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype != like.dtype:
         t = t.to(like.dtype)
     return _array(t.contiguous(memory_format=layout), layout)
 
 
 def _vector(t: torch.Tensor | None, dtype: torch.dtype) -> np.ndarray:
+    """A per-channel parameter or statistic as a contiguous array of the compute dtype."""
     if t is None:
         return _EMPTY[dtype]
-    return t.detach().to(dtype).contiguous().numpy()
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t.numpy() if t.is_contiguous() else t.contiguous().numpy()
 
 
-def _statistic(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(torch.float64).contiguous().numpy()
+# Below this many elements a parallel launch costs more than it saves (torch's own grain size
+# is of the same order); such inputs run on the calling thread.
+SERIAL_BELOW = 1 << 16
 
 
-def _blocks(rows: int) -> int:
+def _run(kernel, numel: int, *arguments) -> None:
+    if numel >= SERIAL_BELOW:
+        kernel(*arguments)
+        return
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        kernel(*arguments)
+    finally:
+        numba.set_num_threads(threads)
+
+
+def _blocks(rows: int, numel: int) -> int:
     """How many row blocks accumulate partial sums: one per kernel thread."""
-    return max(1, min(numba.get_num_threads(), rows))
+    return 1 if numel < SERIAL_BELOW else max(1, min(numba.get_num_threads(), rows))
 
 
 # -- entry points -----------------------------------------------------------------------------
@@ -124,24 +144,22 @@ def forward(
     act = kernels.ACTIVATIONS[activation]
     w, b = _vector(weight, xc.dtype), _vector(bias, xc.dtype)
     planes = xa.ndim == 3
+    numel = xa.size
     if mean is None:
         channels = x.shape[1]
-        batch_mean, batch_var = np.empty(channels), np.empty(channels)
+        # batch statistics in the compute dtype, which is the accumulation dtype of x
+        batch_mean = torch.empty(channels, dtype=xc.dtype)
+        batch_var = torch.empty(channels, dtype=xc.dtype)
+        arguments = (xa, w, b, float(eps), act, ra, residual is not None, oa,
+                     batch_mean.numpy(), batch_var.numpy())
         if planes:
-            kernels.train_forward_planes(
-                xa, w, b, float(eps), act, ra, residual is not None, oa, batch_mean, batch_var
-            )
+            _run(kernels.train_forward_planes, numel, *arguments)
         else:
-            kernels.train_forward_rows(
-                xa, w, b, float(eps), act, ra, residual is not None, oa, batch_mean, batch_var,
-                _blocks(xa.shape[0]),
-            )
-        y = out if out.dtype == x.dtype else out.to(x.dtype)
-        acc = accumulation_dtype(x.dtype)
-        return y, torch.from_numpy(batch_mean).to(acc), torch.from_numpy(batch_var).to(acc)
+            _run(kernels.train_forward_rows, numel, *arguments, _blocks(xa.shape[0], numel))
+        return (out if out.dtype == x.dtype else out.to(x.dtype)), batch_mean, batch_var
     kernel = kernels.eval_forward_planes if planes else kernels.eval_forward_rows
-    kernel(xa, _statistic(mean), _statistic(variance), w, b, float(eps), act, ra,
-           residual is not None, oa)
+    _run(kernel, numel, xa, _vector(mean, xc.dtype), _vector(variance, xc.dtype), w, b,
+         float(eps), act, ra, residual is not None, oa)
     return (out if out.dtype == x.dtype else out.to(x.dtype)), None, None
 
 
@@ -174,7 +192,7 @@ def backward(
     channels = x.shape[1]
     grad_weight, grad_bias = np.empty(channels), np.empty(channels)
     arguments = (
-        ga, xa, ra, residual is not None, _statistic(mean), _statistic(variance),
+        ga, xa, ra, residual is not None, _vector(mean, xc.dtype), _vector(variance, xc.dtype),
         _vector(weight, xc.dtype), _vector(bias, xc.dtype), float(eps),
         kernels.ACTIVATIONS[activation], train,
         need_input, xa if grad_input is None else _array(grad_input, layout),
@@ -182,9 +200,9 @@ def backward(
         grad_weight, grad_bias,
     )
     if xa.ndim == 3:
-        kernels.backward_planes(*arguments)
+        _run(kernels.backward_planes, xa.size, *arguments)
     else:
-        kernels.backward_rows(*arguments, _blocks(xa.shape[0]))
+        _run(kernels.backward_rows, xa.size, *arguments, _blocks(xa.shape[0], xa.size))
     acc = accumulation_dtype(x.dtype)
     return (
         None if grad_input is None else grad_input.to(x.dtype),

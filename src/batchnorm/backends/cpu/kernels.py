@@ -163,7 +163,7 @@ def _plane_sums(x, c):
 
 @_jit(**_PARALLEL)
 def train_forward_planes(x, weight, bias, eps, act, residual, has_res, out, mean, var):
-    """Batch statistics into ``mean``/``var`` (float64, biased) and ``out = f(BN(x) [+ r])``."""
+    """Batch statistics into ``mean``/``var`` (biased, x's dtype) and ``out = f(BN(x) [+ r])``."""
     batch, channels, size = x.shape
     count = batch * size
     m = np.empty(channels, dtype=x.dtype)
@@ -175,7 +175,7 @@ def train_forward_planes(x, weight, bias, eps, act, residual, has_res, out, mean
         variance = s2 / count - centre * centre
         if variance < 0:
             variance = 0.0
-        mean[c] = shift + centre
+        mean[c] = shift + centre  # stored in the compute dtype, as the backward will read them
         var[c] = variance
         _, scale, beta = _channel_coefficients(mean, var, weight, bias, eps, c)
         m[c] = mean[c]  # the coefficients in the input's dtype
@@ -213,7 +213,7 @@ def _plane_grad_pre_activation(gs, xs, rs, has_res, m, s, b, act, buffer):
 
 
 @_jit(**_REDUCE)
-def _plane_grad_sums(grad, x, residual, has_res, c, m64, m, s, b, act, buffer):
+def _plane_grad_sums(grad, x, residual, has_res, c, centre_of, m, s, b, act, buffer):
     batch = x.shape[0]
     size = x.shape[2]
     sum_d = 0.0
@@ -225,7 +225,7 @@ def _plane_grad_sums(grad, x, residual, has_res, c, m64, m, s, b, act, buffer):
         for i in range(size):
             d = np.float64(ds[i])
             sum_d += d
-            sum_dxc += d * (np.float64(xs[i]) - m64)
+            sum_dxc += d * (np.float64(xs[i]) - centre_of)
     return sum_d, sum_dxc
 
 
@@ -248,7 +248,7 @@ def backward_planes(
     k_offset = np.zeros(channels, dtype=x.dtype)
     for c in prange(channels):
         buffer = np.empty(size if act != IDENTITY else 0, dtype=x.dtype)
-        sum_d, sum_dxc = _plane_grad_sums(grad, x, residual, has_res, c, np.float64(mean[c]),
+        sum_d, sum_dxc = _plane_grad_sums(grad, x, residual, has_res, c, mean[c],
                                           m[c], s[c], b[c], act, buffer)
         invstd, scale, _ = _channel_coefficients(mean, var, weight, bias, eps, c)
         grad_weight[c] = sum_dxc * invstd
@@ -330,7 +330,7 @@ def train_forward_rows(x, weight, bias, eps, act, residual, has_res, out, mean, 
         centre = t1 / rows
         variance = t2 / rows - centre * centre
         mean[c] = shift[c] + centre
-        var[c] = variance if not variance < 0 else 0.0
+        var[c] = variance if not variance < 0 else 0.0  # NaN stays NaN
     m = np.empty(channels, dtype=x.dtype)
     s = np.empty(channels, dtype=x.dtype)
     b = np.empty(channels, dtype=x.dtype)
@@ -361,7 +361,7 @@ def _row_grad_pre_activation(gr, xr, rr, has_res, m, s, b, act, buffer):
 
 
 @_jit(**_REDUCE)
-def _row_grad_sums(grad, x, residual, has_res, m64, m, s, b, act, start, stop, s1, s2):
+def _row_grad_sums(grad, x, residual, has_res, centre_of, m, s, b, act, start, stop, s1, s2):
     channels = x.shape[1]
     buffer = np.empty(channels if act != IDENTITY else 0, dtype=x.dtype)
     for r in range(start, stop):
@@ -370,7 +370,7 @@ def _row_grad_sums(grad, x, residual, has_res, m64, m, s, b, act, start, stop, s
         for c in range(channels):
             d = np.float64(ds[c])
             s1[c] += d
-            s2[c] += d * (np.float64(xr[c]) - m64[c])
+            s2[c] += d * (np.float64(xr[c]) - centre_of[c])
 
 
 @_jit(**_PARALLEL)
