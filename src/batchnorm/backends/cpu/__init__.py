@@ -36,12 +36,12 @@ _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 def supports(x: torch.Tensor) -> bool:
     """Plain (not vmapped, not traced) CPU tensors of a floating dtype with at least 2 dims."""
     return (
-        x.device.type == "cpu"
+        not torch.compiler.is_compiling()  # first: the tracer must not see the checks below
+        and x.device.type == "cpu"
         and x.dtype in _COMPUTE_DTYPE
         and x.dim() >= 2
         and x.numel() > 0
         and not _is_wrapped(x)
-        and not torch.compiler.is_compiling()
     )
 
 
