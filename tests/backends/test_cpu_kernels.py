@@ -1,0 +1,213 @@
+"""The Numba CPU kernels against the NumPy float64 reference and torch.nn, on every layout and
+dtype they take, on both the serial (small input) and the parallel path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import batchnorm
+from batchnorm import reference
+from batchnorm.backends import cpu
+from tests.conftest import assert_close, make_input
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# (shape, layout): every canonical form the kernels see. The large ones exceed SERIAL_BELOW, so
+# they run the parallel kernels with several row blocks.
+CASES = [
+    ((7, 5), "contiguous"),  # rows (N, C)
+    ((5, 4, 6), "contiguous"),  # planes (N, C, L)
+    ((5, 4, 1), "contiguous"),  # planes with one value per sample: seen as rows
+    ((3, 4, 5, 6), "contiguous"),  # NCHW planes
+    ((3, 4, 5, 6), "channels_last"),  # rows (N*H*W, C)
+    ((2, 3, 4, 3, 2), "channels_last"),  # channels_last_3d rows
+    ((3, 4, 5, 6), "strided"),  # copied to contiguous
+    ((4, 16, 40, 40), "contiguous"),
+    ((4, 16, 40, 40), "channels_last"),
+    ((2048, 48), "contiguous"),
+]
+
+
+def _numpy(t):
+    return None if t is None else t.detach().double().numpy()
+
+
+def _parameters(channels, dtype, seed, affine=True):
+    if not affine:
+        return None, None
+    generator = torch.Generator().manual_seed(seed)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = torch.rand(channels, generator=generator, dtype=param_dtype) + 0.5
+    bias = torch.randn(channels, generator=generator, dtype=param_dtype)
+    return weight, bias
+
+
+def _check_all_paths(shape, layout, dtype, affine, seed, offset=0.0):
+    x = make_input(shape, dtype, layout, seed=seed, scale=2.0, offset=offset)
+    g = make_input(shape, dtype, layout, seed=seed + 1)
+    weight, bias = _parameters(shape[1], dtype, seed, affine)
+    count_scale = max(1.0, float(np.sqrt(x.numel() / shape[1])))
+    eps = 1e-5
+    # half inputs are compared with the float64 reference of the rounded values
+    y, mean, var = cpu.train_forward(x, weight, bias, eps)
+    ref_y, ref_mean, ref_var = reference.forward_train(_numpy(x), _numpy(weight), _numpy(bias),
+                                                       eps)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    if layout == "channels_last":
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        assert y.is_contiguous(memory_format=fmt)
+    assert mean.dtype == var.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(y, torch.from_numpy(ref_y), dtype)
+    assert_close(mean, torch.from_numpy(ref_mean), dtype)
+    assert_close(var, torch.from_numpy(ref_var), dtype, scale=4)
+
+    dx, dw, db = cpu.train_backward(g, x, mean, var, weight, eps, (True, True, True))
+    ref_dx, ref_dw, ref_db = reference.backward_train(_numpy(g), _numpy(x), _numpy(weight), eps)
+    assert dx.dtype == x.dtype
+    assert_close(dx, torch.from_numpy(ref_dx), dtype, scale=4)
+    if affine:
+        assert_close(dw, torch.from_numpy(ref_dw), dtype, scale=4 * count_scale)
+    else:
+        assert dw is None
+    assert_close(db, torch.from_numpy(ref_db), dtype, scale=4 * count_scale)
+
+    running_mean = torch.randn(shape[1], dtype=mean.dtype)
+    running_var = torch.rand(shape[1], dtype=mean.dtype) + 0.5
+    y_eval = cpu.eval_forward(x, running_mean, running_var, weight, bias, eps)
+    ref_eval = reference.forward(_numpy(x), _numpy(running_mean), _numpy(running_var),
+                                 _numpy(weight), _numpy(bias), eps)
+    assert_close(y_eval, torch.from_numpy(ref_eval), dtype)
+    dx, dw, db = cpu.eval_backward(g, x, running_mean, running_var, weight, eps,
+                                   (True, affine, True))
+    ref_dx, ref_dw, ref_db = reference.backward_eval(_numpy(g), _numpy(x), _numpy(running_mean),
+                                                     _numpy(running_var), _numpy(weight), eps)
+    assert_close(dx, torch.from_numpy(ref_dx), dtype, scale=4)
+    if affine:
+        assert_close(dw, torch.from_numpy(ref_dw), dtype, scale=4 * count_scale)
+    assert_close(db, torch.from_numpy(ref_db), dtype, scale=4 * count_scale)
+
+
+@pytest.mark.parametrize("shape, layout", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_layout_matches_reference(shape, layout, dtype):
+    _check_all_paths(shape, layout, dtype, affine=True, seed=3, offset=-1.5)
+
+
+@given(
+    ndim=st.integers(2, 5),
+    batch=st.integers(2, 6),
+    channels=st.integers(1, 6),
+    spatial=st.lists(st.integers(1, 5), min_size=3, max_size=3),
+    layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+    dtype=st.sampled_from(DTYPES),
+    affine=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_random_inputs_match_reference(ndim, batch, channels, spatial, layout, dtype, affine,
+                                       seed):
+    shape = (batch, channels, *spatial[: ndim - 2])
+    if layout == "channels_last" and ndim < 4:
+        layout = "contiguous"
+    _check_all_paths(shape, layout, dtype, affine, seed)
+
+
+@pytest.mark.parametrize("shape, layout", [((4, 3, 64, 64), "contiguous"),
+                                           ((4, 3, 64, 64), "channels_last"),
+                                           ((60, 3), "contiguous")])
+def test_variance_is_stable_for_a_large_mean(shape, layout):
+    """Mean 1e4, standard deviation 1 in float32: E[x^2] - E[x]^2 would lose every digit."""
+    x = make_input(shape, torch.float32, layout, seed=5, offset=1e4)
+    _, mean, var = cpu.train_forward(x, None, None, 1e-5)
+    ref_mean, ref_var = reference.moments(x.double().numpy())
+    np.testing.assert_allclose(var.double().numpy(), ref_var, rtol=1e-4)
+    np.testing.assert_allclose(mean.double().numpy(), ref_mean, rtol=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_nonfinite_input_reaches_the_statistics(layout):
+    x = make_input((2, 3, 4, 4), torch.float32, layout)
+    x[1, 2, 0, 0] = float("nan")
+    _, mean, var = cpu.train_forward(x, None, None, 1e-5)
+    assert torch.isnan(mean[2]) and torch.isnan(var[2])
+    assert torch.isfinite(mean[:2]).all() and torch.isfinite(var[:2]).all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_module_on_the_kernels_matches_torch(layout):
+    torch.manual_seed(1)
+    ours, theirs = batchnorm.BatchNorm2d(6), torch.nn.BatchNorm2d(6)
+    x = make_input((4, 6, 9, 9), torch.float32, layout, seed=2, scale=3.0, offset=2.0)
+    g = make_input((4, 6, 9, 9), torch.float32, layout, seed=3)
+    assert batchnorm.select_backend(x).name == "cpu"
+    results = []
+    for module in (ours, theirs):
+        xr = x.clone().requires_grad_(True)
+        y = module(xr)
+        results.append((y, *torch.autograd.grad(y, [xr, module.weight, module.bias], g)))
+    for mine, theirs_value in zip(*results, strict=True):
+        assert_close(mine, theirs_value, torch.float32, scale=4)
+    assert_close(ours.running_mean, theirs.running_mean, torch.float32)
+    assert_close(ours.running_var, theirs.running_var, torch.float32)
+    ours.eval()
+    theirs.eval()
+    with torch.no_grad():
+        assert_close(ours(x), theirs(x), torch.float32)
+
+
+def test_double_backward_with_kernels_selected():
+    """create_graph=True takes the eager path; the first-order backward the kernel one."""
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    module = batchnorm.BatchNorm1d(3, dtype=torch.float64)
+    assert batchnorm.select_backend(x).name == "cpu"
+    assert torch.autograd.gradgradcheck(lambda t: module(t), (x,))
+
+
+def test_eager_override_and_fallback_without_numba():
+    """With Numba unavailable (import blocked) the eager path is chosen and gives torch's result;
+    the environment variable forces eager even where the kernels are available."""
+    script = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import torch, batchnorm\n"
+        "assert 'cpu' not in batchnorm.available_backends(), batchnorm.available_backends()\n"
+        "x = torch.randn(4, 3, 5, 5)\n"
+        "assert batchnorm.select_backend(x).name == 'eager'\n"
+        "y = batchnorm.BatchNorm2d(3)(x)\n"
+        "torch.testing.assert_close(y, torch.nn.BatchNorm2d(3)(x))\n"
+    )
+    env = {**os.environ, "BATCHNORM_BACKEND": ""}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env)
+    env["BATCHNORM_BACKEND"] = "eager"
+    forced = "import torch, batchnorm; print(batchnorm.select_backend(torch.randn(4, 3)).name)"
+    out = subprocess.run([sys.executable, "-c", forced], check=True, env=env,
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "eager"
+
+
+def test_kernels_compile_without_a_writable_cache(monkeypatch):
+    """Where Numba finds no writable cache folder it raises at decoration; the kernels are then
+    compiled without a cache instead of failing to import."""
+    import numba
+
+    from batchnorm.backends.cpu import kernels
+
+    real_njit = numba.njit
+
+    def njit_without_cache(*args, cache=False, **options):
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available for file")
+        return real_njit(*args, **options)
+
+    monkeypatch.setattr(numba, "njit", njit_without_cache)
+
+    @kernels._jit()
+    def double(values):
+        return values * 2
+
+    np.testing.assert_array_equal(double(np.arange(3.0)), [0.0, 2.0, 4.0])
