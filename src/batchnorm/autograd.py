@@ -37,28 +37,33 @@ class BatchNormTrain(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, weight, bias, eps):
-        return select_backend(x).train_forward(x, weight, bias, eps)
+    def forward(x, weight, bias, eps, mask=None):
+        if mask is None:
+            return select_backend(x).train_forward(x, weight, bias, eps)
+        return select_backend(x, mask).train_forward(x, weight, bias, eps, mask)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, eps = inputs
+        x, weight, bias, eps, mask = inputs
         _, mean, variance = output
-        ctx.save_for_backward(x, weight, bias, mean, variance)
+        ctx.save_for_backward(x, weight, bias, mean, variance, mask)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, variance)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
-        x, weight, bias, mean, variance = ctx.saved_tensors
+        x, weight, bias, mean, variance, mask = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         if torch.is_grad_enabled():
-            mean, variance = batch_moments(x)
-            grads = eager.train_backward(grad_out, x, mean, variance, weight, ctx.eps, needs)
+            mean, variance = batch_moments(x, mask)
+            backend = eager
         else:
-            backend = select_backend(x)
-            grads = backend.train_backward(grad_out, x, mean, variance, weight, ctx.eps, needs)
-        return (*_cast_grads(grads, (x, weight, bias)), None)
+            backend = select_backend(x, mask)
+        args = (grad_out, x, mean, variance, weight, ctx.eps, needs)
+        grads = backend.train_backward(*args) if mask is None else backend.train_backward(
+            *args, mask
+        )
+        return (*_cast_grads(grads, (x, weight, bias)), None, None)
 
 
 class BatchNormEval(torch.autograd.Function):
@@ -109,10 +114,10 @@ _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 )
 
 
-def apply_train(x, weight, bias, eps):
+def apply_train(x, weight, bias, eps, mask=None):
     if torch.compiler.is_compiling() or _transforms_active():
-        return BatchNormTrain.apply(x, weight, bias, eps)
-    return _BatchNormTrainClassic.apply(x, weight, bias, eps)
+        return BatchNormTrain.apply(x, weight, bias, eps, mask)
+    return _BatchNormTrainClassic.apply(x, weight, bias, eps, mask)
 
 
 def apply_eval(x, mean, variance, weight, bias, eps):

@@ -63,8 +63,14 @@ def available_backends() -> list[str]:
     return list(_BACKENDS)
 
 
-def select_backend(x: torch.Tensor) -> Backend | ModuleType:
-    """The backend that will compute a batch norm of ``x``."""
+def select_backend(x: torch.Tensor, mask: torch.Tensor | None = None) -> Backend | ModuleType:
+    """The backend that will compute a batch norm of ``x`` (with statistics restricted to
+    ``mask``, when given: only backends with ``supports_mask`` take one, else eager)."""
+    if mask is not None:
+        forced = _BACKENDS.get(_override) if _override is not None else None
+        if forced is not None and getattr(forced, "supports_mask", False):
+            return forced
+        return eager
     if _override is not None:
         backend = _BACKENDS.get(_override)
         if backend is None:

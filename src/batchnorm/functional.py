@@ -15,7 +15,7 @@ import torch
 
 from batchnorm.autograd import apply_eval, apply_train
 from batchnorm.core import checks
-from batchnorm.core.layout import values_per_channel
+from batchnorm.core.layout import valid_per_channel
 from batchnorm.core.running import updated_running_stats, warn_nonfinite
 from batchnorm.dispatch import select_backend
 
@@ -23,9 +23,10 @@ Momentum = float | torch.Tensor
 
 
 def _validate(
-    input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner
+    input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner, mask
 ) -> None:
     checks.check_input(input, owner=owner)
+    checks.check_mask(mask, input, owner)
     channels = input.shape[1]
     if (running_mean is None) != (running_var is None):
         raise ValueError(
@@ -40,7 +41,7 @@ def _validate(
     checks.check_momentum(momentum, owner)
     checks.check_eps(eps, owner)
     if use_batch_stats:
-        checks.check_batch_statistics_possible(input, owner)
+        checks.check_batch_statistics_possible(input, owner, mask)
 
 
 def batch_norm_core(
@@ -53,16 +54,19 @@ def batch_norm_core(
     momentum: Momentum = 0.1,
     eps: float = 1e-5,
     owner: str = "batch_norm",
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Validate, normalize, and compute (without applying) the running-statistics update.
 
     Returns ``(output, new_running_mean, new_running_var, finite)``. The last three are None
     when no running statistics are updated; ``finite`` is a 0-dim bool tensor telling whether
     the batch statistics were finite (if not, the "new" statistics equal the old ones).
+    ``mask`` restricts the batch statistics to valid positions (see :func:`batch_norm`).
     """
     use_batch_stats = training or running_mean is None
     _validate(
-        input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner
+        input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner,
+        mask,
     )
     # Without a gradient to compute, the backend is called directly: autograd.Function costs
     # tens of microseconds per call, which dominates small inputs in inference.
@@ -78,13 +82,16 @@ def batch_norm_core(
             )
         return output, None, None, None
     if needs_grad:
-        output, mean, variance = apply_train(input, weight, bias, eps)
-    else:
+        output, mean, variance = apply_train(input, weight, bias, eps, mask)
+    elif mask is None:
         output, mean, variance = select_backend(input).train_forward(input, weight, bias, eps)
+    else:
+        backend = select_backend(input, mask)
+        output, mean, variance = backend.train_forward(input, weight, bias, eps, mask)
     if not training or running_mean is None:
         return output, None, None, None
     new_mean, new_var, finite = updated_running_stats(
-        running_mean, running_var, mean, variance, values_per_channel(input), momentum
+        running_mean, running_var, mean, variance, valid_per_channel(input, mask), momentum
     )
     return output, new_mean, new_var, finite
 
@@ -98,6 +105,7 @@ def batch_norm(
     training: bool = False,
     momentum: Momentum = 0.1,
     eps: float = 1e-5,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batch norm with the semantics of ``torch.nn.functional.batch_norm``.
 
@@ -109,6 +117,12 @@ def batch_norm(
     Unlike torch, a training batch whose statistics are not finite leaves the running
     statistics unchanged (with a :class:`NonFiniteStatisticsWarning`).
 
+    ``mask`` (bool, shape (N, L) for input (N, C, L); in general the input's shape without the
+    channel axis) marks the valid positions of padded sequences: the batch statistics and the
+    running statistics come from valid positions only. Padded positions are still normalized
+    with those statistics (their output is the normalization of whatever values they hold), so
+    mask or ignore them downstream as usual.
+
     Example::
 
         >>> x = torch.randn(8, 3, 4, 4)
@@ -118,7 +132,7 @@ def batch_norm(
         True
     """
     output, new_mean, new_var, finite = batch_norm_core(
-        input, running_mean, running_var, weight, bias, training, momentum, eps
+        input, running_mean, running_var, weight, bias, training, momentum, eps, mask=mask
     )
     if new_mean is not None:
         with torch.no_grad():
@@ -138,6 +152,7 @@ def batch_norm_pure(
     training: bool = False,
     momentum: Momentum = 0.1,
     eps: float = 1e-5,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Like :func:`batch_norm`, but modifies nothing: returns
     ``(output, new_running_mean, new_running_var)``.
@@ -153,7 +168,7 @@ def batch_norm_pure(
         (5, 3)
     """
     output, new_mean, new_var, _ = batch_norm_core(
-        input, running_mean, running_var, weight, bias, training, momentum, eps
+        input, running_mean, running_var, weight, bias, training, momentum, eps, mask=mask
     )
     if new_mean is None:
         return output, running_mean, running_var

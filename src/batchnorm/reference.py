@@ -17,16 +17,20 @@ def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
     return np.asarray(v, dtype=np.float64).reshape((1, -1) + (1,) * (ndim - 2))
 
 
-def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    r"""Per-channel mean and biased variance.
+def moments(x: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    r"""Per-channel mean and biased variance, over the valid positions when a mask is given.
 
     .. math::
-        \mu_c = \frac{1}{n}\sum_i x_{ic}, \qquad
-        \sigma^2_c = \frac{1}{n}\sum_i (x_{ic} - \mu_c)^2
+        \mu_c = \frac{1}{n}\sum_{i \in V} x_{ic}, \qquad
+        \sigma^2_c = \frac{1}{n}\sum_{i \in V} (x_{ic} - \mu_c)^2, \qquad n = |V|
     """
     x = np.asarray(x, dtype=np.float64)
-    mean = x.mean(axis=_axes(x))
-    var = ((x - _per_channel(mean, x.ndim)) ** 2).mean(axis=_axes(x))
+    # Move channels last and keep only the valid rows: a plain (n, C) table of values.
+    table = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+    if mask is not None:
+        table = table[np.asarray(mask, dtype=bool).reshape(-1)]
+    mean = table.mean(axis=0)
+    var = ((table - mean) ** 2).mean(axis=0)
     return mean, var
 
 
@@ -51,13 +55,13 @@ def forward(
     return x_hat
 
 
-def forward_train(x, weight, bias, eps):
+def forward_train(x, weight, bias, eps, mask=None):
     """Training forward: batch statistics. Returns (y, mean, biased variance)."""
-    mean, var = moments(x)
+    mean, var = moments(x, mask)
     return forward(x, mean, var, weight, bias, eps), mean, var
 
 
-def backward_train(grad_out, x, weight, eps):
+def backward_train(grad_out, x, weight, eps, mask=None):
     r"""Gradients when the statistics are the batch's own (they depend on x).
 
     With :math:`\hat x = (x-\mu)/\sqrt{\sigma^2+\epsilon}` and :math:`g = \partial L/\partial y`:
@@ -67,18 +71,25 @@ def backward_train(grad_out, x, weight, eps):
         \partial_x L = \frac{\gamma}{\sqrt{\sigma^2+\epsilon}}
         \Big(g - \overline{g} - \hat x\, \overline{g \hat x}\Big)
 
-    where the bars are per-channel means over the n values. Returns (dx, dweight, dbias).
+    where the bars are per-channel means over the n values. With a mask the statistics use the
+    n valid positions; every output still depends on them, so the sums run over all positions,
+    are divided by n, and only valid inputs get the two correction terms.
+    Returns (dx, dweight, dbias).
     """
     x = np.asarray(x, dtype=np.float64)
     g = np.asarray(grad_out, dtype=np.float64)
     axes = _axes(x)
-    mean, var = moments(x)
+    mean, var = moments(x, mask)
+    valid = np.ones((x.shape[0], 1, *x.shape[2:])) if mask is None else np.expand_dims(
+        np.asarray(mask, dtype=np.float64), 1
+    )
+    count = valid.sum()
     invstd = 1.0 / np.sqrt(var + eps)
     x_hat = (x - _per_channel(mean, x.ndim)) * _per_channel(invstd, x.ndim)
     gamma = np.ones_like(mean) if weight is None else np.asarray(weight, dtype=np.float64)
-    mean_g = g.mean(axis=axes, keepdims=True)
-    mean_g_xhat = (g * x_hat).mean(axis=axes, keepdims=True)
-    dx = _per_channel(gamma * invstd, x.ndim) * (g - mean_g - x_hat * mean_g_xhat)
+    mean_g = g.sum(axis=axes, keepdims=True) / count
+    mean_g_xhat = (g * x_hat).sum(axis=axes, keepdims=True) / count
+    dx = _per_channel(gamma * invstd, x.ndim) * (g - valid * (mean_g + x_hat * mean_g_xhat))
     return dx, (g * x_hat).sum(axis=axes), g.sum(axis=axes)
 
 

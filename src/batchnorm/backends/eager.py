@@ -11,6 +11,7 @@ from batchnorm.core import normalize
 from batchnorm.core.moments import centred_moments
 
 name = "eager"
+supports_mask = True
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -22,8 +23,9 @@ def train_forward(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mean, variance, centred = centred_moments(x)
+    mean, variance, centred = centred_moments(x, mask)
     invstd = normalize.inverse_std(variance, eps)
     y = normalize.normalize_centred(centred, invstd, weight, bias, x.dtype)
     return y, mean, variance
@@ -42,9 +44,9 @@ def eval_forward(
     return normalize.apply_affine(x, scale, shift)
 
 
-def train_backward(grad_out, x, mean, variance, weight, eps, needs):
+def train_backward(grad_out, x, mean, variance, weight, eps, needs, mask=None):
     invstd = normalize.inverse_std(variance, eps)
-    return normalize.train_backward(grad_out, x, mean, invstd, weight, needs)
+    return normalize.train_backward(grad_out, x, mean, invstd, weight, needs, mask)
 
 
 def eval_backward(grad_out, x, mean, variance, weight, eps, needs):

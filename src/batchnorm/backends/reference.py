@@ -10,6 +10,7 @@ from batchnorm import reference
 from batchnorm.core.layout import accumulation_dtype
 
 name = "reference"
+supports_mask = True
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -24,8 +25,8 @@ def _torch(a: np.ndarray, like: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return torch.from_numpy(np.ascontiguousarray(a)).to(device=like.device, dtype=dtype)
 
 
-def train_forward(x, weight, bias, eps):
-    y, mean, var = reference.forward_train(_np(x), _np(weight), _np(bias), eps)
+def train_forward(x, weight, bias, eps, mask=None):
+    y, mean, var = reference.forward_train(_np(x), _np(weight), _np(bias), eps, _mask(mask))
     acc = accumulation_dtype(x.dtype)
     return _torch(y, x, x.dtype), _torch(mean, x, acc), _torch(var, x, acc)
 
@@ -45,8 +46,12 @@ def _grads(x, grads, needs):
     )
 
 
-def train_backward(grad_out, x, mean, variance, weight, eps, needs):
-    grads = reference.backward_train(_np(grad_out), _np(x), _np(weight), eps)
+def _mask(mask: torch.Tensor | None) -> np.ndarray | None:
+    return None if mask is None else mask.numpy()
+
+
+def train_backward(grad_out, x, mean, variance, weight, eps, needs, mask=None):
+    grads = reference.backward_train(_np(grad_out), _np(x), _np(weight), eps, _mask(mask))
     return _grads(x, grads, needs)
 
 

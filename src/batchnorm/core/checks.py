@@ -67,12 +67,38 @@ def check_per_channel(
         )
 
 
-def check_batch_statistics_possible(x: torch.Tensor, owner: str = "batch_norm") -> None:
-    """Batch statistics need more than one value per channel."""
-    if values_per_channel(x) <= 1:
+def check_mask(mask: torch.Tensor | None, x: torch.Tensor, owner: str = "batch_norm") -> None:
+    """A validity mask: bool, shaped like the input without its channel axis."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"{owner}: expected a bool tensor as mask, got {got}")
+    expected = (x.shape[0], *x.shape[2:])
+    if tuple(mask.shape) != expected:
         raise ValueError(
-            f"{owner}: expected more than 1 value per channel to compute batch statistics in "
-            f"training, got input of shape {tuple(x.shape)} (1 value per channel). The variance "
+            f"{owner}: expected mask of shape {expected} (the input's shape without the channel "
+            f"axis), got {tuple(mask.shape)}"
+        )
+    if mask.device != x.device:
+        raise ValueError(f"{owner}: expected mask on {x.device}, got {mask.device}")
+
+
+def check_batch_statistics_possible(
+    x: torch.Tensor, owner: str = "batch_norm", mask: torch.Tensor | None = None
+) -> None:
+    """Batch statistics need more than one value per channel."""
+    if mask is None:
+        count = values_per_channel(x)
+    elif torch.compiler.is_compiling():
+        return  # a data-dependent check would break the graph; the count is traced as is
+    else:
+        count = int(mask.sum())
+    if count <= 1:
+        what = "value" if mask is None else "valid (unmasked) value"
+        raise ValueError(
+            f"{owner}: expected more than 1 {what} per channel to compute batch statistics in "
+            f"training, got input of shape {tuple(x.shape)} ({count} per channel). The variance "
             "of one value is 0, so every output would equal the bias. Ways out: call .eval() to "
             "use the running statistics, use a larger batch, use GroupNorm or LayerNorm (which "
             "normalize within each sample), or use batch renormalization with running "

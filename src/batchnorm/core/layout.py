@@ -39,3 +39,15 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics of half-precision inputs accumulate in float32; float64 stays float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
+
+
+def mask_as_input(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (N, *spatial) validity mask as (N, 1, *spatial) weights in the accumulation dtype."""
+    return mask.unsqueeze(CHANNEL_AXIS).to(accumulation_dtype(x.dtype))
+
+
+def valid_per_channel(x: torch.Tensor, mask: torch.Tensor | None) -> int | torch.Tensor:
+    """How many values each channel's statistics use: all of them, or the valid ones."""
+    if mask is None:
+        return values_per_channel(x)
+    return mask.sum(dtype=accumulation_dtype(x.dtype))

@@ -23,31 +23,50 @@ from __future__ import annotations
 
 import torch
 
-from batchnorm.core.layout import accumulation_dtype, as_channel, reduce_dims, values_per_channel
+from batchnorm.core.layout import (
+    accumulation_dtype,
+    as_channel,
+    mask_as_input,
+    reduce_dims,
+    valid_per_channel,
+)
 
 
-def centred_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def centred_moments(
+    x: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean, biased variance and the centred input ``x - mean`` (in the accumulation dtype).
 
     The centred tensor is returned because normalizing needs it too: ``(x - mean) * scale + bias``
     is exact where ``x * scale + (bias - mean * scale)`` cancels when |mean| >> std.
+
+    ``mask`` (bool, shape (N, *spatial)) restricts the statistics to the valid positions; the
+    centred tensor still covers every position.
     """
     acc = accumulation_dtype(x.dtype)
     dims = reduce_dims(x)
-    count = values_per_channel(x)
-    mean = x.sum(dim=dims, dtype=acc) / count
+    count = valid_per_channel(x, mask)
+    if mask is None:
+        mean = x.sum(dim=dims, dtype=acc) / count
+        centred = x.to(acc) - as_channel(mean, x)
+        variance = (centred * centred).sum(dim=dims) / count
+        return mean, variance, centred
+    weights = mask_as_input(mask, x)
+    mean = (x * weights).sum(dim=dims, dtype=acc) / count
     centred = x.to(acc) - as_channel(mean, x)
-    variance = (centred * centred).sum(dim=dims) / count
+    variance = (centred * centred * weights).sum(dim=dims) / count
     return mean, variance, centred
 
 
-def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_moments(
+    x: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance per channel of ``x`` (N, C, *), in the accumulation dtype."""
-    mean, variance, _ = centred_moments(x)
+    mean, variance, _ = centred_moments(x, mask)
     return mean, variance
 
 
-def unbiased(variance: torch.Tensor, count: int) -> torch.Tensor:
+def unbiased(variance: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
     """Bessel's correction n / (n - 1), for the running variance (count must exceed 1)."""
     return variance * (count / (count - 1))
 

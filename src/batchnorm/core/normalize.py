@@ -17,6 +17,10 @@ Backward with batch statistics (they depend on :math:`x`), over the :math:`n` va
 where :math:`g = \partial L/\partial y`. With fixed (running) statistics the last term and the
 mean of :math:`g` vanish: :math:`\partial L/\partial x_i = \gamma s\, g_i`.
 
+With a mask, the statistics come from the :math:`n` valid positions but every position is
+normalized, so the sums over :math:`g` still run over all positions (each output depends on the
+statistics), divided by :math:`n`, and only valid inputs receive the two correction terms.
+
 Every function here is written with differentiable torch operations, so autograd can
 differentiate the gradient itself (double backward) when the statistics are recomputed from
 ``x`` inside the graph.
@@ -26,7 +30,13 @@ from __future__ import annotations
 
 import torch
 
-from batchnorm.core.layout import accumulation_dtype, as_channel, reduce_dims, values_per_channel
+from batchnorm.core.layout import (
+    accumulation_dtype,
+    as_channel,
+    mask_as_input,
+    reduce_dims,
+    valid_per_channel,
+)
 
 Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
@@ -83,12 +93,13 @@ def train_backward(
     invstd: torch.Tensor,
     weight: torch.Tensor | None,
     needs: tuple[bool, bool, bool],
+    mask: torch.Tensor | None = None,
 ) -> Grads:
     """Gradients for input, weight and bias when the statistics came from this batch."""
     need_input, need_weight, need_bias = needs
     acc = accumulation_dtype(x.dtype)
     dims = reduce_dims(x)
-    count = values_per_channel(x)
+    count = valid_per_channel(x, mask)
     centred = x.to(acc) - as_channel(mean, x)
     sum_grad = grad_out.sum(dim=dims, dtype=acc)
     sum_grad_centred = (grad_out * centred).sum(dim=dims)
@@ -99,7 +110,10 @@ def train_backward(
         gain = invstd if weight is None else invstd * weight.to(acc)
         centred_coef = as_channel(-gain * invstd * invstd * sum_grad_centred / count, x)
         offset = as_channel(-gain * sum_grad / count, x)
-        if torch.is_grad_enabled():  # differentiable form, for double backward
+        if mask is not None:
+            correction = (centred * centred_coef + offset) * mask_as_input(mask, x)
+            grad_input = correction + grad_out * as_channel(gain, x)
+        elif torch.is_grad_enabled():  # differentiable form, for double backward
             grad_input = centred * centred_coef + offset + grad_out * as_channel(gain, x)
         else:  # the same, reusing the centred temporary in place
             grad_input = centred.mul_(centred_coef).add_(offset)

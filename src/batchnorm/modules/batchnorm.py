@@ -59,7 +59,7 @@ class _BatchNorm(_TorchBatchNorm):
             return self.momentum
         return 1.0 / (self.num_batches_tracked + 1).to(self.running_mean.dtype)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
         updating = self.training and self.track_running_stats and self.running_mean is not None
         use_running = not self.training or self.track_running_stats
@@ -73,6 +73,7 @@ class _BatchNorm(_TorchBatchNorm):
             momentum=self._momentum_now() if updating else 0.0,
             eps=self.eps,
             owner=type(self).__name__,
+            mask=mask,
         )
         if updating:
             self._commit_running_stats(new_mean, new_var, finite)
@@ -112,6 +113,11 @@ class BatchNorm1d(_BatchNorm):
             are used in both modes. Default: True.
 
     Shape: input (N, C) or (N, C, L); output the same.
+
+    Padded sequences: ``bn(x, mask)`` with a bool ``mask`` of shape (N, L) for x of shape
+    (N, C, L) (or (N,) for (N, C)) computes the batch and running statistics from the valid
+    positions only. Padded positions are normalized with those statistics too (their output is
+    the normalization of the values they hold); mask them downstream as usual.
 
     Example::
 
