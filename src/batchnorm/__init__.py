@@ -10,6 +10,7 @@ from batchnorm.convert import convert
 from batchnorm.core.running import NonFiniteStatisticsWarning
 from batchnorm.dispatch import available_backends, select_backend, use_backend
 from batchnorm.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.modules.norm_act import BatchNormAct1d, BatchNormAct2d
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,8 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
     "NonFiniteStatisticsWarning",
     "available_backends",
     "convert",
