@@ -16,8 +16,17 @@ def _bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     shape_list = shapes.QUICK if args.quick else shapes.default_shapes()
     modes = [args.mode] if args.mode else list(runner.MODES)
+    if args.shapes:
+        shape_list = [s for s in shape_list if any(part in s.name for part in args.shapes)]
     rows = []
     print(f"# batchnorm bench: ours vs torch.nn on {runner.machine_description()}", flush=True)
+    first = runner.first_call_latency()
+    first_line = (
+        f"first training step in a new process ({first.backend} backend, 4x8x16x16): "
+        f"{first.first_s * 1e3:.0f} ms, then {first.second_s * 1e3:.2f} ms; "
+        f"import {first.import_s * 1e3:.0f} ms"
+    )
+    print(first_line, flush=True)
     for shape in shape_list:
         for layout in runner.applicable_layouts(shape):
             if args.layout and layout != args.layout:
@@ -27,10 +36,11 @@ def _bench(args: argparse.Namespace) -> int:
                 rows.append(row)
                 print(
                     f"{shape.name:24s} {mode:5s} {layout:13s} "
-                    f"ours/torch {row.comparison.median_ratio:.2f}",
+                    f"ours/torch {row.comparison.median_ratio:.2f} "
+                    f"ours/clone {row.roofline.median_ratio:.2f}",
                     flush=True,
                 )
-    table = runner.format_table(rows)
+    table = first_line + "\n\n" + runner.format_table(rows)
     print()
     print(table)
     if args.markdown:
@@ -46,8 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time ours against torch.nn (interleaved)")
     bench.add_argument("--quick", action="store_true", help="two small shapes, for a smoke run")
-    bench.add_argument("--mode", choices=["train", "eval"], help="only this mode")
+    bench.add_argument(
+        "--mode", choices=["train", "eval", "train_relu"], help="only this mode"
+    )
     bench.add_argument("--layout", choices=["contiguous", "channels_last"], help="only this layout")
+    bench.add_argument(
+        "--shapes", nargs="+", help="only shapes whose name contains one of these strings"
+    )
     bench.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     bench.add_argument("--markdown", help="also write the table to this file")

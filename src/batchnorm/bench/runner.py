@@ -13,12 +13,28 @@ from batchnorm.bench.shapes import Shape
 from batchnorm.bench.timing import Comparison, compare
 from batchnorm.dispatch import select_backend
 from batchnorm.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.modules.norm_act import BatchNormAct1d, BatchNormAct2d
 
-MODES = ("train", "eval")
+# train: forward + backward; eval: forward without gradients; train_relu: forward + backward of
+# our fused BatchNormAct against torch's batch norm followed by torch.relu.
+MODES = ("train", "eval", "train_relu")
 LAYOUTS = ("contiguous", "channels_last")
 
 _OURS = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}
+_OURS_FUSED = {2: BatchNormAct1d, 3: BatchNormAct1d, 4: BatchNormAct2d}
 _TORCH = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+class _ThenReLU(nn.Module):
+    """torch's unfused baseline: batch norm, then ReLU."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.weight, self.bias = norm.weight, norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(x))
 
 
 @dataclass(frozen=True)
@@ -28,6 +44,7 @@ class Row:
     layout: str
     backend: str
     comparison: Comparison
+    roofline: Comparison  # ours against x.clone() on the same tensor: a memory-bound floor
 
 
 def _make_input(shape: Shape, layout: str, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -39,7 +56,7 @@ def _make_input(shape: Shape, layout: str, dtype: torch.dtype, seed: int) -> tor
 
 
 def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: str) -> Callable[[], None]:
-    if mode == "train":
+    if mode in ("train", "train_relu"):
         module.train()
         params = [module.weight, module.bias]
 
@@ -67,11 +84,51 @@ def run_case(
 ) -> Row:
     x = _make_input(shape, layout, dtype, seed=0)
     grad = _make_input(shape, layout, dtype, seed=1)
-    channels = shape.size[1]
-    ours = _OURS[len(shape.size)](channels, dtype=dtype)
-    theirs = _TORCH[len(shape.size)](channels, dtype=dtype)
-    comparison = compare(_step(ours, x, grad, mode), _step(theirs, x, grad, mode), rounds=rounds)
-    return Row(shape, mode, layout, select_backend(x).name, comparison)
+    channels, ndim = shape.size[1], len(shape.size)
+    if mode == "train_relu":
+        ours = _OURS_FUSED[ndim](channels, activation="relu", dtype=dtype)
+        theirs = _ThenReLU(_TORCH[ndim](channels, dtype=dtype))
+    else:
+        ours = _OURS[ndim](channels, dtype=dtype)
+        theirs = _TORCH[ndim](channels, dtype=dtype)
+    ours_step = _step(ours, x, grad, mode)
+    comparison = compare(ours_step, _step(theirs, x, grad, mode), rounds=rounds)
+    roofline = compare(ours_step, x.clone, rounds=rounds)
+    return Row(shape, mode, layout, select_backend(x).name, comparison, roofline)
+
+
+_FIRST_CALL = """
+import time
+start = time.perf_counter()
+import torch, batchnorm
+imported = time.perf_counter()
+module = batchnorm.BatchNorm2d(8)
+x = torch.randn(4, 8, 16, 16, requires_grad=True)
+def step():
+    module(x).sum().backward()
+begin = time.perf_counter(); step(); first = time.perf_counter() - begin
+begin = time.perf_counter(); step(); second = time.perf_counter() - begin
+print(batchnorm.select_backend(x).name, imported - start, first, second)
+"""
+
+
+@dataclass(frozen=True)
+class FirstCall:
+    backend: str
+    import_s: float
+    first_s: float  # first training step in the process: loads (or compiles) the kernels
+    second_s: float
+
+
+def first_call_latency() -> FirstCall:
+    """The first training step in a new process, with the disk cache as it is now."""
+    import subprocess
+    import sys
+
+    output = subprocess.run(
+        [sys.executable, "-c", _FIRST_CALL], check=True, capture_output=True, text=True
+    ).stdout.split()
+    return FirstCall(output[0], *map(float, output[1:]))
 
 
 def machine_description() -> str:
@@ -83,8 +140,9 @@ def machine_description() -> str:
 
 def format_table(rows: list[Row]) -> str:
     header = (
-        "| shape | size | mode | layout | backend | ours (ms) | torch (ms) | ours/torch (median) |\n"
-        "|---|---|---|---|---|---:|---:|---:|"
+        "| shape | size | mode | layout | backend | ours (ms) | torch (ms) | ours/torch (median) "
+        "| ours/clone (median) |\n"
+        "|---|---|---|---|---|---:|---:|---:|---:|"
     )
     lines = [header]
     for row in rows:
@@ -92,6 +150,7 @@ def format_table(rows: list[Row]) -> str:
         lines.append(
             f"| {row.shape.name} | {'x'.join(map(str, row.shape.size))} | {row.mode} | "
             f"{row.layout} | {row.backend} | {c.candidate_median_s * 1e3:.3f} | "
-            f"{c.baseline_median_s * 1e3:.3f} | {c.median_ratio:.2f} |"
+            f"{c.baseline_median_s * 1e3:.3f} | {c.median_ratio:.2f} | "
+            f"{row.roofline.median_ratio:.2f} |"
         )
     return "\n".join(lines)
