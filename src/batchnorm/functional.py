@@ -16,6 +16,7 @@ import torch
 from batchnorm.autograd import apply_eval, apply_train
 from batchnorm.core import checks
 from batchnorm.core.layout import valid_per_channel
+from batchnorm.core.moments import unbiased
 from batchnorm.core.running import updated_running_stats, warn_nonfinite
 from batchnorm.dispatch import select_backend
 
@@ -44,6 +45,44 @@ def _validate(
         checks.check_batch_statistics_possible(input, owner, mask)
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    # Without a gradient to compute, the backend is called directly: autograd.Function costs
+    # tens of microseconds per call, which dominates small inputs in inference.
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def normalize_with_batch_statistics(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalize with the batch's own statistics (no checks, no running statistics).
+
+    Returns ``(output, mean, biased variance)``; the building block of every batch norm variant.
+    """
+    if _needs_grad(input, weight, bias):
+        return apply_train(input, weight, bias, eps, mask)
+    if mask is None:
+        return select_backend(input).train_forward(input, weight, bias, eps)
+    return select_backend(input, mask).train_forward(input, weight, bias, eps, mask)
+
+
+def normalize_with(
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """Normalize with given statistics (no checks); they receive no gradient."""
+    if _needs_grad(input, weight, bias):
+        return apply_eval(input, mean, variance, weight, bias, eps)
+    return select_backend(input).eval_forward(input, mean, variance, weight, bias, eps)
+
+
 def batch_norm_core(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -68,30 +107,15 @@ def batch_norm_core(
         input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner,
         mask,
     )
-    # Without a gradient to compute, the backend is called directly: autograd.Function costs
-    # tens of microseconds per call, which dominates small inputs in inference.
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias)
-    )
     if not use_batch_stats:
-        if needs_grad:
-            output = apply_eval(input, running_mean, running_var, weight, bias, eps)
-        else:
-            output = select_backend(input).eval_forward(
-                input, running_mean, running_var, weight, bias, eps
-            )
+        output = normalize_with(input, running_mean, running_var, weight, bias, eps)
         return output, None, None, None
-    if needs_grad:
-        output, mean, variance = apply_train(input, weight, bias, eps, mask)
-    elif mask is None:
-        output, mean, variance = select_backend(input).train_forward(input, weight, bias, eps)
-    else:
-        backend = select_backend(input, mask)
-        output, mean, variance = backend.train_forward(input, weight, bias, eps, mask)
+    output, mean, variance = normalize_with_batch_statistics(input, weight, bias, eps, mask)
     if not training or running_mean is None:
         return output, None, None, None
+    batch_var = unbiased(variance, valid_per_channel(input, mask))
     new_mean, new_var, finite = updated_running_stats(
-        running_mean, running_var, mean, variance, valid_per_channel(input, mask), momentum
+        running_mean, running_var, mean, batch_var, momentum
     )
     return output, new_mean, new_var, finite
 

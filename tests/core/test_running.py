@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from batchnorm import reference
+from batchnorm.core.moments import unbiased
 from batchnorm.core.running import updated_running_stats
 
 
@@ -12,7 +13,8 @@ def test_update_matches_reference(momentum):
     rm, rv = rng.normal(size=4), rng.uniform(0.5, 2, size=4)
     bm, bv = rng.normal(size=4), rng.uniform(0.5, 2, size=4)
     new_mean, new_var, finite = updated_running_stats(
-        torch.tensor(rm), torch.tensor(rv), torch.tensor(bm), torch.tensor(bv), 10, momentum
+        torch.tensor(rm), torch.tensor(rv), torch.tensor(bm), unbiased(torch.tensor(bv), 10),
+        momentum,
     )
     ref_mean, ref_var = reference.update_running(rm, rv, bm, bv, 10, momentum)
     np.testing.assert_allclose(new_mean.numpy(), ref_mean, rtol=1e-12)
@@ -24,13 +26,13 @@ def test_update_matches_reference(momentum):
 def test_non_finite_batch_leaves_statistics_unchanged(bad):
     rm, rv = torch.zeros(3), torch.ones(3)
     bm = torch.tensor([0.5, bad, 0.1])
-    new_mean, new_var, finite = updated_running_stats(rm, rv, bm, torch.ones(3), 8, 0.1)
+    new_mean, new_var, finite = updated_running_stats(rm, rv, bm, torch.ones(3), 0.1)
     assert not bool(finite)
     assert torch.equal(new_mean, rm) and torch.equal(new_var, rv)
 
 
 def test_tensor_momentum_is_accepted():
     new_mean, _, _ = updated_running_stats(
-        torch.zeros(2), torch.ones(2), torch.ones(2), torch.ones(2), 4, torch.tensor(0.25)
+        torch.zeros(2), torch.ones(2), torch.ones(2), torch.ones(2), torch.tensor(0.25)
     )
     torch.testing.assert_close(new_mean, torch.full((2,), 0.25))

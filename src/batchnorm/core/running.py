@@ -21,8 +21,6 @@ import warnings
 
 import torch
 
-from batchnorm.core.moments import unbiased
-
 
 class NonFiniteStatisticsWarning(RuntimeWarning):
     """A training batch had non-finite statistics; the running statistics were left unchanged."""
@@ -32,17 +30,16 @@ def updated_running_stats(
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
     batch_mean: torch.Tensor,
-    batch_var: torch.Tensor,
-    count: int,
+    batch_unbiased_var: torch.Tensor,
     momentum: float | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """New running mean and variance, and a 0-dim bool tensor: were the batch statistics finite.
 
-    ``batch_var`` is the biased batch variance; the running variance receives the unbiased one.
-    Nothing is modified in place.
+    ``batch_unbiased_var`` is the unbiased batch variance (``moments.unbiased`` of the biased
+    one). Nothing is modified in place.
     """
     batch_mean = batch_mean.detach().to(running_mean.dtype)
-    batch_var = unbiased(batch_var.detach(), count).to(running_var.dtype)
+    batch_var = batch_unbiased_var.detach().to(running_var.dtype)
     finite = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
     new_mean = running_mean * (1 - momentum) + batch_mean * momentum
     new_var = running_var * (1 - momentum) + batch_var * momentum
