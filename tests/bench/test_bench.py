@@ -1,0 +1,41 @@
+"""The benchmark's plumbing on tiny shapes (its numbers are checked by running it, not here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchnorm.bench import runner
+from batchnorm.bench.shapes import Shape
+from batchnorm.cli import main
+
+
+@pytest.mark.parametrize("mode", runner.MODES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_run_case_reports_both_ratios(mode, layout):
+    row = runner.run_case(Shape("tiny", (4, 3, 5, 5)), mode, layout, rounds=2)
+    assert row.comparison.median_ratio > 0 and row.roofline.median_ratio > 0
+    assert row.backend == "cpu"
+    table = runner.format_table([row])
+    assert "ours/clone" in table and f"| {mode} | {layout} | cpu |" in table
+
+
+def test_first_call_latency_runs_in_a_new_process():
+    first = runner.first_call_latency()
+    assert first.backend == "cpu"
+    assert first.first_s > 0 and first.second_s > 0
+
+
+def test_cli_writes_the_table(tmp_path, monkeypatch):
+    real_run_case = runner.run_case
+
+    def tiny_case(shape, mode, layout, rounds):
+        size = (2, 3, 4, 4) if len(shape.size) == 4 else (6, 3)
+        return real_run_case(Shape(shape.name, size), mode, layout, rounds=1)
+
+    monkeypatch.setattr(runner, "run_case", tiny_case)
+    out = tmp_path / "table.md"
+    assert main(["bench", "--quick", "--mode", "train_relu", "--shapes", "mlp",
+                 "--rounds", "1", "--markdown", str(out)]) == 0
+    text = out.read_text()
+    assert "first training step in a new process" in text
+    assert "| mlp.small | 6x3 | train_relu | contiguous | cpu |" in text
