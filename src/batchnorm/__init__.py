@@ -11,10 +11,41 @@ from batchnorm.core.running import NonFiniteStatisticsWarning
 from batchnorm.dispatch import available_backends, select_backend, use_backend
 from batchnorm.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from batchnorm.modules.norm_act import BatchNormAct1d, BatchNormAct2d
+from batchnorm.variants.fold import ChannelAffine, FoldReport, fold
+from batchnorm.variants.frozen import (
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    freeze,
+    unfreeze,
+)
+from batchnorm.variants.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from batchnorm.variants.precise import precise_bn
+from batchnorm.variants.recurrent import BNLSTM, BNLSTMCell, RecurrentBatchNorm
+from batchnorm.variants.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BNLSTM",
+    "BNLSTMCell",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "ChannelAffine",
+    "FoldReport",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "RecurrentBatchNorm",
+    "RenormSchedule",
+    "fold",
+    "freeze",
+    "precise_bn",
+    "unfreeze",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",

@@ -1,84 +1,155 @@
-"""Model-wide conversion between torch.nn's batch norms and ours.
+"""Model-wide conversion between batch-norm forms, keeping parameters and statistics.
 
-``convert(model)`` replaces every ``torch.nn.BatchNorm{1,2,3}d`` by ours; ``convert(model,
-to="torch")`` does the reverse. Parameters, running statistics, ``num_batches_tracked``, the
-constructor flags, device, dtype and train/eval mode are kept, so outputs are equal before and
-after.
+``convert(model, to=...)`` replaces every batch norm of a known class by the same-dimensional
+class of the target form:
 
-Only the exact classes are converted. A subclass of a batch norm carries behaviour of its own
-(an overridden forward, extra state), which a conversion would silently drop; such modules are
-left in place and named in a ``UserWarning``.
+- ``"batchnorm"``: ``batchnorm.BatchNorm{1,2,3}d`` (the default);
+- ``"torch"``: ``torch.nn.BatchNorm{1,2,3}d``;
+- ``"renorm"``: ``BatchRenorm{1,2,3}d`` (options ``r_max``, ``d_max``, ``schedule``);
+- ``"ghost"``: ``GhostBatchNorm{1,2,3}d`` (option ``virtual_batch_size``, required unless the
+  source is already a ghost batch norm);
+- ``"frozen"``: ``FrozenBatchNorm{1,2,3}d``.
+
+Parameters, running statistics, ``num_batches_tracked``, the constructor flags, device, dtype and
+train/eval mode are kept, so outputs in eval mode are equal before and after (and in training
+mode too, between forms that compute the same thing).
+
+Only exact classes are converted. A subclass of a batch norm carries behaviour of its own (an
+overridden forward, extra state) that a conversion would silently drop; such modules are left in
+place and named in a ``UserWarning``.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
 from batchnorm.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.variants.frozen import (
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    _FrozenBatchNorm,
+)
+from batchnorm.variants.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from batchnorm.variants.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
-_TO_OURS: dict[type[nn.Module], type[nn.Module]] = {
-    nn.BatchNorm1d: BatchNorm1d,
-    nn.BatchNorm2d: BatchNorm2d,
-    nn.BatchNorm3d: BatchNorm3d,
+FAMILIES: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = {
+    "torch": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
+    "batchnorm": (BatchNorm1d, BatchNorm2d, BatchNorm3d),
+    "renorm": (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d),
+    "ghost": (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d),
+    "frozen": (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d),
 }
-_TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {
-    ours: theirs for theirs, ours in _TO_OURS.items()
+# Options each form's constructor takes beyond torch's batch-norm arguments.
+_OPTIONS = {
+    "renorm": ("r_max", "d_max", "schedule"),
+    "ghost": ("virtual_batch_size",),
 }
-_TARGETS = {"batchnorm": _TO_OURS, "torch": _TO_TORCH}
+_KNOWN: dict[type[nn.Module], tuple[str, int]] = {
+    cls: (family, index)
+    for family, classes in FAMILIES.items()
+    for index, cls in enumerate(classes)
+}
 
 
-def _rebuild(module: nn.Module, target: type[nn.Module]) -> nn.Module:
+def register_family(name: str, classes, options: tuple[str, ...] = ()) -> None:
+    """Add a form (three classes for 1d, 2d, 3d) that ``convert`` can convert to and from."""
+    FAMILIES[name] = tuple(classes)
+    if options:
+        _OPTIONS[name] = options
+    for index, cls in enumerate(classes):
+        _KNOWN[cls] = (name, index)
+
+
+def _is_batch_norm_like(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, _FrozenBatchNorm))
+
+
+def _rebuild(module: nn.Module, to: str, index: int, options: dict[str, Any]) -> nn.Module:
+    target = FAMILIES[to][index]
     reference = module.running_mean if module.running_mean is not None else module.weight
-    factory = {}
+    kwargs: dict[str, Any] = {}
     if reference is not None:
-        factory = {"device": reference.device, "dtype": reference.dtype}
+        kwargs = {"device": reference.device, "dtype": reference.dtype}
+    for option in _OPTIONS.get(to, ()):
+        if option in options:
+            kwargs[option] = options[option]
+        elif hasattr(module, option):
+            kwargs[option] = getattr(module, option)
+    if to == "ghost" and "virtual_batch_size" not in kwargs:
+        raise ValueError(
+            "convert: converting to ghost batch norm needs virtual_batch_size=..., got none"
+        )
     replacement = target(
         module.num_features,
         eps=module.eps,
         momentum=module.momentum,
         affine=module.affine,
         track_running_stats=module.track_running_stats,
-        **factory,
+        **kwargs,
     )
     with torch.no_grad():
         replacement.load_state_dict(module.state_dict(), strict=True)
-    if module.weight is not None:
+    if isinstance(module.weight, nn.Parameter) and isinstance(replacement.weight, nn.Parameter):
         replacement.weight.requires_grad_(module.weight.requires_grad)
         replacement.bias.requires_grad_(module.bias.requires_grad)
     replacement.train(module.training)
     return replacement
 
 
-def _is_batch_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
-
-
-def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
+def convert(
+    model: nn.Module,
+    to: str = "batchnorm",
+    *,
+    filter: str | None = None,
+    only: tuple[type[nn.Module], ...] | None = None,
+    **options: Any,
+) -> nn.Module:
     """Replace batch norms throughout ``model``; returns the model (converted in place, or a new
     module when ``model`` itself is a batch norm).
 
     Args:
         model: any module.
-        to: ``"batchnorm"`` (this package) or ``"torch"`` (``torch.nn``).
+        to: the target form (see the module docstring).
+        filter: a regular expression; only modules whose qualified name matches (``re.search``)
+            are converted.
+        only: convert only modules of these classes.
+        **options: constructor options of the target form (``virtual_batch_size`` for ghost,
+            ``r_max``/``d_max``/``schedule`` for renorm).
     """
-    if to not in _TARGETS:
-        raise ValueError(f"convert: expected to='batchnorm' or to='torch', got to={to!r}")
-    mapping = _TARGETS[to]
+    if to not in FAMILIES:
+        raise ValueError(f"convert: expected to= one of {sorted(FAMILIES)}, got to={to!r}")
+    allowed = set(_OPTIONS.get(to, ()))
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(
+            f"convert: to={to!r} takes options {sorted(allowed) or 'none'}, got {sorted(unknown)}"
+        )
+    pattern = re.compile(filter) if filter is not None else None
     skipped: list[str] = []
 
+    def selected(module: nn.Module, name: str) -> bool:
+        if pattern is not None and not pattern.search(name):
+            return False
+        return only is None or isinstance(module, only)
+
     def visit(module: nn.Module, name: str) -> nn.Module:
-        target = mapping.get(type(module))
-        if target is not None:
-            replacement = _rebuild(module, target)
-            if to == "batchnorm":
+        known = _KNOWN.get(type(module))
+        if known is not None and selected(module, name):
+            family, index = known
+            if family != to:
+                replacement = _rebuild(module, to, index, options)
                 replacement._qualified_name = name or type(module).__name__
-            return replacement
-        known = type(module) in _TO_TORCH or type(module) in _TO_OURS
-        if _is_batch_norm(module) and not known:
+                return replacement
+            return module
+        if known is None and _is_batch_norm_like(module) and selected(module, name):
             skipped.append(f"{name or '<root>'} ({type(module).__qualname__})")
+            return module
         for child_name, child in list(module.named_children()):
             new_child = visit(child, f"{name}.{child_name}" if name else child_name)
             if new_child is not child:

@@ -23,9 +23,10 @@ from batchnorm.dispatch import select_backend
 Momentum = float | torch.Tensor
 
 
-def _validate(
+def validate_arguments(
     input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner, mask
 ) -> None:
+    """The checks every batch norm runs before computing or modifying anything."""
     checks.check_input(input, owner=owner)
     checks.check_mask(mask, input, owner)
     channels = input.shape[1]
@@ -103,7 +104,7 @@ def batch_norm_core(
     ``mask`` restricts the batch statistics to valid positions (see :func:`batch_norm`).
     """
     use_batch_stats = training or running_mean is None
-    _validate(
+    validate_arguments(
         input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner,
         mask,
     )
@@ -197,3 +198,17 @@ def batch_norm_pure(
     if new_mean is None:
         return output, running_mean, running_var
     return output, new_mean, new_var
+
+
+# The variants' functional forms, importable from here as well (defined with their modules).
+from batchnorm.variants.ghost import ghost_batch_norm  # noqa: E402
+from batchnorm.variants.renorm import batch_renorm  # noqa: E402
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_pure",
+    "batch_renorm",
+    "ghost_batch_norm",
+    "normalize_with",
+    "normalize_with_batch_statistics",
+]

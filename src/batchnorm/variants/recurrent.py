@@ -1,0 +1,188 @@
+r"""Batch norm in recurrent networks (Cooijmans et al. 2016).
+
+A recurrent network's activations have different statistics at different time steps, so
+:class:`RecurrentBatchNorm` keeps separate running statistics per time step up to ``max_steps``;
+steps at or beyond ``max_steps`` share the last slot (in training they update it, at eval they
+reuse it). The scale gamma starts at 0.1: with 1.0 the normalized pre-activations saturate the
+tanh and sigmoid gates and their gradients vanish.
+
+:class:`BNLSTMCell` normalizes the input-to-hidden and hidden-to-hidden projections separately
+and the cell state before the output nonlinearity:
+
+.. math::
+    (i, f, o, g) = \mathrm{BN}(W_h h_{t-1}) + \mathrm{BN}(W_x x_t) + b, \quad
+    c_t = \sigma(f) c_{t-1} + \sigma(i) \tanh(g), \quad
+    h_t = \sigma(o) \tanh(\mathrm{BN}(c_t)).
+
+Variable lengths: a boolean ``mask`` (N,) per step marks the sequences still running; the batch
+statistics of that step come from them alone, and finished sequences keep their state. A step
+with fewer than two running sequences normalizes with its running statistics (one value has no
+variance), and does not update them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from batchnorm.core.checks import check_input
+from batchnorm.functional import batch_norm_core
+
+
+class RecurrentBatchNorm(nn.Module):
+    """Batch norm with running statistics per time step; call as ``bn(x, t)`` (x: (N, C)).
+
+    State dict: ``weight``, ``bias`` (C,), ``running_mean``, ``running_var`` (max_steps, C) and
+    ``num_batches_tracked`` (max_steps,).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        max_steps: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        gamma_init: float = 0.1,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if max_steps < 1:
+            raise ValueError(f"RecurrentBatchNorm: expected max_steps >= 1, got {max_steps}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features, self.max_steps = num_features, max_steps
+        self.eps, self.momentum, self.affine = eps, momentum, affine
+        if affine:
+            self.weight = nn.Parameter(torch.full((num_features,), gamma_init, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(max_steps, num_features, **factory))
+        self.register_buffer("running_var", torch.ones(max_steps, num_features, **factory))
+        self.register_buffer(
+            "num_batches_tracked", torch.zeros(max_steps, dtype=torch.long, device=device)
+        )
+
+    def forward(
+        self, input: torch.Tensor, t: int, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        owner = type(self).__name__
+        check_input(input, allowed_dims=(2,), num_features=self.num_features, owner=owner)
+        if not isinstance(t, int) or t < 0:
+            raise ValueError(f"{owner}: expected a time step t >= 0 (int), got {t!r}")
+        step = min(t, self.max_steps - 1)
+        running_mean, running_var = self.running_mean[step], self.running_var[step]
+        tracked = self.num_batches_tracked[step]
+        momentum = self.momentum
+        if momentum is None:
+            momentum = 1.0 / (tracked + 1).to(running_mean.dtype)
+        # Near the end of variable-length batches a step may hold a single running sequence,
+        # whose statistics cannot be estimated: that step uses its running statistics instead.
+        training = self.training and (mask is None or int(mask.sum()) >= 2)
+        output, new_mean, new_var, finite = batch_norm_core(
+            input, running_mean, running_var, self.weight, self.bias,
+            training=training, momentum=momentum, eps=self.eps, owner=owner, mask=mask,
+        )
+        if new_mean is not None:
+            with torch.no_grad():
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
+                tracked.add_(finite.to(tracked.dtype))
+        return output
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, max_steps={self.max_steps}, eps={self.eps}"
+
+
+class BNLSTMCell(nn.Module):
+    """One step of the batch-normalized LSTM; call as ``cell(x, (h, c), t, mask=None)``."""
+
+    def __init__(self, input_size: int, hidden_size: int, max_steps: int, eps: float = 1e-5,
+                 momentum: float | None = 0.1, gamma_init: float = 0.1) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        gates = 4 * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(gates, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(gates, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(gates))
+        options = {"eps": eps, "momentum": momentum, "gamma_init": gamma_init}
+        self.bn_ih = RecurrentBatchNorm(gates, max_steps, **options)
+        self.bn_hh = RecurrentBatchNorm(gates, max_steps, **options)
+        self.bn_c = RecurrentBatchNorm(hidden_size, max_steps, **options)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        nn.init.uniform_(self.weight_ih, -bound, bound)
+        nn.init.orthogonal_(self.weight_hh)
+        with torch.no_grad():
+            self.bias.zero_()
+            self.bias[self.hidden_size : 2 * self.hidden_size] = 1.0  # forget gate opens
+
+    def forward(self, x, state, t: int, mask: torch.Tensor | None = None):
+        h, c = state
+        gates = (
+            self.bn_ih(x @ self.weight_ih.t(), t, mask)
+            + self.bn_hh(h @ self.weight_hh.t(), t, mask)
+            + self.bias
+        )
+        i, f, g, o = gates.chunk(4, dim=1)
+        c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_next = torch.sigmoid(o) * torch.tanh(self.bn_c(c_next, t, mask))
+        if mask is not None:
+            keep = mask.unsqueeze(1)
+            h_next = torch.where(keep, h_next, h)
+            c_next = torch.where(keep, c_next, c)
+        return h_next, c_next
+
+
+class BNLSTM(nn.Module):
+    """A batch-normalized LSTM over whole sequences.
+
+    ``forward(x, mask=None, state=None)`` with x of shape (T, N, I), or (N, T, I) when
+    ``batch_first``; ``mask`` (N, T) bool marks valid steps of variable-length sequences (valid
+    steps first). Returns ``(output, (h_n, c_n))``: output (T, N, H) (or batch first), zero at
+    padded steps, and the state after each sequence's last valid step, per layer.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, max_steps: int, num_layers: int = 1,
+                 batch_first: bool = False, **options) -> None:
+        super().__init__()
+        self.hidden_size, self.num_layers, self.batch_first = hidden_size, num_layers, batch_first
+        self.cells = nn.ModuleList(
+            BNLSTMCell(input_size if layer == 0 else hidden_size, hidden_size, max_steps,
+                       **options)
+            for layer in range(num_layers)
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, state=None):
+        if x.dim() != 3:
+            raise ValueError(f"BNLSTM: expected 3D input, got {x.dim()}D of shape {tuple(x.shape)}")
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        steps, batch = x.shape[0], x.shape[1]
+        if mask is not None and tuple(mask.shape) != (batch, steps):
+            raise ValueError(
+                f"BNLSTM: expected mask of shape {(batch, steps)} (batch, time), got "
+                f"{tuple(mask.shape)}"
+            )
+        if state is None:
+            zeros = x.new_zeros(self.num_layers, batch, self.hidden_size)
+            state = (zeros, zeros)
+        h_all, c_all = list(state[0].unbind(0)), list(state[1].unbind(0))
+        layer_input = x
+        for layer, cell in enumerate(self.cells):
+            h, c = h_all[layer], c_all[layer]
+            outputs = []
+            for t in range(steps):
+                valid = None if mask is None else mask[:, t]
+                h, c = cell(layer_input[t], (h, c), t, valid)
+                outputs.append(h if valid is None else h * valid.unsqueeze(1))
+            layer_input = torch.stack(outputs)
+            h_all[layer], c_all[layer] = h, c
+        output = layer_input.transpose(0, 1) if self.batch_first else layer_input
+        return output, (torch.stack(h_all), torch.stack(c_all))
