@@ -142,7 +142,7 @@ def convert(
         known = _KNOWN.get(type(module))
         if known is not None and selected(module, name):
             family, index = known
-            if family != to:
+            if family != to or options:  # same form with new options: rebuilt too
                 replacement = _rebuild(module, to, index, options)
                 replacement._qualified_name = name or type(module).__name__
                 return replacement

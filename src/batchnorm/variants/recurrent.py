@@ -83,8 +83,10 @@ class RecurrentBatchNorm(nn.Module):
         # Near the end of variable-length batches a step may hold a single running sequence,
         # whose statistics cannot be estimated: that step uses its running statistics instead.
         training = self.training and (mask is None or int(mask.sum()) >= 2)
+        # Copies: autograd saves the statistics used at this step, and the same rows are
+        # updated in place at later steps of the sequence.
         output, new_mean, new_var, finite = batch_norm_core(
-            input, running_mean, running_var, self.weight, self.bias,
+            input, running_mean.clone(), running_var.clone(), self.weight, self.bias,
             training=training, momentum=momentum, eps=self.eps, owner=owner, mask=mask,
         )
         if new_mean is not None:

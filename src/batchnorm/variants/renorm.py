@@ -118,7 +118,9 @@ def batch_renorm_core(
     scale, shift = (r, d) if weight is None else (weight * r, weight * d)
     if bias is not None:
         shift = shift + bias
-    output, _, _ = normalize_with_batch_statistics(input, scale, shift, eps)
+    # The running update uses the statistics of the normalizing pass itself, as batch norm's
+    # does, so that with r_max=1 and d_max=0 both record the same numbers.
+    output, mean, variance = normalize_with_batch_statistics(input, scale, shift, eps)
     batch_var = unbiased(variance, values_per_channel(input))
     new_mean, new_var, finite = updated_running_stats(
         running_mean, running_var, mean, batch_var, momentum

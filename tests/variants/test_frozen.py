@@ -1,0 +1,55 @@
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm import FrozenBatchNorm2d, freeze, unfreeze
+
+
+def _trained_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Sequential(nn.Conv2d(4, 4, 1), batchnorm.BatchNorm2d(4)))
+    for _ in range(3):
+        model(torch.randn(8, 3, 6, 6))
+    return model
+
+
+def test_frozen_stays_frozen_under_train_and_passes_gradients():
+    model = _trained_model()
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    freeze(model)
+    assert isinstance(model[1], FrozenBatchNorm2d) and isinstance(model[3][1], FrozenBatchNorm2d)
+    model.train()
+    xr = x.clone().requires_grad_(True)
+    y = model(xr)
+    torch.testing.assert_close(y, expected)
+    y.sum().backward()
+    assert xr.grad is not None and xr.grad.abs().sum() > 0
+    names = {name for name, _ in model.named_parameters()}
+    assert names == {"0.weight", "0.bias", "3.0.weight", "3.0.bias"}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_freeze_with_a_filter_and_unfreeze_round_trip():
+    model = _trained_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    freeze(model, filter=r"^3\.")
+    assert type(model[1]) is nn.BatchNorm2d and isinstance(model[3][1], FrozenBatchNorm2d)
+    unfreeze(model)
+    assert type(model[3][1]) is batchnorm.BatchNorm2d
+    assert model[3][1].weight.requires_grad
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_frozen_checks_its_input():
+    with pytest.raises(ValueError, match="expected 4D input"):
+        FrozenBatchNorm2d(3)(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        FrozenBatchNorm2d(3)(torch.randn(2, 4, 2, 2))

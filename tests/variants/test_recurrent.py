@@ -1,0 +1,54 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from batchnorm import BNLSTM, RecurrentBatchNorm
+
+
+def test_separate_statistics_per_step_and_reuse_beyond_max_steps():
+    bn = RecurrentBatchNorm(3, max_steps=2, momentum=0.5)
+    assert torch.allclose(bn.weight, torch.full((3,), 0.1))
+    inputs = [torch.randn(8, 3) * (t + 1) + t for t in range(3)]
+    for t, x in enumerate(inputs):
+        y = bn(x, t)
+        torch.testing.assert_close(y, F.batch_norm(x, None, None, bn.weight, bn.bias,
+                                                   training=True))
+    torch.testing.assert_close(bn.running_mean[0], 0.5 * inputs[0].mean(0))
+    # Steps 1 and 2 share the last slot.
+    slot = 0.5 * (0.5 * inputs[1].mean(0)) + 0.5 * inputs[2].mean(0)
+    torch.testing.assert_close(bn.running_mean[1], slot)
+    assert bn.num_batches_tracked.tolist() == [1, 2]
+    bn.eval()
+    x = torch.randn(4, 3)
+    expected = F.batch_norm(x, bn.running_mean[1], bn.running_var[1], bn.weight, bn.bias)
+    torch.testing.assert_close(bn(x, 7), expected)
+
+
+def test_lstm_ignores_padding_and_returns_last_valid_state():
+    torch.manual_seed(0)
+    lstm = BNLSTM(3, 5, max_steps=6, batch_first=True)
+    lengths = torch.tensor([6, 4, 2, 5])
+    mask = torch.arange(6)[None, :] < lengths[:, None]
+    x = torch.randn(4, 6, 3)
+    noisy = x.clone()
+    noisy[~mask] = torch.randn(int((~mask).sum()), 3) * 100
+    out, (h, c) = lstm(x, mask)
+    out_noisy, (h_noisy, _) = lstm(noisy, mask)
+    torch.testing.assert_close(out, out_noisy)
+    torch.testing.assert_close(h, h_noisy)
+    assert out.shape == (4, 6, 5) and h.shape == (1, 4, 5)
+    assert torch.all(out[~mask] == 0)
+    for i, length in enumerate(lengths.tolist()):
+        torch.testing.assert_close(h[0, i], out[i, length - 1])
+    out.sum().backward()
+    assert lstm.cells[0].weight_hh.grad is not None
+
+
+def test_bad_inputs():
+    bn = RecurrentBatchNorm(3, max_steps=2)
+    with pytest.raises(ValueError, match="time step t >= 0"):
+        bn(torch.randn(4, 3), -1)
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        bn(torch.randn(4, 2), 0)
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 3\)"):
+        BNLSTM(2, 4, max_steps=3)(torch.randn(3, 2, 2), torch.ones(3, 2, dtype=torch.bool))
