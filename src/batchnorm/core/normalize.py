@@ -86,6 +86,48 @@ def apply_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
     return y.add_(as_channel(shift.to(acc), x)).to(x.dtype)
 
 
+def gradient_sums(
+    grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-channel reductions of the backward: ``(centred, sum g, sum g * (x - mean))``.
+
+    Synchronized batch norm all-reduces the two sums across processes before
+    :func:`input_gradient`; the single-process backward uses them as they are.
+    """
+    acc = accumulation_dtype(x.dtype)
+    dims = reduce_dims(x)
+    centred = x.to(acc) - as_channel(mean, x)
+    sum_grad = grad_out.sum(dim=dims, dtype=acc)
+    sum_grad_centred = (grad_out * centred).sum(dim=dims)
+    return centred, sum_grad, sum_grad_centred
+
+
+def input_gradient(
+    grad_out: torch.Tensor,
+    centred: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    sum_grad: torch.Tensor,
+    sum_grad_centred: torch.Tensor,
+    count: int | torch.Tensor,
+    out_dtype: torch.dtype,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dL/dx from the two gradient sums over the ``count`` values the statistics came from."""
+    gain = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    centred_coef = as_channel(-gain * invstd * invstd * sum_grad_centred / count, centred)
+    offset = as_channel(-gain * sum_grad / count, centred)
+    if mask is not None:
+        correction = (centred * centred_coef + offset) * mask_as_input(mask, centred)
+        grad_input = correction + grad_out * as_channel(gain, centred)
+    elif torch.is_grad_enabled():  # differentiable form, for double backward
+        grad_input = centred * centred_coef + offset + grad_out * as_channel(gain, centred)
+    else:  # the same, reusing the centred temporary in place
+        grad_input = centred.mul_(centred_coef).add_(offset)
+        grad_input = grad_input.addcmul_(grad_out, as_channel(gain, centred))
+    return grad_input.to(out_dtype)
+
+
 def train_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -97,28 +139,15 @@ def train_backward(
 ) -> Grads:
     """Gradients for input, weight and bias when the statistics came from this batch."""
     need_input, need_weight, need_bias = needs
-    acc = accumulation_dtype(x.dtype)
-    dims = reduce_dims(x)
-    count = valid_per_channel(x, mask)
-    centred = x.to(acc) - as_channel(mean, x)
-    sum_grad = grad_out.sum(dim=dims, dtype=acc)
-    sum_grad_centred = (grad_out * centred).sum(dim=dims)
+    centred, sum_grad, sum_grad_centred = gradient_sums(grad_out, x, mean)
     grad_weight = sum_grad_centred * invstd if (need_weight and weight is not None) else None
     grad_bias = sum_grad if need_bias else None
     grad_input = None
     if need_input:
-        gain = invstd if weight is None else invstd * weight.to(acc)
-        centred_coef = as_channel(-gain * invstd * invstd * sum_grad_centred / count, x)
-        offset = as_channel(-gain * sum_grad / count, x)
-        if mask is not None:
-            correction = (centred * centred_coef + offset) * mask_as_input(mask, x)
-            grad_input = correction + grad_out * as_channel(gain, x)
-        elif torch.is_grad_enabled():  # differentiable form, for double backward
-            grad_input = centred * centred_coef + offset + grad_out * as_channel(gain, x)
-        else:  # the same, reusing the centred temporary in place
-            grad_input = centred.mul_(centred_coef).add_(offset)
-            grad_input = grad_input.addcmul_(grad_out, as_channel(gain, x))
-        grad_input = grad_input.to(x.dtype)
+        count = valid_per_channel(x, mask)
+        grad_input = input_gradient(
+            grad_out, centred, invstd, weight, sum_grad, sum_grad_centred, count, x.dtype, mask
+        )
     return grad_input, grad_weight, grad_bias
 
 
