@@ -1,0 +1,81 @@
+"""The ``Dataset`` every experiment trains on: images (N, C, H, W) and integer labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """A data spec, folder or file that is not what the lab expects."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Standardized float32 images and int64 labels, split into train and test.
+
+    ``train_images`` has shape (N, C, H, W); ``train_vectors`` is the same data flattened for MLPs.
+    """
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: int
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])
+
+    @property
+    def input_size(self) -> int:
+        channels, height, width = self.image_shape
+        return channels * height * width
+
+    @property
+    def train_vectors(self) -> torch.Tensor:
+        return self.train_images.flatten(1)
+
+    @property
+    def test_vectors(self) -> torch.Tensor:
+        return self.test_images.flatten(1)
+
+    def describe(self) -> str:
+        channels, height, width = self.image_shape
+        return (
+            f"{self.name}: {len(self.train_labels)} train / {len(self.test_labels)} test images, "
+            f"{channels}x{height}x{width}, {self.classes} classes"
+        )
+
+
+def make_dataset(
+    name: str,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+) -> Dataset:
+    """Standardize per channel with the training set's mean and deviation, then wrap as tensors.
+
+    Images come in as (N, C, H, W) arrays of any numeric type; labels as integer arrays.
+    """
+    train = train_images.astype(np.float64)
+    axes = (0, 2, 3)
+    mean = train.mean(axis=axes, keepdims=True)
+    deviation = train.std(axis=axes, keepdims=True) + 1e-8
+
+    def standardize(images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(((images.astype(np.float64) - mean) / deviation).astype(np.float32))
+
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    return Dataset(
+        name=name,
+        train_images=standardize(train_images),
+        train_labels=torch.from_numpy(train_labels.astype(np.int64)),
+        test_images=standardize(test_images),
+        test_labels=torch.from_numpy(test_labels.astype(np.int64)),
+        classes=classes,
+    )

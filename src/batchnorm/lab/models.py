@@ -1,0 +1,166 @@
+"""The lab's models: an MLP and a small CNN, each built with a normalization chosen by name.
+
+``NORMS`` maps a name to a factory ``(num_features, spatial) -> nn.Module``; ``spatial`` is True
+for (N, C, H, W) activations. Variants join with :func:`register_norm` (e.g. "renorm", "ghost").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from batchnorm import BatchNorm1d, BatchNorm2d
+
+NormFactory = Callable[[int, bool], nn.Module]
+
+CHANNELS_PER_GROUP = 4  # GroupNorm's group size (Wu & He use 32 groups of wide layers)
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+}
+PLACEMENTS = ("before", "after")  # the norm before or after the activation
+
+
+def _batch(num_features: int, spatial: bool) -> nn.Module:
+    return BatchNorm2d(num_features) if spatial else BatchNorm1d(num_features)
+
+
+def _group(num_features: int, spatial: bool) -> nn.Module:
+    groups = max(1, num_features // CHANNELS_PER_GROUP)
+    return nn.GroupNorm(groups, num_features)
+
+
+def _layer(num_features: int, spatial: bool) -> nn.Module:
+    # Over (C, H, W) for images, as in the GroupNorm paper's LayerNorm; over C for vectors.
+    return nn.GroupNorm(1, num_features) if spatial else nn.LayerNorm(num_features)
+
+
+def _none(num_features: int, spatial: bool) -> nn.Module:
+    return nn.Identity()
+
+
+NORMS: dict[str, NormFactory] = {
+    "none": _none,
+    "batch": _batch,
+    "group": _group,
+    "layer": _layer,
+}
+
+
+def register_norm(name: str, factory: NormFactory) -> None:
+    """Make ``name`` available to every lab model (and to ``--list``)."""
+    NORMS[name] = factory
+
+
+def make_norm(name: str, num_features: int, spatial: bool) -> nn.Module:
+    if name not in NORMS:
+        raise ValueError(f"unknown norm '{name}': expected one of {', '.join(NORMS)}")
+    return NORMS[name](num_features, spatial)
+
+
+def _check_choice(kind: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {kind} '{value}': expected one of {', '.join(choices)}")
+
+
+class _NormActBlock(nn.Sequential):
+    """Weights -> norm -> activation ("before"), or weights -> activation -> norm ("after")."""
+
+    def __init__(self, weights: nn.Module, norm: nn.Module, activation: nn.Module, placement):
+        _check_choice("placement", placement, PLACEMENTS)
+        before = placement == "before"
+        super().__init__(*([weights, norm, activation] if before else [weights, activation, norm]))
+        self._activation_index = 2 if before else 1
+
+    @property
+    def activation(self) -> nn.Module:
+        # A property, not an attribute: assigning a module would register it a second time and
+        # Sequential would apply it twice.
+        return self[self._activation_index]
+
+
+class MLP(nn.Module):
+    """``depth`` hidden norm-activation blocks of ``width`` units, then a linear classifier."""
+
+    def __init__(
+        self,
+        input_size: int,
+        classes: int,
+        depth: int = 3,
+        width: int = 100,
+        activation: str = "relu",
+        norm: str = "none",
+        placement: str = "before",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_choice("activation", activation, ACTIVATIONS)
+        blocks: list[nn.Module] = []
+        size = input_size
+        for _ in range(depth):
+            linear = nn.Linear(size, width)
+            block = _NormActBlock(
+                linear, make_norm(norm, width, False), ACTIVATIONS[activation](), placement
+            )
+            blocks.append(block)
+            if dropout > 0:
+                blocks.append(nn.Dropout(dropout))
+            size = width
+        self.hidden = nn.Sequential(*blocks)
+        self.classifier = nn.Linear(size, classes)
+        self.activation_name = activation
+        init_weights(self, activation)
+
+    @property
+    def activations(self) -> list[nn.Module]:
+        """The activation module of each hidden layer, first to last (for hooks)."""
+        return [block.activation for block in self.hidden if isinstance(block, _NormActBlock)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.hidden(x.flatten(1)))
+
+
+class CNN(nn.Module):
+    """Three 3x3 convolution blocks (strides 1, 2, 2), global average pooling, a classifier."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        classes: int,
+        widths: tuple[int, ...] = (16, 32, 32),
+        activation: str = "relu",
+        norm: str = "none",
+        placement: str = "before",
+    ) -> None:
+        super().__init__()
+        _check_choice("activation", activation, ACTIVATIONS)
+        blocks: list[nn.Module] = []
+        channels = in_channels
+        for index, width in enumerate(widths):
+            conv = nn.Conv2d(channels, width, 3, stride=1 if index == 0 else 2, padding=1)
+            norm_module = make_norm(norm, width, True)
+            blocks.append(_NormActBlock(conv, norm_module, ACTIVATIONS[activation](), placement))
+            channels = width
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Linear(channels, classes)
+        init_weights(self, activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean(dim=(2, 3)))
+
+
+def init_weights(model: nn.Module, activation: str, scale: float = 1.0) -> None:
+    """Standard scale (He for ReLU, Glorot for tanh/sigmoid) times ``scale``; zero biases."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if activation == "relu":
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            else:
+                nn.init.xavier_normal_(module.weight, gain=nn.init.calculate_gain(activation))
+            with torch.no_grad():
+                module.weight.mul_(scale)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)

@@ -1,0 +1,48 @@
+"""Figures as PNG bytes, drawn with matplotlib's Agg backend (no display needed)."""
+
+from __future__ import annotations
+
+import io
+
+from batchnorm.lab.experiments.base import Figure
+
+PANEL_SIZE = (5.2, 3.6)
+
+
+def render_png(figure: Figure) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    count = len(figure.panels)
+    canvas, axes = pyplot.subplots(
+        1, count, figsize=(PANEL_SIZE[0] * count, PANEL_SIZE[1]), squeeze=False
+    )
+    for axis, panel in zip(axes[0], figure.panels, strict=True):
+        for series in panel.series:
+            dashed = series.style == "--"
+            (line,) = axis.plot(
+                series.x,
+                series.y,
+                series.style,
+                label=series.label,
+                color="grey" if dashed else None,
+                linewidth=1 if dashed else 1.6,
+                markersize=4,
+            )
+            if series.low is not None and series.high is not None:
+                axis.fill_between(series.x, series.low, series.high, alpha=0.2,
+                                  color=line.get_color(), linewidth=0)
+        axis.set_title(panel.title, fontsize=9, wrap=True)
+        axis.set_xlabel(panel.xlabel)
+        axis.set_ylabel(panel.ylabel)
+        axis.set_xscale(panel.xscale)
+        axis.set_yscale(panel.yscale)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    canvas.tight_layout()
+    buffer = io.BytesIO()
+    canvas.savefig(buffer, format="png", dpi=100)
+    pyplot.close(canvas)
+    return buffer.getvalue()
