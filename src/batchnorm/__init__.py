@@ -6,6 +6,7 @@ fast kernels, and a lab that tests batch norm's claims on real data.
 """
 
 from batchnorm import functional
+from batchnorm.checkpoint import save_checkpoint
 from batchnorm.convert import convert
 from batchnorm.core.running import NonFiniteStatisticsWarning
 from batchnorm.dispatch import available_backends, select_backend, use_backend
@@ -23,6 +24,7 @@ from batchnorm.variants.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBa
 from batchnorm.variants.precise import precise_bn
 from batchnorm.variants.recurrent import BNLSTM, BNLSTMCell, RecurrentBatchNorm
 from batchnorm.variants.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule
+from batchnorm.variants.sync import SyncBatchNorm, SyncTimeoutError
 
 __version__ = "0.1.0"
 
@@ -42,9 +44,12 @@ __all__ = [
     "GhostBatchNorm3d",
     "RecurrentBatchNorm",
     "RenormSchedule",
+    "SyncBatchNorm",
+    "SyncTimeoutError",
     "fold",
     "freeze",
     "precise_bn",
+    "save_checkpoint",
     "unfreeze",
     "BatchNorm1d",
     "BatchNorm2d",

@@ -8,7 +8,10 @@ class of the target form:
 - ``"renorm"``: ``BatchRenorm{1,2,3}d`` (options ``r_max``, ``d_max``, ``schedule``);
 - ``"ghost"``: ``GhostBatchNorm{1,2,3}d`` (option ``virtual_batch_size``, required unless the
   source is already a ghost batch norm);
-- ``"frozen"``: ``FrozenBatchNorm{1,2,3}d``.
+- ``"frozen"``: ``FrozenBatchNorm{1,2,3}d``;
+- ``"sync"`` (or ``sync=True``): ``batchnorm.SyncBatchNorm`` (options ``process_group``,
+  ``timeout``); ``"torch_sync"``: ``torch.nn.SyncBatchNorm``. Synchronized batch norms convert
+  to each other, but not back to a 1d/2d/3d form (they do not record which it was).
 
 Parameters, running statistics, ``num_batches_tracked``, the constructor flags, device, dtype and
 train/eval mode are kept, so outputs in eval mode are equal before and after (and in training
@@ -37,6 +40,7 @@ from batchnorm.variants.frozen import (
 )
 from batchnorm.variants.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from batchnorm.variants.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from batchnorm.variants.sync import SyncBatchNorm
 
 FAMILIES: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = {
     "torch": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
@@ -44,17 +48,25 @@ FAMILIES: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = 
     "renorm": (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d),
     "ghost": (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d),
     "frozen": (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d),
+    # Synchronized forms take any number of dimensions: one class serves all three.
+    "sync": (SyncBatchNorm,) * 3,
+    "torch_sync": (nn.SyncBatchNorm,) * 3,
 }
 # Options each form's constructor takes beyond torch's batch-norm arguments.
 _OPTIONS = {
     "renorm": ("r_max", "d_max", "schedule"),
     "ghost": ("virtual_batch_size",),
+    "sync": ("process_group", "timeout"),
+    "torch_sync": ("process_group",),
 }
 _KNOWN: dict[type[nn.Module], tuple[str, int]] = {
     cls: (family, index)
     for family, classes in FAMILIES.items()
     for index, cls in enumerate(classes)
 }
+# A synchronized batch norm does not say whether it is 1d, 2d or 3d.
+_KNOWN[SyncBatchNorm] = ("sync", None)
+_KNOWN[nn.SyncBatchNorm] = ("torch_sync", None)
 
 
 def register_family(name: str, classes, options: tuple[str, ...] = ()) -> None:
@@ -70,8 +82,13 @@ def _is_batch_norm_like(module: nn.Module) -> bool:
     return isinstance(module, (nn.modules.batchnorm._BatchNorm, _FrozenBatchNorm))
 
 
-def _rebuild(module: nn.Module, to: str, index: int, options: dict[str, Any]) -> nn.Module:
-    target = FAMILIES[to][index]
+def _rebuild(module: nn.Module, to: str, index: int | None, options: dict[str, Any]) -> nn.Module:
+    if index is None and to not in ("sync", "torch_sync"):
+        raise ValueError(
+            f"convert: cannot convert {type(module).__name__} to {to!r}: a synchronized batch norm "
+            "does not record whether it was 1d, 2d or 3d"
+        )
+    target = FAMILIES[to][index or 0]
     reference = module.running_mean if module.running_mean is not None else module.weight
     kwargs: dict[str, Any] = {}
     if reference is not None:
@@ -108,6 +125,7 @@ def convert(
     *,
     filter: str | None = None,
     only: tuple[type[nn.Module], ...] | None = None,
+    sync: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Replace batch norms throughout ``model``; returns the model (converted in place, or a new
@@ -119,9 +137,12 @@ def convert(
         filter: a regular expression; only modules whose qualified name matches (``re.search``)
             are converted.
         only: convert only modules of these classes.
+        sync: shorthand for ``to="sync"``: ``batchnorm.SyncBatchNorm`` across processes.
         **options: constructor options of the target form (``virtual_batch_size`` for ghost,
             ``r_max``/``d_max``/``schedule`` for renorm).
     """
+    if sync:
+        to = "sync"
     if to not in FAMILIES:
         raise ValueError(f"convert: expected to= one of {sorted(FAMILIES)}, got to={to!r}")
     allowed = set(_OPTIONS.get(to, ()))

@@ -1,0 +1,194 @@
+r"""Synchronized batch norm across processes on ``torch.distributed`` (gloo, NCCL, ...).
+
+In training, the statistics span the global batch of every rank in the process group:
+
+- forward: each rank computes the count, mean and M2 (sum of squared deviations) of its own
+  batch; one ``all_gather`` shares them and every rank merges them exactly with Chan's formula
+  (``batchnorm.core.moments.merge_many``), so uneven batch sizes, and empty batches, are right;
+- backward: each rank computes the two gradient sums of the closed-form backward
+  (``batchnorm.core.normalize.gradient_sums``); one ``all_reduce`` adds them; the input gradient
+  then follows from the global sums (``batchnorm.core.normalize.input_gradient``).
+
+Outputs, input gradients and running statistics equal single-process batch norm on the
+concatenation of all ranks' batches. Weight and bias gradients stay per rank, as
+DistributedDataParallel expects: it sums them (it averages, and the loss scaling is the
+user's), and their sum over ranks is the whole-batch gradient.
+
+In eval mode, without an initialized process group, or with a group of one process, it is plain
+batch norm and runs no collective.
+
+Faults: each collective waits at most ``timeout`` seconds (default: the process group's own
+timeout); a rank that died or stalled makes the others raise :class:`SyncTimeoutError` naming
+the group and the wait, instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+from batchnorm.core import checks
+from batchnorm.core.layout import as_channel, values_per_channel
+from batchnorm.core.moments import centred_moments, merge_many, unbiased
+from batchnorm.core.normalize import gradient_sums, input_gradient, inverse_std
+from batchnorm.core.running import updated_running_stats
+from batchnorm.modules.batchnorm import _BatchNorm
+
+
+class SyncTimeoutError(RuntimeError):
+    """A collective of synchronized batch norm did not complete: a rank died or stalled."""
+
+
+def _wait(work, timeout: float | None, what: str, group) -> None:
+    try:
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(datetime.timedelta(seconds=timeout))
+    except RuntimeError as error:
+        world = dist.get_world_size(group)
+        limit = f"{timeout:g} s" if timeout is not None else "the process group's timeout"
+        raise SyncTimeoutError(
+            f"SyncBatchNorm: rank {dist.get_rank()} gave up waiting for the {what} of the other "
+            f"{world - 1} rank(s) after {limit}: a rank may have died or stalled ({error})"
+        ) from error
+
+
+def _all_gather(tensor: torch.Tensor, group, timeout: float | None) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    gathered = [torch.empty_like(tensor) for _ in range(world)]
+    work = dist.all_gather(gathered, tensor, group=group, async_op=True)
+    _wait(work, timeout, "batch statistics", group)
+    return torch.stack(gathered)
+
+
+def _all_reduce(tensor: torch.Tensor, group, timeout: float | None) -> torch.Tensor:
+    work = dist.all_reduce(tensor, group=group, async_op=True)
+    _wait(work, timeout, "gradient sums", group)
+    return tensor
+
+
+def global_moments(
+    x: torch.Tensor, group, timeout: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(global mean, global biased variance, global count, local centred)`` of ``x``."""
+    channels = x.shape[1]
+    count = values_per_channel(x)
+    if count > 0:
+        mean, variance, _ = centred_moments(x)
+    else:  # an empty local batch contributes nothing, and no 0/0
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean = variance = torch.zeros(channels, dtype=acc, device=x.device)
+    local = torch.cat([mean.new_tensor([float(count)]), mean, variance * count])
+    gathered = _all_gather(local, group, timeout)
+    counts, means, m2s = gathered[:, 0], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
+    total, global_mean, m2 = merge_many(counts, means, m2s)
+    total_count = total[0]
+    global_variance = m2 / torch.clamp(total_count, min=1)
+    centred = x.to(global_mean.dtype) - as_channel(global_mean, x)
+    return global_mean, global_variance, total_count, centred
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, group, timeout, owner):
+        mean, variance, total, centred = global_moments(x, group, timeout)
+        if int(total) <= 1:  # every rank sees the same total, so every rank raises
+            raise ValueError(
+                f"{owner}: expected more than 1 value per channel across all ranks to compute "
+                f"batch statistics in training, got {int(total)}. Ways out: call .eval(), or "
+                "use larger batches."
+            )
+        invstd = inverse_std(variance, eps)
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        output = centred * as_channel(scale, centred)
+        if bias is not None:
+            output = output + as_channel(bias.to(output.dtype), output)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.total, ctx.group, ctx.timeout = total, group, timeout
+        ctx.mark_non_differentiable(mean, variance)
+        return output.to(x.dtype), mean, variance, total
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_total):
+        x, weight, mean, invstd = ctx.saved_tensors
+        centred, sum_grad, sum_grad_centred = gradient_sums(grad_out, x, mean)
+        grad_weight = sum_grad_centred * invstd if weight is not None else None
+        grad_bias = sum_grad.clone() if ctx.needs_input_grad[2] else None
+        # Every rank joins the all-reduce, even one whose input needs no gradient, so that the
+        # ranks always make the same collective calls.
+        sums = _all_reduce(torch.cat([sum_grad, sum_grad_centred]), ctx.group, ctx.timeout)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            channels = x.shape[1]
+            grad_input = input_gradient(
+                grad_out, centred, invstd, weight, sums[:channels], sums[channels:], ctx.total,
+                x.dtype,
+            )
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(weight.dtype if weight is not None else grad_bias.dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""Batch norm whose training statistics span every process of ``process_group``.
+
+    Arguments as for ``torch.nn.BatchNorm*d`` plus ``process_group`` (default: the whole world)
+    and ``timeout`` (seconds each collective may wait; default: the group's own). Accepts any
+    input of shape (N, C, *). State-dict keys are batch norm's.
+
+    Example (launched with torchrun)::
+
+        model = batchnorm.convert(model, sync=True)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        timeout: float | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+        self.timeout = timeout
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        checks.check_input(input, num_features=self.num_features, owner=type(self).__name__)
+
+    def _synchronizing(self) -> bool:
+        return (
+            self.training
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.process_group) > 1
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self._synchronizing():
+            return super().forward(input)
+        self._check_input_dim(input)
+        owner = type(self).__name__
+        output, mean, variance, total = _SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, self.eps, self.process_group, self.timeout, owner
+        )
+        if self.track_running_stats and self.running_mean is not None:
+            new_mean, new_var, finite = updated_running_stats(
+                self.running_mean, self.running_var, mean, unbiased(variance, total),
+                self._momentum_now(),
+            )
+            self._commit_running_stats(new_mean, new_var, finite)
+        return output
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", timeout={self.timeout}" if self.timeout else "")

@@ -1,0 +1,106 @@
+"""Code run inside the spawned processes of the distributed tests (gloo on the CPU)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import batchnorm
+
+CHANNELS = 3
+SPATIAL = (2, 2)
+# Per-rank batch sizes for each scenario, by world size.
+SCENARIOS = {
+    "even": {2: [4, 4], 3: [3, 3, 3]},
+    "uneven": {2: [1, 6], 3: [5, 1, 3]},
+    "empty": {2: [0, 5], 3: [4, 0, 3]},
+}
+STEPS = 2
+
+
+def global_data(scenario: str, world: int, step: int):
+    """The whole batch of one step, identical on every rank and in the parent."""
+    sizes = SCENARIOS[scenario][world]
+    generator = torch.Generator().manual_seed(1000 * step + world)
+    total = sum(sizes)
+    x = torch.randn(total, CHANNELS, *SPATIAL, generator=generator) * 2 + 1
+    g = torch.randn(total, CHANNELS, *SPATIAL, generator=generator)
+    return sizes, x, g
+
+
+def initial_state(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        module.weight.copy_(torch.linspace(0.5, 1.5, CHANNELS))
+        module.bias.copy_(torch.linspace(-1.0, 1.0, CHANNELS))
+
+
+def _init(rank: int, world: int, rendezvous: str, timeout_s: float = 60.0) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def equality_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    _init(rank, world, rendezvous)
+    results = {}
+    for scenario in SCENARIOS:
+        module = batchnorm.SyncBatchNorm(CHANNELS, momentum=0.3)
+        initial_state(module)
+        steps = []
+        for step in range(STEPS):
+            sizes, x, g = global_data(scenario, world, step)
+            start = sum(sizes[:rank])
+            local = x[start : start + sizes[rank]].clone().requires_grad_(True)
+            module.weight.grad = module.bias.grad = None
+            y = module(local)
+            y.backward(g[start : start + sizes[rank]])
+            steps.append({
+                "y": y.detach(), "dx": local.grad.detach().clone(),
+                "dw": module.weight.grad.clone(), "db": module.bias.grad.clone(),
+            })
+        module.eval()
+        eval_x = global_data(scenario, world, 99)[1]
+        results[scenario] = {
+            "steps": steps,
+            "running_mean": module.running_mean.clone(),
+            "running_var": module.running_var.clone(),
+            "tracked": int(module.num_batches_tracked),
+            "eval": module(eval_x).detach(),  # eval: plain batch norm, no collective
+        }
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def fault_worker(rank: int, world: int, rendezvous: str, out_dir: str, fault: str) -> None:
+    """Rank 1 dies (or stalls) before the step; rank 0 must fail with a clear error."""
+    torch.set_num_threads(1)
+    _init(rank, world, rendezvous, timeout_s=120.0)
+    module = batchnorm.SyncBatchNorm(CHANNELS, timeout=3.0)
+    checkpoint = os.path.join(out_dir, "checkpoint.pt")
+    if rank == 0:
+        batchnorm.save_checkpoint(module.state_dict(), checkpoint)
+    dist.barrier()
+    if rank == 1:
+        if fault == "die":
+            os._exit(0)
+        time.sleep(20)  # stalls past rank 0's timeout
+        os._exit(0)
+    started = time.monotonic()
+    outcome = {"error": None}
+    try:
+        module(torch.randn(4, CHANNELS, *SPATIAL))
+    except Exception as error:  # noqa: BLE001 - the test inspects what came
+        outcome = {"error": type(error).__name__, "message": str(error)}
+    outcome["elapsed"] = time.monotonic() - started
+    # A checkpoint written earlier must still be whole; saving again goes through atomically.
+    outcome["checkpoint_keys"] = sorted(torch.load(checkpoint))
+    batchnorm.save_checkpoint(module.state_dict(), checkpoint)
+    torch.save(outcome, os.path.join(out_dir, "outcome.pt"))
+    os._exit(0)
