@@ -14,6 +14,14 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.suite == "fold":
+        from batchnorm.bench.fold import format_fold, run_fold
+
+        return _emit(format_fold(run_fold(rounds=args.rounds)), args.markdown)
+    if args.suite == "sync":
+        from batchnorm.bench.sync import format_sync, run_sync
+
+        return _emit(format_sync(run_sync(rounds=args.rounds)), args.markdown)
     shape_list = shapes.QUICK if args.quick else shapes.default_shapes()
     modes = [args.mode] if args.mode else list(runner.MODES)
     if args.shapes:
@@ -40,13 +48,16 @@ def _bench(args: argparse.Namespace) -> int:
                     f"ours/clone {row.roofline.median_ratio:.2f}",
                     flush=True,
                 )
-    table = first_line + "\n\n" + runner.format_table(rows)
     print()
+    return _emit(first_line + "\n\n" + runner.format_table(rows), args.markdown)
+
+
+def _emit(table: str, markdown: str | None) -> int:
     print(table)
-    if args.markdown:
+    if markdown:
         from pathlib import Path
 
-        Path(args.markdown).write_text(table + "\n")
+        Path(markdown).write_text(table + "\n")
     return 0
 
 
@@ -55,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     bench = commands.add_parser("bench", help="time ours against torch.nn (interleaved)")
+    bench.add_argument(
+        "--suite",
+        choices=["layer", "fold", "sync"],
+        default="layer",
+        help="layer: ours vs torch.nn per shape (default); fold: eval latency folded vs "
+        "unfolded; sync: SyncBatchNorm vs local batch norm per step with 2 processes",
+    )
     bench.add_argument("--quick", action="store_true", help="two small shapes, for a smoke run")
     bench.add_argument(
         "--mode", choices=["train", "eval", "train_relu"], help="only this mode"

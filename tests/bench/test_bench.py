@@ -39,3 +39,19 @@ def test_cli_writes_the_table(tmp_path, monkeypatch):
     text = out.read_text()
     assert "first training step in a new process" in text
     assert "| mlp.small | 6x3 | train_relu | contiguous | cpu |" in text
+
+
+def test_fold_suite_reports_a_ratio():
+    from batchnorm.bench.fold import format_fold, run_fold
+
+    row = run_fold(batch=2, resolution=8, rounds=2)
+    assert row.folded == 9 and row.comparison.median_ratio > 0
+    assert "folded/unfolded" in format_fold(row)
+
+
+def test_sync_suite_runs_two_processes():
+    from batchnorm.bench.sync import format_sync, run_sync
+
+    row = run_sync(rounds=1, steps=1)
+    assert row.local_ms > 0 and row.sync_ms > 0
+    assert "SyncBatchNorm step" in format_sync(row)
