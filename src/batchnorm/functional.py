@@ -95,6 +95,7 @@ def batch_norm_core(
     eps: float = 1e-5,
     owner: str = "batch_norm",
     mask: torch.Tensor | None = None,
+    input_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Validate, normalize, and compute (without applying) the running-statistics update.
 
@@ -102,12 +103,21 @@ def batch_norm_core(
     when no running statistics are updated; ``finite`` is a 0-dim bool tensor telling whether
     the batch statistics were finite (if not, the "new" statistics equal the old ones).
     ``mask`` restricts the batch statistics to valid positions (see :func:`batch_norm`).
+
+    ``input_checked``: the caller is a module that has validated the input's shape and owns
+    parameters and buffers of the right shapes; only the mask and the batch-size rule are checked
+    here (the per-call Python cost matters for small inputs).
     """
     use_batch_stats = training or running_mean is None
-    validate_arguments(
-        input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner,
-        mask,
-    )
+    if input_checked:
+        checks.check_mask(mask, input, owner)
+        if use_batch_stats:
+            checks.check_batch_statistics_possible(input, owner, mask)
+    else:
+        validate_arguments(
+            input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps,
+            owner, mask,
+        )
     if not use_batch_stats:
         output = normalize_with(input, running_mean, running_var, weight, bias, eps)
         return output, None, None, None

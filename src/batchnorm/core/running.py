@@ -38,16 +38,14 @@ def updated_running_stats(
     ``batch_unbiased_var`` is the unbiased batch variance (``moments.unbiased`` of the biased
     one). Nothing is modified in place.
     """
-    batch_mean = batch_mean.detach().to(running_mean.dtype)
-    batch_var = batch_unbiased_var.detach().to(running_var.dtype)
-    finite = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
-    new_mean = running_mean * (1 - momentum) + batch_mean * momentum
-    new_var = running_var * (1 - momentum) + batch_var * momentum
-    return (
-        torch.where(finite, new_mean, running_mean),
-        torch.where(finite, new_var, running_var),
-        finite,
-    )
+    # Mean and variance travel stacked as one (2, C) tensor: a handful of operations per step
+    # instead of two of each, which shows on small layers.
+    batch = torch.stack([batch_mean.detach(), batch_unbiased_var.detach()])
+    batch = batch.to(running_mean.dtype)
+    running = torch.stack([running_mean, running_var.to(running_mean.dtype)])
+    finite = torch.isfinite(batch).all()
+    updated = torch.where(finite, running * (1 - momentum) + batch * momentum, running)
+    return updated[0], updated[1].to(running_var.dtype), finite
 
 
 def warn_nonfinite(owner: str) -> None:

@@ -74,6 +74,7 @@ class _BatchNorm(_TorchBatchNorm):
             eps=self.eps,
             owner=type(self).__name__,
             mask=mask,
+            input_checked=True,
         )
         if updating:
             self._commit_running_stats(new_mean, new_var, finite)
