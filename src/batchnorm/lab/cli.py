@@ -103,50 +103,43 @@ def _lab(args: argparse.Namespace) -> int:
 
 
 def run_lab(configs, seeds, args, data_description, out: Path, store: Path) -> int:
-    from batchnorm.lab.report import render_report, summary_text
-    from batchnorm.lab.report.results import FORMAT, write_results
-    from batchnorm.lab.runner import plan_tasks, run_tasks
+    from batchnorm.lab.report import summary_text
+    from batchnorm.lab.suite import run_suite
 
-    tasks = plan_tasks(configs, seeds, args.data, args.device, store)
-    print(f"batchnorm lab: {len(configs)} experiments, {len(tasks)} runs on {data_description}; "
-          f"{args.jobs} process(es); results in {out}", flush=True)
+    runs = sum(len(get_plan(name, config, seeds)) for name, config in configs.items())
+    print(f"batchnorm lab: {len(configs)} experiments, {runs} runs on {data_description}; "
+          f"{args.jobs} process(es); report in {out}", flush=True)
     started = time.perf_counter()
     try:
-        outcome = run_tasks(tasks, jobs=args.jobs, threads=args.threads,
-                            progress=not args.no_progress)
+        report = run_suite(
+            configs,
+            seeds,
+            data=args.data,
+            data_description=data_description,
+            out=out,
+            store=store,
+            device=args.device,
+            jobs=args.jobs,
+            threads=args.threads,
+            quick=args.quick,
+            progress=not args.no_progress,
+        )
     except KeyboardInterrupt:
+        again = "" if args.out is None else " (same --out)"
         print(f"\ninterrupted: finished runs are saved in {store}; run the same command "
-              f"again{'' if args.out is None else ' (same --out)'} to resume.", file=sys.stderr)
+              f"again{again} to resume.", file=sys.stderr)
         return 130
-    experiments = []
-    for name, config in configs.items():
-        runs = [
-            {"params": task.params, "result": outcome.results[task.key]}
-            for task in tasks
-            if task.experiment == name
-        ]
-        from batchnorm.lab.experiments.base import config_to_dict
-
-        experiments.append({"name": name, "config": config_to_dict(config), "runs": runs})
-    out.mkdir(parents=True, exist_ok=True)
-    write_results(out, {
-        "format": FORMAT,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data": {"spec": args.data, "description": data_description},
-        "device": args.device,
-        "seeds": list(seeds),
-        "quick": bool(args.quick),
-        "jobs": args.jobs,
-        "run_count": len(tasks),
-        "reused_runs": outcome.reused,
-        "wall_seconds": time.perf_counter() - started,
-        "experiments": experiments,
-    })
-    findings = render_report(out)
+    outcome = report.outcome
     print(f"\n{outcome.ran} runs trained, {outcome.reused} reused, "
           f"{time.perf_counter() - started:.0f} s\n")
-    print(summary_text(findings, out))
+    print(summary_text(report.findings, out))
     return 0
+
+
+def get_plan(name: str, config, seeds) -> list[dict]:
+    from batchnorm.lab.experiments import get_experiment
+
+    return get_experiment(name).plan(config, seeds)
 
 
 def _report(args: argparse.Namespace) -> int:
