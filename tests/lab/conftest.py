@@ -1,0 +1,77 @@
+"""Tiny files in the real formats (idx, CIFAR-10 python batches) and tiny experiment configs."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def write_idx(path: Path, array: np.ndarray, gzipped: bool) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(size).to_bytes(4, "big") for size in array.shape
+    )
+    payload = header + array.astype(np.uint8).tobytes()
+    if gzipped:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+
+
+def make_idx_folder(folder: Path, gzipped: bool, train: int = 20, test: int = 10) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (train, 6, 5)),
+        "train-labels-idx1-ubyte": np.arange(train) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (test, 6, 5)),
+        "t10k-labels-idx1-ubyte": (np.arange(test) * 3) % 10,
+    }
+    for name, array in arrays.items():
+        write_idx(folder / name, array, gzipped)
+    return arrays
+
+
+def make_cifar_folder(folder: Path, per_batch: int = 4, protocol: int = 2) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": [int(label) for label in rng.integers(0, 10, per_batch)],
+            b"data": rng.integers(0, 256, (per_batch, 3072)).astype(np.uint8),
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)],
+        }
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+        batches[name] = batch
+    return batches
+
+
+@pytest.fixture
+def tiny_configs():
+    return make_tiny_configs()
+
+
+def make_tiny_configs() -> dict:
+    """Every experiment at a size that runs in a few seconds in total."""
+    from batchnorm.lab.experiments.batch_size import BatchSizeConfig
+    from batchnorm.lab.experiments.convergence import ConvergenceConfig
+    from batchnorm.lab.experiments.initialization import InitConfig
+    from batchnorm.lab.experiments.ioffe_mnist import IoffeConfig
+    from batchnorm.lab.experiments.learning_rate import LearningRateConfig
+    from batchnorm.lab.experiments.regularization import RegularizationConfig
+
+    return {
+        "convergence": ConvergenceConfig(learning_rates=(0.05,), steps=40, eval_every=20,
+                                         width=32, target_accuracy=0.5),
+        "learning-rate": LearningRateConfig(learning_rates=(0.01, 1.0), steps=20, width=32),
+        "ioffe-mnist": IoffeConfig(steps=40, eval_every=20, width=20),
+        "batch-size": BatchSizeConfig(batch_sizes=(8, 32), epochs=1, widths=(4, 8, 8)),
+        "init": InitConfig(scales=(0.1, 1.0), steps=20, width=32),
+        "regularization": RegularizationConfig(steps=30, width=32),
+    }

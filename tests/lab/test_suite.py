@@ -1,0 +1,102 @@
+"""The whole suite on tiny configs: verdicts for every claim, determinism, and resuming."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from batchnorm.lab.claims import CLAIMS
+from batchnorm.lab.experiments import EXPERIMENTS
+from batchnorm.lab.runner import plan_tasks
+from batchnorm.lab.store import ResultStore
+from batchnorm.lab.suite import run_suite
+from batchnorm.lab.verdict import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
+from tests.lab.conftest import make_tiny_configs
+
+SEEDS = (0, 1)
+
+
+def _suite(configs, out: Path, **options):
+    return run_suite(configs, SEEDS, data="digits", data_description="digits", out=out,
+                     store=out / "runs", progress=False, **options)
+
+
+def _runs_by_key(out: Path) -> dict:
+    return {path.name: json.loads(path.read_text())["result"] for path in (out / "runs").glob("*")}
+
+
+@pytest.fixture(scope="module")
+def finished_suite(tmp_path_factory):
+    """One full tiny suite, shared by the tests that only read it."""
+    configs = make_tiny_configs()
+    out = tmp_path_factory.mktemp("suite")
+    return configs, out, _suite(configs, out)
+
+
+def test_every_experiment_and_claim_gets_a_stated_verdict(finished_suite):
+    configs, out, report = finished_suite
+    assert report.outcome.ran == sum(len(EXPERIMENTS[n].plan(c, SEEDS)) for n, c in configs.items())
+    claims = {finding.claim for finding in report.findings}
+    assert claims == {claim for e in EXPERIMENTS.values() for claim in e.claims}
+    assert claims <= set(CLAIMS)
+    for finding in report.findings:
+        assert finding.verdict in (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE)
+        assert finding.seeds == len(SEEDS) and len(finding.per_seed) == len(SEEDS)
+        assert "95% CI" in finding.rule
+    for name in ("report.html", "report.md", "results.json", "convergence.png", "batch-size.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_same_seed_and_config_give_identical_numbers(finished_suite, tmp_path):
+    configs, out, _ = finished_suite
+    subset = {"init": configs["init"], "ioffe-mnist": configs["ioffe-mnist"]}
+    _suite(subset, tmp_path)
+    again = _runs_by_key(tmp_path)
+    first = _runs_by_key(out)
+    assert again and all(first[key] == value for key, value in again.items())
+
+
+def test_processes_give_the_same_numbers_as_one_process(finished_suite, tmp_path):
+    configs, out, _ = finished_suite
+    report = _suite({"learning-rate": configs["learning-rate"]}, tmp_path, jobs=2)
+    assert report.outcome.ran == 8
+    first = _runs_by_key(out)
+    assert all(first[key] == value for key, value in _runs_by_key(tmp_path).items())
+
+
+def test_resume_reruns_only_missing_truncated_and_corrupt_runs(tiny_configs, tmp_path):
+    configs = {"init": tiny_configs["init"], "regularization": tiny_configs["regularization"]}
+    # An interrupted run: only the first experiment finished, and a write was cut off.
+    first = _suite({"init": configs["init"]}, tmp_path)
+    assert (first.outcome.ran, first.outcome.reused) == (8, 0)
+    store = ResultStore(tmp_path / "runs")
+    tasks = plan_tasks(configs, SEEDS, "digits", "cpu", tmp_path / "runs")
+    init_keys = [task.key for task in tasks if task.experiment == "init"]
+    truncated, corrupt = store.path(init_keys[0]), store.path(init_keys[1])
+    original = json.loads(truncated.read_text())["result"]
+    truncated.write_text(truncated.read_text()[:40])
+    corrupt.write_text(corrupt.read_text().replace('"final_test_accuracy":', '"final_test_accuracy":9'))
+    (tmp_path / "runs" / f".{init_keys[2]}.123.tmp").write_text("{half")  # killed mid-write
+    modified_before = {key: os.stat(store.path(key)).st_mtime_ns for key in init_keys[2:]}
+
+    second = _suite(configs, tmp_path)
+
+    assert second.outcome.reused == 6  # the intact init runs
+    assert second.outcome.ran == 2 + 8  # the two damaged ones and all of regularization
+    assert store.load(init_keys[0]) == original  # re-run, same numbers
+    assert store.load(init_keys[1]) is not None
+    for key, stamp in modified_before.items():
+        assert os.stat(store.path(key)).st_mtime_ns == stamp  # intact files untouched
+    third = _suite(configs, tmp_path)
+    assert (third.outcome.ran, third.outcome.reused) == (0, 16)
+
+
+def test_a_changed_config_is_a_different_run(tiny_configs, tmp_path):
+    from dataclasses import replace
+
+    _suite({"init": tiny_configs["init"]}, tmp_path)
+    changed = _suite({"init": replace(tiny_configs["init"], steps=21)}, tmp_path)
+    assert (changed.outcome.ran, changed.outcome.reused) == (8, 0)
