@@ -78,7 +78,8 @@ def test_resume_reruns_only_missing_truncated_and_corrupt_runs(tiny_configs, tmp
     truncated, corrupt = store.path(init_keys[0]), store.path(init_keys[1])
     original = json.loads(truncated.read_text())["result"]
     truncated.write_text(truncated.read_text()[:40])
-    corrupt.write_text(corrupt.read_text().replace('"final_test_accuracy":', '"final_test_accuracy":9'))
+    field = '"final_test_accuracy":'
+    corrupt.write_text(corrupt.read_text().replace(field, field + "9"))
     (tmp_path / "runs" / f".{init_keys[2]}.123.tmp").write_text("{half")  # killed mid-write
     modified_before = {key: os.stat(store.path(key)).st_mtime_ns for key in init_keys[2:]}
 

@@ -1,0 +1,44 @@
+"""``batchnorm lab``: listing, clear errors for bad input, and no files written on error."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchnorm.cli import main
+
+
+def test_list_names_every_experiment_and_its_claims(capsys):
+    assert main(["lab", "--list"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("convergence", "learning-rate", "ioffe-mnist", "batch-size", "init",
+                 "regularization"):
+        assert name in printed
+    assert "C15:" in printed
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["lab", "warp-speed"], "unknown experiment 'warp-speed': expected one of convergence"),
+        (["lab", "--data", "svhn:/x"], "unknown data 'svhn:/x': expected one of digits"),
+        (["lab", "--data", "mnist:/no/such/folder"], "folder '/no/such/folder' does not exist"),
+        (["lab", "--seeds", "0"], "--seeds must be at least 1, got 0"),
+        (["lab", "--device", "nodevice"], "--device 'nodevice' is not usable"),
+    ],
+)
+def test_bad_input_fails_clearly_without_writing(arguments, message, tmp_path, capsys):
+    assert main([*arguments, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_small_experiment_end_to_end(tmp_path, capsys):
+    out = tmp_path / "out"
+    arguments = ["lab", "init", "--quick", "--seeds", "2", "--jobs", "1", "--no-progress",
+                 "--out", str(out)]
+    assert main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "C6" in printed and str(out / "report.html") in printed
+    assert "12 runs trained, 0 reused" in printed
+    assert main(arguments) == 0
+    assert "0 runs trained, 12 reused" in capsys.readouterr().out
