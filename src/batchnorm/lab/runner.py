@@ -9,7 +9,6 @@ in flight.
 
 from __future__ import annotations
 
-import concurrent.futures
 import multiprocessing
 import time
 from collections.abc import Sequence
@@ -79,7 +78,19 @@ def execute(task: Task) -> dict:
     return result
 
 
-def _init_worker(threads: int) -> None:
+def limit_threads(threads: int) -> None:
+    """Use ``threads`` threads in torch and in the Numba kernels of our batch norm.
+
+    Numba's thread count is set first: with an OpenMP threading layer it can change the count
+    torch sees, and two processes that each run two threads on two cores slow each other down
+    several times over.
+    """
+    try:
+        import numba
+    except ImportError:
+        pass
+    else:
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     torch.set_num_threads(threads)
 
 
@@ -109,14 +120,14 @@ def run_tasks(
     try:
         if jobs <= 1 or len(pending) <= 1:
             previous = torch.get_num_threads()
-            torch.set_num_threads(threads)
+            limit_threads(threads)
             try:
                 for task in pending:
                     bar.set_postfix_str(task.experiment, refresh=False)
                     results[task.key] = execute(task)
                     bar.update()
             finally:
-                torch.set_num_threads(previous)
+                limit_threads(previous)
         else:
             _run_in_processes(pending, results, jobs, threads, bar)
     finally:
@@ -124,22 +135,25 @@ def run_tasks(
     return SuiteOutcome(results, reused, len(pending), time.perf_counter() - start)
 
 
+def _execute_keyed(task: Task) -> tuple[str, str, dict]:
+    return task.key, task.experiment, execute(task)
+
+
 def _run_in_processes(pending, results, jobs, threads, bar) -> None:
     # spawn, not fork: a forked child of a process that already used torch's thread pool can hang.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)
-    ) as pool:
-        futures = {pool.submit(execute, task): task for task in pending}
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                task = futures[future]
-                results[task.key] = future.result()
-                bar.set_postfix_str(task.experiment, refresh=False)
-                bar.update()
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+    pool = context.Pool(min(jobs, len(pending)), initializer=limit_threads, initargs=(threads,))
+    try:
+        for key, experiment, result in pool.imap_unordered(_execute_keyed, pending):
+            results[key] = result
+            bar.set_postfix_str(experiment, refresh=False)
+            bar.update()
+        pool.close()
+    except BaseException:
+        pool.terminate()  # on Ctrl-C or an error, stop the runs in flight (their files are unsaved)
+        raise
+    finally:
+        pool.join()
 
 
 def _progress_bar(total: int, done: int, enabled: bool):

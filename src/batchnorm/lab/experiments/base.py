@@ -41,6 +41,7 @@ class Panel:
     series: list[Series]
     xscale: str = "linear"
     yscale: str = "linear"
+    xticklabels: list[str] | None = None  # category names for x = 0, 1, 2, ...
 
 
 @dataclass(frozen=True)

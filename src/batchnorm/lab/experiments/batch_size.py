@@ -48,7 +48,7 @@ class BatchSizeConfig:
 
     @classmethod
     def quick(cls) -> BatchSizeConfig:
-        return replace(cls(), batch_sizes=(4, 32), epochs=1)
+        return replace(cls(), batch_sizes=(2, 8, 32), epochs=2)
 
 
 def plan(config: BatchSizeConfig, seeds) -> list[dict]:

@@ -43,7 +43,7 @@ class ConvergenceConfig:
 
     @classmethod
     def quick(cls) -> ConvergenceConfig:
-        return replace(cls(), learning_rates=(0.01, 0.1), steps=300, eval_every=25)
+        return replace(cls(), learning_rates=(0.01, 0.03, 0.1), steps=300, eval_every=25)
 
 
 def plan(config: ConvergenceConfig, seeds) -> list[dict]:

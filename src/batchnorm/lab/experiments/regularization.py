@@ -144,11 +144,10 @@ def analyze(config: RegularizationConfig, runs: list[dict]) -> Analysis:
     analysis.figures.append(
         Figure(
             "regularization",
-            [Panel("Train vs test accuracy; x: " + "; ".join(
-                f"{index} = {label}" for index, label in enumerate(labels)),
-                "setting", "accuracy",
-                [Series("train", positions, train_series, style="o-"),
-                 Series("test", positions, test_series, style="s-")])],
+            [Panel("Train and test accuracy (mean over seeds)", "setting", "accuracy",
+                   [Series("train", positions, train_series, style="o"),
+                    Series("test", positions, test_series, style="s")],
+                   xticklabels=[label.replace(", ", "\n") for label in labels])],
         )
     )
     return analysis

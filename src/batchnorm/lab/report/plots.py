@@ -38,6 +38,8 @@ def render_png(figure: Figure) -> bytes:
         axis.set_xlabel(panel.xlabel)
         axis.set_ylabel(panel.ylabel)
         axis.set_xscale(panel.xscale)
+        if panel.xticklabels is not None:
+            axis.set_xticks(range(len(panel.xticklabels)), panel.xticklabels, fontsize=8)
         axis.set_yscale(panel.yscale)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
