@@ -131,6 +131,17 @@ def batch_norm_core(
     return output, new_mean, new_var, finite
 
 
+def commit_running_stats(running_mean, running_var, new_mean, new_var, finite, owner) -> None:
+    """Write an update computed by a ``*_core`` function into the caller's buffers, in place."""
+    if new_mean is None:
+        return
+    with torch.no_grad():
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+    if not torch.compiler.is_compiling() and not bool(finite):
+        warn_nonfinite(owner)
+
+
 def batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -169,12 +180,7 @@ def batch_norm(
     output, new_mean, new_var, finite = batch_norm_core(
         input, running_mean, running_var, weight, bias, training, momentum, eps, mask=mask
     )
-    if new_mean is not None:
-        with torch.no_grad():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
-        if not torch.compiler.is_compiling() and not bool(finite):
-            warn_nonfinite("batch_norm")
+    commit_running_stats(running_mean, running_var, new_mean, new_var, finite, "batch_norm")
     return output
 
 

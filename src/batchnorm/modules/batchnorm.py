@@ -59,22 +59,26 @@ class _BatchNorm(_TorchBatchNorm):
             return self.momentum
         return 1.0 / (self.num_batches_tracked + 1).to(self.running_mean.dtype)
 
+    def _core(self, input, running_mean, running_var, training, momentum, **options):
+        """The functional core this module wraps (variants override it, nothing else)."""
+        return batch_norm_core(
+            input, running_mean, running_var, self.weight, self.bias, training=training,
+            momentum=momentum, eps=self.eps, owner=type(self).__name__, input_checked=True,
+            **options,
+        )
+
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
         updating = self.training and self.track_running_stats and self.running_mean is not None
         use_running = not self.training or self.track_running_stats
-        output, new_mean, new_var, finite = batch_norm_core(
+        options = {} if mask is None else {"mask": mask}
+        output, new_mean, new_var, finite = self._core(
             input,
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
-            self.weight,
-            self.bias,
             training=self.training or self.running_mean is None,
             momentum=self._momentum_now() if updating else 0.0,
-            eps=self.eps,
-            owner=type(self).__name__,
-            mask=mask,
-            input_checked=True,
+            **options,
         )
         if updating:
             self._commit_running_stats(new_mean, new_var, finite)

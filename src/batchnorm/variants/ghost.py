@@ -24,6 +24,7 @@ from batchnorm.core.running import updated_running_stats
 from batchnorm.functional import (
     Momentum,
     batch_norm_core,
+    commit_running_stats,
     normalize_with_batch_statistics,
     validate_arguments,
 )
@@ -89,14 +90,11 @@ def ghost_batch_norm(
     virtual_batch_size: int = 32,
 ) -> torch.Tensor:
     """Functional ghost batch norm; updates the running statistics in place in training."""
-    output, new_mean, new_var, _ = ghost_batch_norm_core(
+    output, new_mean, new_var, finite = ghost_batch_norm_core(
         input, running_mean, running_var, weight, bias, training, momentum, eps,
         virtual_batch_size,
     )
-    if new_mean is not None:
-        with torch.no_grad():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
+    commit_running_stats(running_mean, running_var, new_mean, new_var, finite, "ghost_batch_norm")
     return output
 
 
@@ -122,25 +120,15 @@ class _GhostBatchNorm(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.virtual_batch_size = virtual_batch_size
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        updating = self.training and self.track_running_stats and self.running_mean is not None
-        use_running = not self.training or self.track_running_stats
-        output, new_mean, new_var, finite = ghost_batch_norm_core(
-            input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight,
-            self.bias,
-            training=self.training or self.running_mean is None,
-            momentum=self._momentum_now() if updating else 0.0,
-            eps=self.eps,
-            virtual_batch_size=self.virtual_batch_size,
-            owner=type(self).__name__,
+    def _core(self, input, running_mean, running_var, training, momentum, **options):
+        if options:
+            raise ValueError(
+                f"{type(self).__name__}: ghost batch norm takes no {', '.join(options)}"
+            )
+        return ghost_batch_norm_core(
+            input, running_mean, running_var, self.weight, self.bias, training, momentum,
+            self.eps, self.virtual_batch_size, owner=type(self).__name__,
         )
-        if updating:
-            self._commit_running_stats(new_mean, new_var, finite)
-        return output
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"

@@ -36,6 +36,7 @@ from batchnorm.core.running import updated_running_stats
 from batchnorm.functional import (
     Momentum,
     batch_norm_core,
+    commit_running_stats,
     normalize_with_batch_statistics,
     validate_arguments,
 )
@@ -147,13 +148,10 @@ def batch_renorm(
         >>> rm, rv = torch.zeros(4), torch.ones(4)
         >>> y = batch_renorm(torch.randn(2, 4), rm, rv, training=True, r_max=1.5, d_max=0.5)
     """
-    output, new_mean, new_var, _ = batch_renorm_core(
+    output, new_mean, new_var, finite = batch_renorm_core(
         input, running_mean, running_var, weight, bias, training, momentum, eps, r_max, d_max
     )
-    if new_mean is not None:
-        with torch.no_grad():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
+    commit_running_stats(running_mean, running_var, new_mean, new_var, finite, "batch_renorm")
     return output
 
 
@@ -201,26 +199,17 @@ class _BatchRenorm(_BatchNorm):
             return self.r_max, self.d_max
         return self.schedule.limits(self.num_batches_tracked)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        if not self.training:
-            return super().forward(input)
+    def _core(self, input, running_mean, running_var, training, momentum, **options):
+        if not training:
+            return super()._core(input, running_mean, running_var, training, momentum, **options)
+        if options:
+            raise ValueError(f"{type(self).__name__}: batch renormalization takes no "
+                             f"{', '.join(options)}")
         r_max, d_max = self.current_limits()
-        output, new_mean, new_var, finite = batch_renorm_core(
-            input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            True,
-            self._momentum_now(),
-            self.eps,
-            r_max,
-            d_max,
-            owner=type(self).__name__,
+        return batch_renorm_core(
+            input, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps,
+            r_max, d_max, owner=type(self).__name__,
         )
-        self._commit_running_stats(new_mean, new_var, finite)
-        return output
 
     def extra_repr(self) -> str:
         limits = (
