@@ -101,3 +101,27 @@ def test_a_changed_config_is_a_different_run(tiny_configs, tmp_path):
     _suite({"init": tiny_configs["init"]}, tmp_path)
     changed = _suite({"init": replace(tiny_configs["init"], steps=21)}, tmp_path)
     assert (changed.outcome.ran, changed.outcome.reused) == (8, 0)
+
+
+def test_killed_lab_leaves_only_whole_results(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "batchnorm", "lab", "learning-rate", "--seeds", "2",
+               "--jobs", "1", "--no-progress", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    try:
+        while len(list((out / "runs").glob("*.json"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    saved = list((out / "runs").glob("*.json"))
+    assert len(saved) >= 3
+    assert not (out / "results.json").exists()  # the suite did not finish
+    store = ResultStore(out / "runs")
+    assert all(store.load(path.stem) is not None for path in saved)

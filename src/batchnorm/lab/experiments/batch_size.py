@@ -43,7 +43,7 @@ class BatchSizeConfig:
     batch_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128)
     reference_batch: int = 32
     base_learning_rate: float = 0.02
-    epochs: int = 4
+    epochs: int = 6
     widths: tuple[int, ...] = (16, 32, 32)
 
     @classmethod
