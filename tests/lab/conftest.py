@@ -22,13 +22,15 @@ def write_idx(path: Path, array: np.ndarray, gzipped: bool) -> None:
         path.write_bytes(payload)
 
 
-def make_idx_folder(folder: Path, gzipped: bool, train: int = 20, test: int = 10) -> dict:
+def make_idx_folder(
+    folder: Path, gzipped: bool, train: int = 20, test: int = 10, shape: tuple = (6, 5)
+) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     arrays = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (train, 6, 5)),
+        "train-images-idx3-ubyte": rng.integers(0, 256, (train, *shape)),
         "train-labels-idx1-ubyte": np.arange(train) % 10,
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (test, 6, 5)),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (test, *shape)),
         "t10k-labels-idx1-ubyte": (np.arange(test) * 3) % 10,
     }
     for name, array in arrays.items():

@@ -42,3 +42,22 @@ def test_one_small_experiment_end_to_end(tmp_path, capsys):
     assert "12 runs trained, 0 reused" in printed
     assert main(arguments) == 0
     assert "0 runs trained, 12 reused" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_experiments_run_on_other_data(dataset, tmp_path, capsys):
+    from tests.lab.conftest import make_cifar_folder, make_idx_folder
+
+    folder = tmp_path / "data"
+    if dataset == "mnist":
+        make_idx_folder(folder / "MNIST" / "raw", gzipped=True, train=96, test=40, shape=(28, 28))
+        experiment = "init"  # an MLP on 784 inputs
+    else:
+        make_cifar_folder(folder / "cifar-10-batches-py", per_batch=20)
+        experiment = "batch-size"  # a CNN on 3x32x32 images
+    out = tmp_path / "out"
+    arguments = ["lab", experiment, "--quick", "--seeds", "2", "--jobs", "1", "--no-progress",
+                 "--data", f"{dataset}:{folder}", "--out", str(out)]
+    assert main(arguments) == 0
+    assert (out / "report.html").exists()
+    assert dataset in (out / "report.md").read_text()

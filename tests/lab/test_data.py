@@ -97,3 +97,12 @@ def test_cifar_errors_say_what_was_expected(tmp_path):
 def test_bad_specs(spec, message):
     with pytest.raises(DataError, match=message):
         describe_spec(spec)
+
+
+def test_large_sets_are_cut_to_a_fixed_subset():
+    data = load_data("digits")
+    small = data.subset(100, 30)
+    assert (len(small.train_labels), len(small.test_labels)) == (100, 30)
+    assert torch.equal(small.train_images, data.subset(100, 30).train_images)
+    assert "fixed subset" in small.describe()
+    assert data.subset(5000, 5000) is data

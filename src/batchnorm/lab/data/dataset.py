@@ -43,6 +43,22 @@ class Dataset:
     def test_vectors(self) -> torch.Tensor:
         return self.test_images.flatten(1)
 
+    def subset(self, train: int, test: int) -> Dataset:
+        """At most ``train``/``test`` examples, drawn by a fixed shuffle (the same every time)."""
+        if len(self.train_labels) <= train and len(self.test_labels) <= test:
+            return self
+        generator = torch.Generator().manual_seed(0)
+        train_index = torch.randperm(len(self.train_labels), generator=generator)[:train]
+        test_index = torch.randperm(len(self.test_labels), generator=generator)[:test]
+        return Dataset(
+            name=f"{self.name} (fixed subset)",
+            train_images=self.train_images[train_index],
+            train_labels=self.train_labels[train_index],
+            test_images=self.test_images[test_index],
+            test_labels=self.test_labels[test_index],
+            classes=self.classes,
+        )
+
     def describe(self) -> str:
         channels, height, width = self.image_shape
         return (
