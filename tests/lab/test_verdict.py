@@ -48,3 +48,9 @@ def test_identical_seeds_give_a_zero_width_interval():
     assert (finding.low, finding.effect, finding.high) == pytest.approx((4.0, 4.0, 4.0))
     assert finding.verdict == SUPPORTED
     assert finding.effect_text() == "4.00x [4.00x, 4.00x]"
+
+
+def test_zero_width_interval_carries_a_caveat():
+    equal = judge("C5", "x", "gap", [0.6, 0.6, 0.6], Rule(0.5, unit="pp"))
+    assert "zero width" in equal.caveat()
+    assert judge("C5", "x", "gap", [0.6, 0.7], Rule(0.5, unit="pp")).caveat() == ""

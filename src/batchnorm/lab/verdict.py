@@ -71,6 +71,15 @@ class Finding:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def caveat(self) -> str:
+        """A warning when the interval has zero width (every seed gave the same value)."""
+        if self.seeds >= 2 and len(set(self.per_seed)) == 1:
+            return (
+                "Every seed gave the same value, so the interval has zero width; with a coarse "
+                "measure (a grid of rates, whole test examples) this understates the uncertainty."
+            )
+        return ""
+
     def effect_text(self) -> str:
         if math.isnan(self.low):
             return f"{format_number(self.effect, self.unit)} (no CI: {self.seeds} seed)"

@@ -46,7 +46,9 @@ def finding_html(finding: Finding) -> str:
     return (
         f"<p>{_verdict(finding.verdict)} {escape(finding.measure)}: "
         f"<b>{escape(finding.effect_text())}</b> (95% CI over {finding.seeds} seeds; per seed: "
-        f"{escape(seeds)}).<br>Rule: {escape(finding.rule)}.</p>"
+        f"{escape(seeds)}).<br>Rule: {escape(finding.rule)}."
+        + (f"<br><i>Caveat:</i> {escape(finding.caveat())}" if finding.caveat() else "")
+        + "</p>"
     )
 
 

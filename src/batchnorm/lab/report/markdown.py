@@ -28,12 +28,14 @@ def summary_markdown(findings: list[Finding]) -> list[str]:
 
 def finding_markdown(finding: Finding) -> list[str]:
     seeds = ", ".join(f"{value:.3g}" for value in finding.per_seed)
-    return [
+    lines = [
         f"- **Verdict: {finding.verdict}.** Effect: {finding.measure}: {finding.effect_text()} "
         f"(95% CI over {finding.seeds} seeds; per seed: {seeds}).",
         f"- Rule: {finding.rule}.",
-        "",
     ]
+    if finding.caveat():
+        lines.append(f"- Caveat: {finding.caveat()}")
+    return [*lines, ""]
 
 
 def render_markdown(
