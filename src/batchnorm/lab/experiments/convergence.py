@@ -95,22 +95,22 @@ def run(config: ConvergenceConfig, params: dict, data, device: str) -> dict:
     }
 
 
-def _cost(run: dict, config: ConvergenceConfig) -> tuple[float, float]:
+def _cost(run: dict) -> tuple[float, float]:
     """Sort key for the best rate: fewest steps to target, then the highest final accuracy."""
     reached = run["result"]["steps_to_target"]
     return (reached if reached is not None else math.inf, -run["result"]["test_accuracy"][-1])
 
 
-def best_runs(config: ConvergenceConfig, runs: list[dict]) -> dict[tuple[str, int], dict]:
+def best_runs(runs: list[dict]) -> dict[tuple[str, int], dict]:
     """(norm, seed) -> the run at that seed's best learning rate for that norm."""
     return {
-        key: min(group, key=lambda run: _cost(run, config))
+        key: min(group, key=_cost)
         for key, group in by_params(runs, "norm", "seed").items()
     }
 
 
 def analyze(config: ConvergenceConfig, runs: list[dict]) -> Analysis:
-    best = best_runs(config, runs)
+    best = best_runs(runs)
     seeds = seeds_of(runs)
     analysis = Analysis()
     censored = False
