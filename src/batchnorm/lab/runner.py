@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import batchnorm
 from batchnorm.lab.data import describe_spec, load_data
 from batchnorm.lab.experiments import get_experiment
 from batchnorm.lab.experiments.base import config_to_dict
@@ -43,6 +44,8 @@ class Task:
             "params": self.params,
             "data": describe_spec(self.data),
             "device": self.device,
+            # Another torch or batchnorm version may give other numbers: do not reuse across them.
+            "versions": {"torch": torch.__version__, "batchnorm": batchnorm.__version__},
         }
 
     @property
