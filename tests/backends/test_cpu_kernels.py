@@ -211,3 +211,17 @@ def test_kernels_compile_without_a_writable_cache(monkeypatch):
         return values * 2
 
     np.testing.assert_array_equal(double(np.arange(3.0)), [0.0, 2.0, 4.0])
+
+
+def test_kernels_follow_and_keep_torchs_thread_count():
+    """torch.set_num_threads governs the kernels, and the kernels' first parallel launch (which
+    starts Numba's OpenMP layer) leaves torch's count as the user set it."""
+    code = (
+        "import torch, numba, batchnorm\n"
+        "torch.set_num_threads(1)\n"
+        "batchnorm.BatchNorm2d(8)(torch.randn(64, 8, 32, 32))\n"
+        "print(torch.get_num_threads(), numba.get_num_threads())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert result.stdout.split() == ["1", "1"]

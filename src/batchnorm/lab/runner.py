@@ -82,18 +82,9 @@ def execute(task: Task) -> dict:
 
 
 def limit_threads(threads: int) -> None:
-    """Use ``threads`` threads in torch and in the Numba kernels of our batch norm.
-
-    Numba's thread count is set first: with an OpenMP threading layer it can change the count
-    torch sees, and two processes that each run two threads on two cores slow each other down
-    several times over.
-    """
-    try:
-        import numba
-    except ImportError:
-        pass
-    else:
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    """Use ``threads`` threads per run: the models are tiny, and two processes that each run two
+    threads on two cores slow each other down several times over. Our CPU kernels follow
+    torch's thread count."""
     torch.set_num_threads(threads)
 
 

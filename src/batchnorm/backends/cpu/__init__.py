@@ -102,21 +102,30 @@ def _vector(t: torch.Tensor | None, dtype: torch.dtype) -> np.ndarray:
 SERIAL_BELOW = 1 << 16
 
 
+def _threads(numel: int, torch_threads: int | None = None) -> int:
+    """Kernel threads for an input: one below the grain size, else torch's own thread count
+    (so ``torch.set_num_threads`` governs our kernels too), within Numba's pool."""
+    if numel < SERIAL_BELOW:
+        return 1
+    torch_threads = torch.get_num_threads() if torch_threads is None else torch_threads
+    return max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+
+
 def _run(kernel, numel: int, *arguments) -> None:
-    if numel >= SERIAL_BELOW:
-        kernel(*arguments)
-        return
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        kernel(*arguments)
-    finally:
-        numba.set_num_threads(threads)
+    torch_threads = torch.get_num_threads()
+    threads = _threads(numel, torch_threads)
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)  # per calling thread in Numba; left set for the next call
+    kernel(*arguments)
+    # Numba's OpenMP layer, when it starts, resets the OpenMP thread count that torch shares:
+    # put back what the user chose.
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
 
 
 def _blocks(rows: int, numel: int) -> int:
     """How many row blocks accumulate partial sums: one per kernel thread."""
-    return 1 if numel < SERIAL_BELOW else max(1, min(numba.get_num_threads(), rows))
+    return max(1, min(_threads(numel), rows))
 
 
 # -- entry points -----------------------------------------------------------------------------
