@@ -10,7 +10,7 @@ from batchnorm import BatchNorm1d, BatchNorm2d
 from batchnorm.lab.models import CNN, MLP, NORMS, init_weights, make_norm, register_norm
 
 
-@pytest.mark.parametrize("norm", ["none", "batch", "group", "layer"])
+@pytest.mark.parametrize("norm", sorted(NORMS))
 def test_every_norm_builds_and_trains_a_step(norm):
     for model, x in [
         (MLP(64, 10, depth=2, width=16, norm=norm), torch.randn(8, 64)),
@@ -67,3 +67,12 @@ def test_registered_norm_is_usable_by_name():
         assert MLP(4, 2, norm="test-identity")(torch.randn(3, 4)).shape == (3, 2)
     finally:
         del NORMS["test-identity"]
+
+
+def test_variants_are_ours_with_the_lab_settings():
+    from batchnorm import BatchRenorm2d, GhostBatchNorm1d
+
+    renorm = make_norm("renorm", 8, True)
+    assert type(renorm) is BatchRenorm2d and (renorm.r_max, renorm.d_max) == (1.5, 0.5)
+    ghost = make_norm("ghost", 8, False)
+    assert type(ghost) is GhostBatchNorm1d and ghost.virtual_batch_size == 16

@@ -1,4 +1,5 @@
-"""C9 and C15, batch size: accuracy from batch 2 to 128, BN against GroupNorm and LayerNorm.
+"""C9 and C15, batch size: accuracy from batch 2 to 128, BN against batch renormalization,
+ghost batch norm, GroupNorm and LayerNorm.
 
 Every batch size trains for the same number of epochs with the learning rate scaled linearly
 (``base_learning_rate * batch / reference_batch``), as in the GroupNorm paper. Evaluation uses
@@ -39,7 +40,7 @@ WU_HE = Table(
 
 @dataclass(frozen=True)
 class BatchSizeConfig:
-    norms: tuple[str, ...] = ("batch", "group", "layer")
+    norms: tuple[str, ...] = ("batch", "renorm", "ghost", "group", "layer")
     batch_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128)
     reference_batch: int = 32
     base_learning_rate: float = 0.02
