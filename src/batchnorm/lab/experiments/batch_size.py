@@ -22,7 +22,7 @@ from batchnorm.lab.experiments.base import (
     percent,
     seeds_of,
 )
-from batchnorm.lab.models import CNN
+from batchnorm.lab.models import CNN, GHOST_BATCH, RENORM_LIMITS
 from batchnorm.lab.training import MOMENTUM
 from batchnorm.lab.verdict import Rule, judge
 
@@ -154,7 +154,11 @@ def setup(config: BatchSizeConfig) -> str:
         f"CNN, 3x3 convolutions of widths {', '.join(map(str, config.widths))} (strides 1, 2, 2), "
         f"ReLU, norm {' vs '.join(config.norms)} before each activation. Batch sizes {sizes}; "
         f"{config.epochs} epochs each; SGD (momentum {MOMENTUM}) at learning rate "
-        f"{config.base_learning_rate:g} x batch / {config.reference_batch}."
+        f"{config.base_learning_rate:g} x batch / {config.reference_batch}. Batch "
+        f"renormalization with constant r_max {RENORM_LIMITS['r_max']:g} and d_max "
+        f"{RENORM_LIMITS['d_max']:g} (Wu & He's setting); ghost batch norm with virtual batches of "
+        f"{GHOST_BATCH}, which makes it exactly batch norm at batch sizes up to {GHOST_BATCH} (its "
+        "line then lies on BN's)."
     )
 
 

@@ -38,6 +38,11 @@ def render_png(figure: Figure) -> bytes:
         axis.set_xlabel(panel.xlabel)
         axis.set_ylabel(panel.ylabel)
         axis.set_xscale(panel.xscale)
+        if panel.xscale == "log" and panel.xticklabels is None:
+            # Ticks at the values measured (batch sizes, learning rates), written plainly.
+            values = sorted({x for series in panel.series for x in series.x})
+            axis.set_xticks(values, [f"{v:g}" for v in values], fontsize=8)
+            axis.minorticks_off()
         if panel.xticklabels is not None:
             axis.set_xticks(range(len(panel.xticklabels)), panel.xticklabels, fontsize=8)
         axis.set_yscale(panel.yscale)
