@@ -30,6 +30,7 @@ from batchnorm.core.layout import (
     reduce_dims,
     valid_per_channel,
 )
+from batchnorm.core.workspace import scratch_like
 
 
 def centred_moments(
@@ -49,13 +50,21 @@ def centred_moments(
     if mask is None:
         mean = x.sum(dim=dims, dtype=acc) / count
         centred = x.to(acc) - as_channel(mean, x)
-        variance = (centred * centred).sum(dim=dims) / count
+        variance = sum_of_products(centred, centred, dims) / count
         return mean, variance, centred
     weights = mask_as_input(mask, x)
     mean = (x * weights).sum(dim=dims, dtype=acc) / count
     centred = x.to(acc) - as_channel(mean, x)
     variance = (centred * centred * weights).sum(dim=dims) / count
     return mean, variance, centred
+
+
+def sum_of_products(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Per-channel sum of ``a * b``; outside autograd the product goes to reused scratch memory."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return (a * b).sum(dim=dims)
+    like = b if b.dtype == torch.promote_types(a.dtype, b.dtype) else a  # the product's dtype
+    return torch.mul(a, b, out=scratch_like(like)).sum(dim=dims)
 
 
 def batch_moments(

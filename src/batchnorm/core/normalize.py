@@ -37,6 +37,7 @@ from batchnorm.core.layout import (
     reduce_dims,
     valid_per_channel,
 )
+from batchnorm.core.moments import sum_of_products
 
 Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
@@ -98,7 +99,7 @@ def gradient_sums(
     dims = reduce_dims(x)
     centred = x.to(acc) - as_channel(mean, x)
     sum_grad = grad_out.sum(dim=dims, dtype=acc)
-    sum_grad_centred = (grad_out * centred).sum(dim=dims)
+    sum_grad_centred = sum_of_products(grad_out, centred, dims)
     return centred, sum_grad, sum_grad_centred
 
 
