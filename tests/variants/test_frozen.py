@@ -53,3 +53,15 @@ def test_frozen_checks_its_input():
         FrozenBatchNorm2d(3)(torch.randn(2, 3))
     with pytest.raises(ValueError, match="expected 3 channels"):
         FrozenBatchNorm2d(3)(torch.randn(2, 4, 2, 2))
+
+
+def test_functional_form_passes_gradient_to_the_input_only():
+    from batchnorm.functional import frozen_batch_norm
+
+    x = torch.randn(4, 3, requires_grad=True)
+    weight = torch.rand(3, requires_grad=True)
+    mean, var = torch.randn(3), torch.rand(3) + 0.5
+    y = frozen_batch_norm(x, mean, var, weight, None)
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, mean, var, weight))
+    y.sum().backward()
+    assert x.grad is not None and weight.grad is None

@@ -52,3 +52,29 @@ def test_bad_inputs():
         bn(torch.randn(4, 2), 0)
     with pytest.raises(ValueError, match=r"mask of shape \(2, 3\)"):
         BNLSTM(2, 4, max_steps=3)(torch.randn(3, 2, 2), torch.ones(3, 2, dtype=torch.bool))
+
+
+def test_gradcheck_and_the_functional_form():
+    from torch.autograd import gradcheck, gradgradcheck
+
+    from batchnorm.functional import recurrent_batch_norm
+
+    torch.manual_seed(3)
+    means = torch.zeros(2, 3, dtype=torch.float64)
+    variances = torch.ones(2, 3, dtype=torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    for training in (True, False):
+        def step(a, gamma, beta, training=training):
+            return recurrent_batch_norm(a, 1, means.clone(), variances.clone(), gamma, beta,
+                                        training=training)
+
+        assert gradcheck(step, (x, w, b))
+        assert gradgradcheck(step, (x, w, b))
+    bn = RecurrentBatchNorm(3, max_steps=2, dtype=torch.float64)
+    expected = bn(x, 3)
+    y = recurrent_batch_norm(x, 3, means, variances, bn.weight, bn.bias, training=True)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(means, bn.running_mean)
+    assert bn.num_batches_tracked.tolist() == [0, 1]

@@ -20,6 +20,24 @@ from batchnorm.core.checks import check_input
 from batchnorm.functional import batch_norm_core
 
 
+def frozen_batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Functional frozen batch norm: the fixed statistics and affine, whatever the mode; the
+    statistics and affine receive no gradient, the input does."""
+    detached = [None if t is None else t.detach() for t in (weight, bias)]
+    output, _, _, _ = batch_norm_core(
+        input, running_mean, running_var, *detached, training=False, eps=eps,
+        owner="frozen_batch_norm",
+    )
+    return output
+
+
 class _FrozenBatchNorm(nn.Module):
     _allowed_dims: tuple[int, ...] = ()
 
@@ -60,11 +78,9 @@ class _FrozenBatchNorm(nn.Module):
             num_features=self.num_features,
             owner=type(self).__name__,
         )
-        output, _, _, _ = batch_norm_core(
-            input, self.running_mean, self.running_var, self.weight, self.bias,
-            training=False, eps=self.eps, owner=type(self).__name__,
+        return frozen_batch_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
         )
-        return output
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}"

@@ -28,7 +28,50 @@ import torch
 from torch import nn
 
 from batchnorm.core.checks import check_input
-from batchnorm.functional import batch_norm_core
+from batchnorm.functional import batch_norm_core, commit_running_stats
+
+
+def _recurrent_core(input, t, running_means, running_vars, weight, bias, training, momentum,
+                    eps, mask, owner):
+    """Batch norm of step ``t`` against that step's row; returns what ``batch_norm_core`` does
+    plus the row index. Nothing is modified."""
+    if not isinstance(t, int) or t < 0:
+        raise ValueError(f"{owner}: expected a time step t >= 0 (int), got {t!r}")
+    step = min(t, running_means.shape[0] - 1)
+    # Near the end of variable-length batches a step may hold a single running sequence, whose
+    # statistics cannot be estimated: that step uses its running statistics instead.
+    training = training and (mask is None or int(mask.sum()) >= 2)
+    # Copies: autograd saves the statistics used at this step, and the same rows are updated in
+    # place at later steps of the sequence.
+    result = batch_norm_core(
+        input, running_means[step].clone(), running_vars[step].clone(), weight, bias,
+        training=training, momentum=momentum, eps=eps, owner=owner, mask=mask,
+    )
+    return (*result, step)
+
+
+def recurrent_batch_norm(
+    input: torch.Tensor,
+    t: int,
+    running_means: torch.Tensor,
+    running_vars: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | torch.Tensor = 0.1,
+    eps: float = 1e-5,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Functional recurrent batch norm: batch norm of step ``t`` with that step's row of the
+    (max_steps, C) running statistics (the last row for later steps), updated in place in
+    training. A step with fewer than two valid rows in ``mask`` uses the running statistics."""
+    output, new_mean, new_var, finite, step = _recurrent_core(
+        input, t, running_means, running_vars, weight, bias, training, momentum, eps, mask,
+        "recurrent_batch_norm",
+    )
+    commit_running_stats(running_means[step], running_vars[step], new_mean, new_var, finite,
+                         "recurrent_batch_norm")
+    return output
 
 
 class RecurrentBatchNorm(nn.Module):
@@ -74,25 +117,18 @@ class RecurrentBatchNorm(nn.Module):
         check_input(input, allowed_dims=(2,), num_features=self.num_features, owner=owner)
         if not isinstance(t, int) or t < 0:
             raise ValueError(f"{owner}: expected a time step t >= 0 (int), got {t!r}")
-        step = min(t, self.max_steps - 1)
-        running_mean, running_var = self.running_mean[step], self.running_var[step]
-        tracked = self.num_batches_tracked[step]
+        tracked = self.num_batches_tracked[min(t, self.max_steps - 1)]
         momentum = self.momentum
         if momentum is None:
-            momentum = 1.0 / (tracked + 1).to(running_mean.dtype)
-        # Near the end of variable-length batches a step may hold a single running sequence,
-        # whose statistics cannot be estimated: that step uses its running statistics instead.
-        training = self.training and (mask is None or int(mask.sum()) >= 2)
-        # Copies: autograd saves the statistics used at this step, and the same rows are
-        # updated in place at later steps of the sequence.
-        output, new_mean, new_var, finite = batch_norm_core(
-            input, running_mean.clone(), running_var.clone(), self.weight, self.bias,
-            training=training, momentum=momentum, eps=self.eps, owner=owner, mask=mask,
+            momentum = 1.0 / (tracked + 1).to(self.running_mean.dtype)
+        output, new_mean, new_var, finite, step = _recurrent_core(
+            input, t, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training, momentum, self.eps, mask, owner,
         )
         if new_mean is not None:
+            commit_running_stats(self.running_mean[step], self.running_var[step], new_mean,
+                                 new_var, finite, owner)
             with torch.no_grad():
-                running_mean.copy_(new_mean)
-                running_var.copy_(new_var)
                 tracked.add_(finite.to(tracked.dtype))
         return output
 
