@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from batchnorm.lab.data import Dataset
+from batchnorm.lab.models import MLP
 from batchnorm.lab.training import TrainResult, seed_everything, train
 from batchnorm.lab.verdict import Finding
 
@@ -99,6 +100,19 @@ class Experiment:
 
 def config_to_dict(config) -> dict:
     return dataclasses.asdict(config)
+
+
+def mlp_builder(config: Any, data: Dataset, norm: str, **overrides: Any) -> Callable[[], MLP]:
+    """A factory for ``fit`` of the MLP a config describes (its depth, width and activation),
+    with ``norm`` and any other MLP option given in ``overrides``."""
+    options = {
+        "depth": config.depth,
+        "width": config.width,
+        "activation": getattr(config, "activation", "relu"),
+        "norm": norm,
+        **overrides,
+    }
+    return lambda: MLP(data.input_size, data.classes, **options)
 
 
 def fit(

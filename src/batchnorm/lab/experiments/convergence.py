@@ -18,11 +18,11 @@ from batchnorm.lab.experiments.base import (
     Table,
     by_params,
     fit,
+    mlp_builder,
     percent,
     seeds_of,
     spread_band,
 )
-from batchnorm.lab.models import MLP
 from batchnorm.lab.training import MOMENTUM
 from batchnorm.lab.verdict import Rule, judge
 
@@ -64,15 +64,7 @@ def steps_to_target(steps: list[int], accuracies: list[float], target: float) ->
 
 
 def run(config: ConvergenceConfig, params: dict, data, device: str) -> dict:
-    def build():
-        return MLP(
-            data.input_size,
-            data.classes,
-            depth=config.depth,
-            width=config.width,
-            activation=config.activation,
-            norm=params["norm"],
-        )
+    build = mlp_builder(config, data, params["norm"])
 
     _, result = fit(
         build,

@@ -17,10 +17,11 @@ from batchnorm.lab.experiments.base import (
     Table,
     by_params,
     fit,
+    mlp_builder,
     percent,
     seeds_of,
 )
-from batchnorm.lab.models import MLP, init_weights
+from batchnorm.lab.models import init_weights
 from batchnorm.lab.training import MOMENTUM
 from batchnorm.lab.verdict import Rule, judge
 
@@ -53,15 +54,10 @@ def plan(config: InitConfig, seeds) -> list[dict]:
 
 
 def run(config: InitConfig, params: dict, data, device: str) -> dict:
+    make_mlp = mlp_builder(config, data, params["norm"])
+
     def build():
-        model = MLP(
-            data.input_size,
-            data.classes,
-            depth=config.depth,
-            width=config.width,
-            activation=config.activation,
-            norm=params["norm"],
-        )
+        model = make_mlp()
         init_weights(model, config.activation, scale=params["scale"])
         return model
 

@@ -21,11 +21,11 @@ from batchnorm.lab.experiments.base import (
     Table,
     by_params,
     fit,
+    mlp_builder,
     percent,
     seeds_of,
     spread_band,
 )
-from batchnorm.lab.models import MLP
 from batchnorm.lab.training import MOMENTUM
 from batchnorm.lab.verdict import Rule, judge
 
@@ -55,16 +55,7 @@ def plan(config: IoffeConfig, seeds) -> list[dict]:
 
 
 def run(config: IoffeConfig, params: dict, data, device: str) -> dict:
-    def build():
-        return MLP(
-            data.input_size,
-            data.classes,
-            depth=config.depth,
-            width=config.width,
-            activation="sigmoid",
-            norm=params["norm"],
-            placement="before",
-        )
+    build = mlp_builder(config, data, params["norm"], activation="sigmoid", placement="before")
 
     quantiles = torch.tensor([p / 100 for p in PERCENTILES], device=device)
     history: list[torch.Tensor] = []  # per checkpoint: (3 percentiles, units)

@@ -17,10 +17,10 @@ from batchnorm.lab.experiments.base import (
     Table,
     by_params,
     fit,
+    mlp_builder,
     percent,
     seeds_of,
 )
-from batchnorm.lab.models import MLP
 from batchnorm.lab.training import MOMENTUM
 from batchnorm.lab.verdict import Rule, judge
 
@@ -54,15 +54,7 @@ def plan(config: LearningRateConfig, seeds) -> list[dict]:
 
 
 def run(config: LearningRateConfig, params: dict, data, device: str) -> dict:
-    def build():
-        return MLP(
-            data.input_size,
-            data.classes,
-            depth=config.depth,
-            width=config.width,
-            activation=config.activation,
-            norm=params["norm"],
-        )
+    build = mlp_builder(config, data, params["norm"])
 
     model, result = fit(
         build,

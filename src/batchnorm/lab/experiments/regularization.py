@@ -17,10 +17,10 @@ from batchnorm.lab.experiments.base import (
     Table,
     by_params,
     fit,
+    mlp_builder,
     percent,
     seeds_of,
 )
-from batchnorm.lab.models import MLP
 from batchnorm.lab.training import MOMENTUM, accuracy
 from batchnorm.lab.verdict import Rule, judge
 
@@ -54,16 +54,7 @@ def plan(config: RegularizationConfig, seeds) -> list[dict]:
 
 
 def run(config: RegularizationConfig, params: dict, data, device: str) -> dict:
-    def build():
-        return MLP(
-            data.input_size,
-            data.classes,
-            depth=config.depth,
-            width=config.width,
-            activation=config.activation,
-            norm=params["norm"],
-            dropout=params["dropout"],
-        )
+    build = mlp_builder(config, data, params["norm"], dropout=params["dropout"])
 
     model, result = fit(
         build,
