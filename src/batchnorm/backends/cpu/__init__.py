@@ -166,9 +166,12 @@ def forward(
         else:
             _run(kernels.train_forward_rows, numel, *arguments, _blocks(xa.shape[0], numel))
         return (out if out.dtype == x.dtype else out.to(x.dtype)), batch_mean, batch_var
-    kernel = kernels.eval_forward_planes if planes else kernels.eval_forward_rows
-    _run(kernel, numel, xa, _vector(mean, xc.dtype), _vector(variance, xc.dtype), w, b,
-         float(eps), act, ra, residual is not None, oa)
+    arguments = (xa, _vector(mean, xc.dtype), _vector(variance, xc.dtype), w, b, float(eps), act,
+                 ra, residual is not None, oa)
+    if planes:
+        _run(kernels.eval_forward_planes, numel, *arguments)
+    else:
+        _run(kernels.eval_forward_rows, numel, *arguments, _blocks(xa.shape[0], numel))
     return (out if out.dtype == x.dtype else out.to(x.dtype)), None, None
 
 

@@ -278,36 +278,50 @@ def backward_planes(
 
 
 # -- rows (R, C) ------------------------------------------------------------------------------
+#
+# Rows are indexed as x[r, c] directly (no per-row views, no per-row scratch allocation) so that
+# the inner loop over channels is a plain strided-by-one loop LLVM vectorizes; row-view helpers
+# and a scratch array allocated per row made these kernels 2-5x slower than torch on
+# channels_last inputs. Each parallel loop runs over ``blocks`` contiguous row blocks, one per
+# kernel thread, so the per-block set-up (a scratch row for the activation) is paid once.
 
 
 @_jit(**_REDUCE)
 def _row_sums(x, shift, start, stop, s1, s2):
+    """Shifted float64 sums of rows [start, stop) added into s1, s2. Four rows per sweep over
+    the channels: the accumulators are loaded and stored a quarter as often (2-3x faster on
+    rows of 64-512 channels)."""
     channels = x.shape[1]
-    for r in range(start, stop):
-        xr = x[r]
+    r = start
+    while r + 4 <= stop:
         for c in range(channels):
-            d = np.float64(xr[c]) - shift[c]
+            k = shift[c]
+            d0 = np.float64(x[r, c]) - k
+            d1 = np.float64(x[r + 1, c]) - k
+            d2 = np.float64(x[r + 2, c]) - k
+            d3 = np.float64(x[r + 3, c]) - k
+            s1[c] += (d0 + d1) + (d2 + d3)
+            s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        r += 4
+    for tail in range(r, stop):
+        for c in range(channels):
+            d = np.float64(x[tail, c]) - shift[c]
             s1[c] += d
             s2[c] += d * d
 
 
 @_jit()
-def _normalize_row(xr, rr, has_res, m, s, b, act, yr):
-    channels = xr.shape[0]
-    if has_res:
-        for c in range(channels):
-            yr[c] = (xr[c] - m[c]) * s[c] + b[c] + rr[c]
-    else:
-        for c in range(channels):
-            yr[c] = (xr[c] - m[c]) * s[c] + b[c]
-    if act != IDENTITY:
-        _activate(yr, act)
-
-
-@_jit(**_PARALLEL)
-def _normalize_rows(x, m, s, b, act, residual, has_res, out):
-    for r in prange(x.shape[0]):
-        _normalize_row(x[r], residual[r], has_res, m, s, b, act, out[r])
+def _normalize_row_block(x, m, s, b, act, residual, has_res, out, start, stop):
+    channels = x.shape[1]
+    for r in range(start, stop):
+        if has_res:
+            for c in range(channels):
+                out[r, c] = (x[r, c] - m[c]) * s[c] + b[c] + residual[r, c]
+        else:
+            for c in range(channels):
+                out[r, c] = (x[r, c] - m[c]) * s[c] + b[c]
+        if act != IDENTITY:
+            _activate(out[r], act)
 
 
 @_jit(**_PARALLEL)
@@ -335,60 +349,74 @@ def train_forward_rows(x, weight, bias, eps, act, residual, has_res, out, mean, 
     s = np.empty(channels, dtype=x.dtype)
     b = np.empty(channels, dtype=x.dtype)
     _fill_coefficients(mean, var, weight, bias, eps, m, s, b)
-    _normalize_rows(x, m, s, b, act, residual, has_res, out)
+    for k in prange(blocks):
+        _normalize_row_block(x, m, s, b, act, residual, has_res, out,
+                             k * rows // blocks, (k + 1) * rows // blocks)
 
 
-@_jit()
-def eval_forward_rows(x, mean, var, weight, bias, eps, act, residual, has_res, out):
-    channels = x.shape[1]
+@_jit(**_PARALLEL)
+def eval_forward_rows(x, mean, var, weight, bias, eps, act, residual, has_res, out, blocks):
+    rows, channels = x.shape
     m = np.empty(channels, dtype=x.dtype)
     s = np.empty(channels, dtype=x.dtype)
     b = np.empty(channels, dtype=x.dtype)
     _fill_coefficients(mean, var, weight, bias, eps, m, s, b)
-    _normalize_rows(x, m, s, b, act, residual, has_res, out)
+    for k in prange(blocks):
+        _normalize_row_block(x, m, s, b, act, residual, has_res, out,
+                             k * rows // blocks, (k + 1) * rows // blocks)
 
 
 @_jit()
-def _row_grad_pre_activation(gr, xr, rr, has_res, m, s, b, act, buffer):
+def _row_grad_pre_activation(grad, x, residual, has_res, m, s, b, act, r, buffer):
+    """d = g * f'(z) for row r (the gradient row itself when there is no activation)."""
     if act == IDENTITY:
-        return gr
-    for c in range(xr.shape[0]):
-        z = (xr[c] - m[c]) * s[c] + b[c]
+        return grad[r]
+    for c in range(x.shape[1]):
+        z = (x[r, c] - m[c]) * s[c] + b[c]
         if has_res:
-            z += rr[c]
-        buffer[c] = gr[c] * _activation_slope(z, act)
+            z += residual[r, c]
+        buffer[c] = grad[r, c] * _activation_slope(z, act)
     return buffer
 
 
 @_jit(**_REDUCE)
 def _row_grad_sums(grad, x, residual, has_res, centre_of, m, s, b, act, start, stop, s1, s2):
     channels = x.shape[1]
+    r = start
+    if act == IDENTITY:  # four rows per sweep, as in _row_sums
+        while r + 4 <= stop:
+            for c in range(channels):
+                k = centre_of[c]
+                g0 = np.float64(grad[r, c])
+                g1 = np.float64(grad[r + 1, c])
+                g2 = np.float64(grad[r + 2, c])
+                g3 = np.float64(grad[r + 3, c])
+                s1[c] += (g0 + g1) + (g2 + g3)
+                s2[c] += (g0 * (np.float64(x[r, c]) - k) + g1 * (np.float64(x[r + 1, c]) - k)) + (
+                    g2 * (np.float64(x[r + 2, c]) - k) + g3 * (np.float64(x[r + 3, c]) - k))
+            r += 4
     buffer = np.empty(channels if act != IDENTITY else 0, dtype=x.dtype)
-    for r in range(start, stop):
-        ds = _row_grad_pre_activation(grad[r], x[r], residual[r], has_res, m, s, b, act, buffer)
-        xr = x[r]
+    for tail in range(r, stop):
+        ds = _row_grad_pre_activation(grad, x, residual, has_res, m, s, b, act, tail, buffer)
         for c in range(channels):
             d = np.float64(ds[c])
             s1[c] += d
-            s2[c] += d * (np.float64(xr[c]) - centre_of[c])
+            s2[c] += d * (np.float64(x[tail, c]) - centre_of[c])
 
 
-@_jit(**_PARALLEL)
-def _row_grad_input(grad, x, residual, has_res, m, s, b, act, gain, k_centred, k_offset,
-                    need_input, grad_input, need_residual, grad_residual):
+@_jit()
+def _row_grad_input_block(grad, x, residual, has_res, m, s, b, act, gain, k_centred, k_offset,
+                          need_input, grad_input, need_residual, grad_residual, start, stop):
     channels = x.shape[1]
-    for r in prange(x.shape[0]):
-        buffer = np.empty(channels if act != IDENTITY else 0, dtype=x.dtype)
-        ds = _row_grad_pre_activation(grad[r], x[r], residual[r], has_res, m, s, b, act, buffer)
-        xr = x[r]
+    buffer = np.empty(channels if act != IDENTITY else 0, dtype=x.dtype)
+    for r in range(start, stop):
+        ds = _row_grad_pre_activation(grad, x, residual, has_res, m, s, b, act, r, buffer)
         if need_input:
-            dxr = grad_input[r]
             for c in range(channels):
-                dxr[c] = ds[c] * gain[c] + (xr[c] - m[c]) * k_centred[c] + k_offset[c]
+                grad_input[r, c] = ds[c] * gain[c] + (x[r, c] - m[c]) * k_centred[c] + k_offset[c]
         if need_residual:
-            drr = grad_residual[r]
             for c in range(channels):
-                drr[c] = ds[c]
+                grad_residual[r, c] = ds[c]
 
 
 @_jit(**_PARALLEL)
@@ -424,5 +452,7 @@ def backward_rows(
             k_centred[c] = -scale * invstd * invstd * sum_dxc / rows
             k_offset[c] = -scale * sum_d / rows
     if need_input or need_residual:
-        _row_grad_input(grad, x, residual, has_res, m, s, b, act, gain, k_centred, k_offset,
-                        need_input, grad_input, need_residual, grad_residual)
+        for k in prange(blocks):
+            _row_grad_input_block(grad, x, residual, has_res, m, s, b, act, gain, k_centred,
+                                  k_offset, need_input, grad_input, need_residual, grad_residual,
+                                  k * rows // blocks, (k + 1) * rows // blocks)
