@@ -84,8 +84,8 @@ def _activate(values, act):
     n = values.shape[0]
     if act == RELU:
         for i in range(n):
-            if values[i] < 0:  # NaN stays NaN, as in torch.relu
-                values[i] = 0
+            v = values[i]
+            values[i] = 0 if v < 0 else v  # NaN stays NaN, as in torch.relu; a select vectorizes
     elif act == SILU:
         for i in range(n):
             z = np.float64(values[i])
@@ -204,6 +204,11 @@ def _plane_grad_pre_activation(gs, xs, rs, has_res, m, s, b, act, buffer):
     """d = g * f'(z) for one segment (``gs`` itself when there is no activation)."""
     if act == IDENTITY:
         return gs
+    if act == RELU:  # the common case, as a select over the input dtype that vectorizes
+        for i in range(xs.shape[0]):
+            z = (xs[i] - m) * s + b + (rs[i] if has_res else 0)
+            buffer[i] = gs[i] if z > 0 else 0
+        return buffer
     for i in range(xs.shape[0]):
         z = (xs[i] - m) * s + b
         if has_res:
@@ -371,6 +376,11 @@ def _row_grad_pre_activation(grad, x, residual, has_res, m, s, b, act, r, buffer
     """d = g * f'(z) for row r (the gradient row itself when there is no activation)."""
     if act == IDENTITY:
         return grad[r]
+    if act == RELU:  # as in _plane_grad_pre_activation
+        for c in range(x.shape[1]):
+            z = (x[r, c] - m[c]) * s[c] + b[c] + (residual[r, c] if has_res else 0)
+            buffer[c] = grad[r, c] if z > 0 else 0
+        return buffer
     for c in range(x.shape[1]):
         z = (x[r, c] - m[c]) * s[c] + b[c]
         if has_res:
@@ -395,6 +405,14 @@ def _row_grad_sums(grad, x, residual, has_res, centre_of, m, s, b, act, start, s
                 s2[c] += (g0 * (np.float64(x[r, c]) - k) + g1 * (np.float64(x[r + 1, c]) - k)) + (
                     g2 * (np.float64(x[r + 2, c]) - k) + g3 * (np.float64(x[r + 3, c]) - k))
             r += 4
+    elif act == RELU and not has_res:  # d = g where z > 0, inline (no scratch row)
+        while r < stop:
+            for c in range(channels):
+                xc = x[r, c]
+                d = np.float64(grad[r, c]) if (xc - m[c]) * s[c] + b[c] > 0 else 0.0
+                s1[c] += d
+                s2[c] += d * (np.float64(xc) - centre_of[c])
+            r += 1
     buffer = np.empty(channels if act != IDENTITY else 0, dtype=x.dtype)
     for tail in range(r, stop):
         ds = _row_grad_pre_activation(grad, x, residual, has_res, m, s, b, act, tail, buffer)
@@ -408,6 +426,13 @@ def _row_grad_sums(grad, x, residual, has_res, centre_of, m, s, b, act, start, s
 def _row_grad_input_block(grad, x, residual, has_res, m, s, b, act, gain, k_centred, k_offset,
                           need_input, grad_input, need_residual, grad_residual, start, stop):
     channels = x.shape[1]
+    if act == RELU and need_input and not (has_res or need_residual):  # inline, as in the sums
+        for r in range(start, stop):
+            for c in range(channels):
+                xc = x[r, c]
+                d = grad[r, c] if (xc - m[c]) * s[c] + b[c] > 0 else 0
+                grad_input[r, c] = d * gain[c] + (xc - m[c]) * k_centred[c] + k_offset[c]
+        return
     buffer = np.empty(channels if act != IDENTITY else 0, dtype=x.dtype)
     for r in range(start, stop):
         ds = _row_grad_pre_activation(grad, x, residual, has_res, m, s, b, act, r, buffer)
