@@ -145,19 +145,20 @@ def test_module_on_the_kernels_matches_torch(layout):
     ours, theirs = batchnorm.BatchNorm2d(6), torch.nn.BatchNorm2d(6)
     x = make_input((4, 6, 9, 9), torch.float32, layout, seed=2, scale=3.0, offset=2.0)
     g = make_input((4, 6, 9, 9), torch.float32, layout, seed=3)
-    assert batchnorm.select_backend(x).name == "cpu"
     results = []
-    for module in (ours, theirs):
-        xr = x.clone().requires_grad_(True)
-        y = module(xr)
-        results.append((y, *torch.autograd.grad(y, [xr, module.weight, module.bias], g)))
+    with batchnorm.use_backend("cpu"):
+        assert batchnorm.select_backend(x).name == "cpu"
+        for module in (ours, theirs):
+            xr = x.clone().requires_grad_(True)
+            y = module(xr)
+            results.append((y, *torch.autograd.grad(y, [xr, module.weight, module.bias], g)))
     for mine, theirs_value in zip(*results, strict=True):
         assert_close(mine, theirs_value, torch.float32, scale=4)
     assert_close(ours.running_mean, theirs.running_mean, torch.float32)
     assert_close(ours.running_var, theirs.running_var, torch.float32)
     ours.eval()
     theirs.eval()
-    with torch.no_grad():
+    with torch.no_grad(), batchnorm.use_backend("cpu"):
         assert_close(ours(x), theirs(x), torch.float32)
 
 
@@ -165,8 +166,30 @@ def test_double_backward_with_kernels_selected():
     """create_graph=True takes the eager path; the first-order backward the kernel one."""
     x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
     module = batchnorm.BatchNorm1d(3, dtype=torch.float64)
-    assert batchnorm.select_backend(x).name == "cpu"
-    assert torch.autograd.gradgradcheck(lambda t: module(t), (x,))
+    with batchnorm.use_backend("cpu"):
+        assert batchnorm.select_backend(x).name == "cpu"
+        assert torch.autograd.gradgradcheck(lambda t: module(t), (x,))
+
+
+@pytest.mark.parametrize(
+    ("size", "layout", "expected"),
+    [
+        ((8, 64, 28, 28), "contiguous", "cpu"),  # planes of 784 values
+        ((8, 64, 28, 28), "channels_last", "cpu"),  # rows
+        ((8, 512, 7, 7), "contiguous", "eager"),  # planes of 49 values
+        ((8, 512, 7, 7), "channels_last", "cpu"),
+        ((1024, 256), "contiguous", "cpu"),
+        ((60, 100), "contiguous", "eager"),  # below the size where a kernel pays off
+    ],
+)
+def test_automatic_choice_prefers_the_kernels_where_measured_faster(size, layout, expected):
+    x = torch.empty(size)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with batchnorm.use_backend(None):
+        assert batchnorm.select_backend(x).name == expected
+    with batchnorm.use_backend("cpu"):  # forcing still reaches the kernels
+        assert batchnorm.select_backend(x).name == "cpu"
 
 
 def test_eager_override_and_fallback_without_numba():
