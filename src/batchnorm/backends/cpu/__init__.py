@@ -52,16 +52,16 @@ def supports(x: torch.Tensor) -> bool:
 # channels_last train 0.66 vs 1.64, layer3.bn3 1.38 vs 3.14, mlp.1024x4096 0.90 vs 1.81); planes
 # win from 14x14 up (layer3.bn1 train 0.96 vs 1.50, layer1.bn1 0.66 vs 1.24) but lose at 7x7
 # (layer4.bn3 train 2.15 vs 1.78, eval 3.23 vs 1.35: one channel's 8 segments of 49 values are
-# too short for the per-segment loop set-up); and below ~16k values both paths are Python
-# overhead, where eager's train step was the shorter (mlp.60x100 train 3.90 vs 3.21).
-PREFERRED_MIN_NUMEL = 1 << 14
+# too short for the per-segment loop set-up). Tiny inputs (mlp.60x100) are Python overhead on
+# both paths; two runs split on train (3.90 vs 3.21, 2.75 vs 4.61) and both favoured the kernels
+# in eval (1.95 vs 2.57, 1.37 vs 2.51), so size alone does not send an input to eager.
 PREFERRED_MIN_PLANE = 128
 
 
 def prefers(x: torch.Tensor) -> bool:
     """Whether the automatic choice should run these kernels on ``x`` (see the measurements
     above); a subset of :func:`supports`."""
-    if not supports(x) or x.numel() < PREFERRED_MIN_NUMEL:
+    if not supports(x):
         return False
     if x.dim() == 2:
         return True
