@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from batchnorm.core.layout import as_channel
+from batchnorm.core.normalize import affine_coefficients, inverse_std
 from batchnorm.variants.frozen import _FrozenBatchNorm
 
 _FOLDABLE = (
@@ -76,12 +77,10 @@ def _affine_of(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
             f"fold: {type(bn).__name__} has no running statistics (track_running_stats=False), "
             "so it normalizes with batch statistics even in eval mode and cannot be folded"
         )
-    invstd = torch.rsqrt(bn.running_var.to(torch.float64) + bn.eps)
-    scale = invstd if bn.weight is None else bn.weight.detach().to(torch.float64) * invstd
-    shift = -bn.running_mean.to(torch.float64) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.detach().to(torch.float64)
-    return scale, shift
+    as64 = [None if t is None else t.detach().to(torch.float64)
+            for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
+    mean, variance, weight, bias = as64
+    return affine_coefficients(mean, inverse_std(variance, bn.eps), weight, bias)
 
 
 def fold_pair(layer: nn.Module, bn: nn.Module) -> None:

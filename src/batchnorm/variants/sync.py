@@ -32,7 +32,12 @@ import torch.distributed as dist
 from batchnorm.core import checks
 from batchnorm.core.layout import as_channel, values_per_channel
 from batchnorm.core.moments import centred_moments, merge_many, unbiased
-from batchnorm.core.normalize import gradient_sums, input_gradient, inverse_std
+from batchnorm.core.normalize import (
+    gradient_sums,
+    input_gradient,
+    inverse_std,
+    normalize_centred,
+)
 from batchnorm.core.running import updated_running_stats
 from batchnorm.modules.batchnorm import _BatchNorm
 
@@ -102,14 +107,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 "use larger batches."
             )
         invstd = inverse_std(variance, eps)
-        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-        output = centred * as_channel(scale, centred)
-        if bias is not None:
-            output = output + as_channel(bias.to(output.dtype), output)
+        output = normalize_centred(centred, invstd, weight, bias, x.dtype)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.total, ctx.group, ctx.timeout = total, group, timeout
         ctx.mark_non_differentiable(mean, variance)
-        return output.to(x.dtype), mean, variance, total
+        return output, mean, variance, total
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_total):
