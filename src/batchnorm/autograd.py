@@ -26,7 +26,7 @@ from batchnorm.dispatch import select_backend
 
 def _cast_grads(grads, inputs):
     return tuple(
-        None if grad is None else grad.to(tensor.dtype)
+        grad if grad is None or grad.dtype == tensor.dtype else grad.to(tensor.dtype)
         for grad, tensor in zip(grads, inputs, strict=True)
     )
 

@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 
 from batchnorm.backends import eager, reference
+from batchnorm.core import running
 
 
 class Backend(Protocol):
@@ -90,6 +91,13 @@ def select_backend(x: torch.Tensor, mask: torch.Tensor | None = None) -> Backend
         if getattr(backend, "prefers", backend.supports)(x):
             return backend
     return eager
+
+
+def running_stats_updater(x: torch.Tensor, mask: torch.Tensor | None = None):
+    """The running-statistics update to pair with the backend chosen for ``x``: the backend's
+    own ``updated_running_stats`` where it has one, else the core's (same signature)."""
+    backend = select_backend(x, mask)
+    return getattr(backend, "updated_running_stats", running.updated_running_stats)
 
 
 @contextlib.contextmanager

@@ -16,9 +16,8 @@ import torch
 from batchnorm.autograd import apply_eval, apply_train
 from batchnorm.core import checks
 from batchnorm.core.layout import valid_per_channel
-from batchnorm.core.moments import unbiased
-from batchnorm.core.running import updated_running_stats, warn_nonfinite
-from batchnorm.dispatch import select_backend
+from batchnorm.core.running import warn_nonfinite
+from batchnorm.dispatch import running_stats_updater, select_backend
 
 Momentum = float | torch.Tensor
 
@@ -124,9 +123,9 @@ def batch_norm_core(
     output, mean, variance = normalize_with_batch_statistics(input, weight, bias, eps, mask)
     if not training or running_mean is None:
         return output, None, None, None
-    batch_var = unbiased(variance, valid_per_channel(input, mask))
-    new_mean, new_var, finite = updated_running_stats(
-        running_mean, running_var, mean, batch_var, momentum
+    update = running_stats_updater(input, mask)
+    new_mean, new_var, finite = update(
+        running_mean, running_var, mean, variance, momentum, valid_per_channel(input, mask)
     )
     return output, new_mean, new_var, finite
 

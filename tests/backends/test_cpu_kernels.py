@@ -248,3 +248,42 @@ def test_kernels_follow_and_keep_torchs_thread_count():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120, check=True)
     assert result.stdout.split() == ["1", "1"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum", [0.1, 1.0, "tensor"])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
+def test_running_update_kernel_matches_the_core(dtype, momentum, bad):
+    """The one-call running update gives the core's results, including the non-finite guard."""
+    from batchnorm.core import running
+
+    generator = torch.Generator().manual_seed(3)
+    rm, rv = torch.randn(6, generator=generator, dtype=dtype), torch.rand(6, dtype=dtype) + 0.5
+    bm, bv = torch.randn(6, generator=generator, dtype=dtype), torch.rand(6, dtype=dtype) + 0.1
+    if bad is not None:
+        bv[4] = bad
+    m = torch.tensor(0.25, dtype=dtype) if momentum == "tensor" else momentum
+    before = rm.clone(), rv.clone()
+    ours = cpu.updated_running_stats(rm, rv, bm, bv, m, count=9)
+    core = running.updated_running_stats(rm, rv, bm, bv, m, count=9)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])  # nothing in place
+    assert ours[0].dtype == rm.dtype and ours[1].dtype == rv.dtype
+    torch.testing.assert_close(ours[0], core[0])
+    torch.testing.assert_close(ours[1], core[1])
+    assert bool(ours[2]) == bool(core[2]) == (bad is None)
+
+
+@pytest.mark.parametrize("shape, layout", [((4, 2, 512, 513), "contiguous"),
+                                           ((4, 2, 512, 513), "channels_last")])
+def test_blocked_float32_sums_stay_accurate_on_many_values(shape, layout):
+    """A million values per channel, summed in float32 blocks joined in float64: the statistics
+    keep float32's precision instead of drifting with n."""
+    x = make_input(shape, torch.float32, layout, seed=11, scale=3.0, offset=5.0)
+    g = make_input(shape, torch.float32, layout, seed=12)
+    _, mean, var = cpu.train_forward(x, None, None, 1e-5)
+    ref_mean, ref_var = reference.moments(x.double().numpy())
+    np.testing.assert_allclose(mean.double().numpy(), ref_mean, rtol=1e-6)
+    np.testing.assert_allclose(var.double().numpy(), ref_var, rtol=1e-5)
+    _, _, db = cpu.train_backward(g, x, mean, var, None, 1e-5, (False, False, True))
+    ref_db = g.double().sum(dim=(0, 2, 3)).numpy()
+    np.testing.assert_allclose(db.double().numpy(), ref_db, atol=1e-6 * g.abs().sum().item())

@@ -36,3 +36,11 @@ def test_tensor_momentum_is_accepted():
         torch.zeros(2), torch.ones(2), torch.ones(2), torch.ones(2), torch.tensor(0.25)
     )
     torch.testing.assert_close(new_mean, torch.full((2,), 0.25))
+
+
+def test_count_applies_bessels_factor():
+    rm, rv, bm, bv = torch.zeros(3), torch.ones(3), torch.randn(3), torch.rand(3) + 0.5
+    with_count = updated_running_stats(rm, rv, bm, bv, 0.3, count=7)
+    given_unbiased = updated_running_stats(rm, rv, bm, unbiased(bv, 7), 0.3)
+    for a, b in zip(with_count, given_unbiased, strict=True):
+        torch.testing.assert_close(a, b)

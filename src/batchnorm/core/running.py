@@ -30,22 +30,34 @@ def updated_running_stats(
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
     batch_mean: torch.Tensor,
-    batch_unbiased_var: torch.Tensor,
+    batch_var: torch.Tensor,
     momentum: float | torch.Tensor,
+    count: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """New running mean and variance, and a 0-dim bool tensor: were the batch statistics finite.
 
-    ``batch_unbiased_var`` is the unbiased batch variance (``moments.unbiased`` of the biased
-    one). Nothing is modified in place.
+    ``batch_var`` is the unbiased batch variance, or, when the number of values ``count`` is
+    given, the biased one, which then receives Bessel's factor n / (n - 1) here. Nothing is
+    modified in place. Backends may provide a faster twin with the same signature and results
+    (``batchnorm.backends.cpu.updated_running_stats``).
     """
     # Mean and variance travel stacked as one (2, C) tensor: a handful of operations per step
     # instead of two of each, which shows on small layers.
-    batch = torch.stack([batch_mean.detach(), batch_unbiased_var.detach()])
-    batch = batch.to(running_mean.dtype)
-    running = torch.stack([running_mean, running_var.to(running_mean.dtype)])
+    if count is not None:
+        batch_var = batch_var * (count / (count - 1))
+    batch = torch.stack([batch_mean.detach(), batch_var.detach()])
+    if batch.dtype != running_mean.dtype:
+        batch = batch.to(running_mean.dtype)
+    var_dtype = running_var.dtype
+    if var_dtype != running_mean.dtype:
+        running_var = running_var.to(running_mean.dtype)
+    running = torch.stack([running_mean, running_var])
     finite = torch.isfinite(batch).all()
-    updated = torch.where(finite, running * (1 - momentum) + batch * momentum, running)
-    return updated[0], updated[1].to(running_var.dtype), finite
+    updated = torch.where(finite, running.lerp(batch, momentum), running)
+    new_var = updated[1]
+    if new_var.dtype != var_dtype:
+        new_var = new_var.to(var_dtype)
+    return updated[0], new_var, finite
 
 
 def warn_nonfinite(owner: str) -> None:

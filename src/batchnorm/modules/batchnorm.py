@@ -89,7 +89,7 @@ class _BatchNorm(_TorchBatchNorm):
             self.running_mean.copy_(new_mean)
             self.running_var.copy_(new_var)
             if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
+                self.num_batches_tracked.add_(finite)  # a bool tensor: adds 1 or 0
         if (
             self.warn_on_nonfinite
             and not self._warned_nonfinite

@@ -22,7 +22,6 @@ from torch.nn import functional as F
 
 from batchnorm.core.checks import check_batch_statistics_possible
 from batchnorm.core.layout import values_per_channel
-from batchnorm.core.moments import unbiased
 from batchnorm.core.running import updated_running_stats
 from batchnorm.dispatch import select_backend
 from batchnorm.functional import batch_norm
@@ -155,9 +154,10 @@ class _BatchNormAct(_BatchNorm):
                 activation=self.activation, residual=residual,
             )
         if updating:
-            new_mean, new_var, finite = updated_running_stats(
-                self.running_mean, self.running_var, mean,
-                unbiased(variance, values_per_channel(input)), self._momentum_now(),
+            update = getattr(backend, "updated_running_stats", updated_running_stats)
+            new_mean, new_var, finite = update(
+                self.running_mean, self.running_var, mean, variance, self._momentum_now(),
+                values_per_channel(input),
             )
             self._commit_running_stats(new_mean, new_var, finite)
         return y

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from batchnorm.backends.cpu import kernels
-from batchnorm.core.layout import accumulation_dtype
+from batchnorm.core import running
 
 name = "cpu"
 
@@ -193,14 +193,14 @@ def forward(
             _run(kernels.train_forward_planes, numel, *arguments)
         else:
             _run(kernels.train_forward_rows, numel, *arguments, _blocks(xa.shape[0], numel))
-        return (out if out.dtype == x.dtype else out.to(x.dtype)), batch_mean, batch_var
+        return _in_dtype(out, x.dtype), batch_mean, batch_var
     arguments = (xa, _vector(mean, xc.dtype), _vector(variance, xc.dtype), w, b, float(eps), act,
                  ra, residual is not None, oa)
     if planes:
         _run(kernels.eval_forward_planes, numel, *arguments)
     else:
         _run(kernels.eval_forward_rows, numel, *arguments, _blocks(xa.shape[0], numel))
-    return (out if out.dtype == x.dtype else out.to(x.dtype)), None, None
+    return _in_dtype(out, x.dtype), None, None
 
 
 def backward(
@@ -230,26 +230,32 @@ def backward(
     grad_input = torch.empty_like(xc) if need_input else None
     grad_residual = torch.empty_like(xc) if need_residual else None
     channels = x.shape[1]
-    grad_weight, grad_bias = np.empty(channels), np.empty(channels)
+    # the parameter gradients are summed in float64 and stored in the compute dtype, which is
+    # the accumulation dtype of x
+    grad_weight = torch.empty(channels, dtype=xc.dtype)
+    grad_bias = torch.empty(channels, dtype=xc.dtype)
     arguments = (
         ga, xa, ra, residual is not None, _vector(mean, xc.dtype), _vector(variance, xc.dtype),
         _vector(weight, xc.dtype), _vector(bias, xc.dtype), float(eps),
         kernels.ACTIVATIONS[activation], train,
         need_input, xa if grad_input is None else _array(grad_input, layout),
         xa if grad_residual is None else _array(grad_residual, layout), need_residual,
-        grad_weight, grad_bias,
+        grad_weight.numpy(), grad_bias.numpy(),
     )
     if xa.ndim == 3:
         _run(kernels.backward_planes, xa.size, *arguments)
     else:
         _run(kernels.backward_rows, xa.size, *arguments, _blocks(xa.shape[0], xa.size))
-    acc = accumulation_dtype(x.dtype)
     return (
-        None if grad_input is None else grad_input.to(x.dtype),
-        torch.from_numpy(grad_weight).to(acc) if need_weight and weight is not None else None,
-        torch.from_numpy(grad_bias).to(acc) if need_bias else None,
-        None if grad_residual is None else grad_residual.to(x.dtype),
+        None if grad_input is None else _in_dtype(grad_input, x.dtype),
+        grad_weight if need_weight and weight is not None else None,
+        grad_bias if need_bias else None,
+        None if grad_residual is None else _in_dtype(grad_residual, x.dtype),
     )
+
+
+def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def train_forward(x, weight, bias, eps):
@@ -266,6 +272,38 @@ def train_backward(grad_out, x, mean, variance, weight, eps, needs):
 
 def eval_backward(grad_out, x, mean, variance, weight, eps, needs):
     return backward(grad_out, x, mean, variance, weight, None, eps, needs, train=False)[:3]
+
+
+def _plain_vector(t: torch.Tensor) -> bool:
+    return (
+        t.device.type == "cpu" and t.dtype in _EMPTY and t.dim() == 1 and t.is_contiguous()
+        and not t.requires_grad and not _is_wrapped(t)
+    )
+
+
+def updated_running_stats(running_mean, running_var, batch_mean, batch_var, momentum,
+                          count=None):
+    """``batchnorm.core.running.updated_running_stats`` in one kernel call (same arguments and
+    results) for plain CPU vectors; other inputs go to the core's torch version. A handful of
+    small torch operations cost more than a small layer's whole normalization."""
+    if (
+        torch.compiler.is_compiling()
+        or not all(map(_plain_vector, (running_mean, running_var, batch_mean, batch_var)))
+        or (isinstance(momentum, torch.Tensor) and (momentum.dim() != 0 or _is_wrapped(momentum)))
+    ):
+        return running.updated_running_stats(
+            running_mean, running_var, batch_mean, batch_var, momentum, count
+        )
+    channels = running_mean.shape[0]
+    new_mean = torch.empty(channels, dtype=running_mean.dtype)
+    new_var = torch.empty(channels, dtype=running_var.dtype)
+    finite = torch.empty((), dtype=torch.bool)
+    bessel = 1.0 if count is None else count / (count - 1)
+    kernels.running_update(
+        running_mean.numpy(), running_var.numpy(), batch_mean.numpy(), batch_var.numpy(),
+        float(bessel), float(momentum), new_mean.numpy(), new_var.numpy(), finite.numpy(),
+    )
+    return new_mean, new_var, finite
 
 
 def warm_up() -> None:

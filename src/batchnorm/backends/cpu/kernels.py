@@ -9,13 +9,20 @@ Every input is seen in one of two canonical layouts, so a handful of kernels cov
   over blocks of rows; each block accumulates per-channel partial sums, which are joined before
   the elementwise pass.
 
-Statistics. Sums are accumulated in float64 about a per-channel shift :math:`k_c` (the channel's
-first value): :math:`S_1 = \sum (x - k)`, :math:`S_2 = \sum (x - k)^2`, then
-:math:`\mu = k + S_1/n`, :math:`\sigma^2 = S_2/n - (S_1/n)^2`. The subtraction loses at most a
+Statistics. Sums are taken about a per-channel shift :math:`k_c` (the channel's first value):
+:math:`S_1 = \sum (x - k)`, :math:`S_2 = \sum (x - k)^2`, then :math:`\mu = k + S_1/n`,
+:math:`\sigma^2 = S_2/n - (S_1/n)^2`. Short blocks (``PLANE_BLOCK`` values of a plane, or
+``ROW_BLOCK`` rows) are summed in the input's dtype and the block sums are joined in float64:
+a float32 block of at most 512 terms, vectorized into 32 lanes of 16 terms each, carries a
+relative error of order 1e-6, and the float64 totals add nothing further, so the error no longer
+grows with n (converting every value to float64 instead made the statistics pass
+compute-bound, about half as fast). The subtraction :math:`S_2/n - (S_1/n)^2` loses at most a
 factor :math:`(\mu - k)^2/\sigma^2 \le n` of float64's precision, since the shift is one of the
-n values (it contributes :math:`(k-\mu)^2 \le n\sigma^2` to the sum of squared deviations): for
-n = 1e8 that is still 1e-8 relative, where :math:`E[x^2] - E[x]^2` in float32 loses every digit
-for a channel with mean 1e4 and standard deviation 1. All row blocks use the same shift, so
+n values (it contributes :math:`(k-\mu)^2 \le n\sigma^2` to the sum of squared deviations), and
+:math:`x - k` is exact in the input's dtype when x and k are within a factor 2 of each other
+(Sterbenz), the case where cancellation would otherwise hurt: a channel with mean 1e4 and
+standard deviation 1 in float32 keeps its variance to about 1e-6 relative, where
+:math:`E[x^2] - E[x]^2` in float32 loses every digit. All row blocks use the same shift, so
 their partial sums join by addition: Chan's pairwise merge (``batchnorm.core.moments``) reduces
 to a sum when the partial moments are taken about a common point.
 
@@ -74,6 +81,11 @@ def _jit(**options):
 _REDUCE = {"fastmath": {"reassoc", "contract"}}
 _PARALLEL = {"parallel": True}
 
+# Reductions sum blocks of this many values (planes) or rows (rows) in the input's dtype and
+# join the block sums in float64 (see the module docstring on the error this bounds).
+PLANE_BLOCK = 512
+ROW_BLOCK = 32
+
 
 # -- activations, applied in place on a 1D segment --------------------------------------------
 
@@ -129,6 +141,32 @@ def _fill_coefficients(mean, var, weight, bias, eps, mean_x, scale_x, shift_x):
         shift_x[c] = beta
 
 
+@_jit()
+def running_update(running_mean, running_var, mean, var, bessel, momentum, out_mean, out_var,
+                   finite):
+    """The running-statistics update of ``batchnorm.core.running`` in one call: ``out`` receives
+    ``(1 - m) running + m batch`` (the variance with Bessel's factor), or the old values when a
+    batch statistic is not finite; ``finite[()]`` says which."""
+    channels = mean.shape[0]
+    ok = True
+    for c in range(channels):
+        batch_mean = out_mean.dtype.type(mean[c])
+        batch_var = out_var.dtype.type(np.float64(var[c]) * bessel)
+        if not (np.isfinite(batch_mean) and np.isfinite(batch_var)):
+            ok = False
+            break
+    for c in range(channels):
+        if ok:
+            out_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * np.float64(
+                out_mean.dtype.type(mean[c]))
+            out_var[c] = (1.0 - momentum) * np.float64(running_var[c]) + momentum * np.float64(
+                out_var.dtype.type(np.float64(var[c]) * bessel))
+        else:
+            out_mean[c] = running_mean[c]
+            out_var[c] = running_var[c]
+    finite[()] = ok
+
+
 # -- planes (N, C, S) -------------------------------------------------------------------------
 
 
@@ -146,19 +184,33 @@ def _normalize_plane(xs, rs, has_res, m, s, b, act, ys):
 
 
 @_jit(**_REDUCE)
+def _segment_sums(xs, shift):
+    """(sum(x - shift), sum((x - shift)^2)) of one short segment, in x's dtype (one flat loop
+    LLVM vectorizes; a loop with computed bounds inside the caller was left scalar, 15x slower)."""
+    t1 = xs.dtype.type(0)
+    t2 = xs.dtype.type(0)
+    for i in range(xs.shape[0]):
+        d = xs[i] - shift
+        t1 += d
+        t2 += d * d
+    return t1, t2
+
+
+@_jit(**_REDUCE)
 def _plane_sums(x, c):
-    """Shifted float64 sums of channel c: (shift, sum(x - shift), sum((x - shift)^2))."""
+    """Shifted sums of channel c: (shift, sum(x - shift), sum((x - shift)^2)), the totals in
+    float64 over segments of ``PLANE_BLOCK`` values summed in x's dtype."""
     batch, _, size = x.shape
-    shift = np.float64(x[0, c, 0])
+    shift = x[0, c, 0]
     s1 = 0.0
     s2 = 0.0
     for n in range(batch):
         xs = x[n, c]
-        for i in range(size):
-            d = np.float64(xs[i]) - shift
-            s1 += d
-            s2 += d * d
-    return shift, s1, s2
+        for start in range(0, size, PLANE_BLOCK):
+            t1, t2 = _segment_sums(xs[start:start + PLANE_BLOCK], shift)
+            s1 += t1
+            s2 += t2
+    return np.float64(shift), s1, s2
 
 
 @_jit(**_PARALLEL)
@@ -218,19 +270,34 @@ def _plane_grad_pre_activation(gs, xs, rs, has_res, m, s, b, act, buffer):
 
 
 @_jit(**_REDUCE)
+def _segment_grad_sums(ds, xs, centre):
+    """(sum d, sum d (x - centre)) of one short segment, in x's dtype."""
+    t1 = xs.dtype.type(0)
+    t2 = xs.dtype.type(0)
+    for i in range(xs.shape[0]):
+        d = ds[i]
+        t1 += d
+        t2 += d * (xs[i] - centre)
+    return t1, t2
+
+
+@_jit(**_REDUCE)
 def _plane_grad_sums(grad, x, residual, has_res, c, centre_of, m, s, b, act, buffer):
+    """(sum d, sum d (x - centre)) of channel c, blocked as in :func:`_plane_sums`."""
     batch = x.shape[0]
     size = x.shape[2]
+    centre = x.dtype.type(centre_of)
     sum_d = 0.0
     sum_dxc = 0.0
     for n in range(batch):
         ds = _plane_grad_pre_activation(grad[n, c], x[n, c], residual[n, c], has_res, m, s, b,
                                         act, buffer)
         xs = x[n, c]
-        for i in range(size):
-            d = np.float64(ds[i])
-            sum_d += d
-            sum_dxc += d * (np.float64(xs[i]) - centre_of)
+        for start in range(0, size, PLANE_BLOCK):
+            stop = start + PLANE_BLOCK
+            t1, t2 = _segment_grad_sums(ds[start:stop], xs[start:stop], centre)
+            sum_d += t1
+            sum_dxc += t2
     return sum_d, sum_dxc
 
 
@@ -239,8 +306,8 @@ def backward_planes(
     grad, x, residual, has_res, mean, var, weight, bias, eps, act, train, need_input,
     grad_input, grad_residual, need_residual, grad_weight, grad_bias,
 ):
-    """Gradients of ``f(BN(x) [+ r])``; ``grad_weight``/``grad_bias`` (float64) receive
-    sum(d * x_hat) and sum(d)."""
+    """Gradients of ``f(BN(x) [+ r])``; ``grad_weight``/``grad_bias`` (x's dtype, summed in float64)
+    receive sum(d * x_hat) and sum(d)."""
     batch, channels, size = x.shape
     count = batch * size
     m = np.empty(channels, dtype=x.dtype)
@@ -293,26 +360,38 @@ def backward_planes(
 
 @_jit(**_REDUCE)
 def _row_sums(x, shift, start, stop, s1, s2):
-    """Shifted float64 sums of rows [start, stop) added into s1, s2. Four rows per sweep over
-    the channels: the accumulators are loaded and stored a quarter as often (2-3x faster on
-    rows of 64-512 channels)."""
+    """Shifted sums of rows [start, stop) added into the float64 totals s1, s2. Blocks of
+    ``ROW_BLOCK`` rows are summed in x's dtype, four rows per sweep over the channels (the
+    block accumulators are loaded and stored a quarter as often)."""
     channels = x.shape[1]
-    r = start
-    while r + 4 <= stop:
+    k = np.empty(channels, dtype=x.dtype)
+    for c in range(channels):
+        k[c] = shift[c]
+    t1 = np.empty(channels, dtype=x.dtype)
+    t2 = np.empty(channels, dtype=x.dtype)
+    for block in range(start, stop, ROW_BLOCK):
+        end = min(block + ROW_BLOCK, stop)
+        t1[:] = 0
+        t2[:] = 0
+        r = block
+        while r + 4 <= end:
+            for c in range(channels):
+                kc = k[c]
+                d0 = x[r, c] - kc
+                d1 = x[r + 1, c] - kc
+                d2 = x[r + 2, c] - kc
+                d3 = x[r + 3, c] - kc
+                t1[c] += (d0 + d1) + (d2 + d3)
+                t2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            r += 4
+        for tail in range(r, end):
+            for c in range(channels):
+                d = x[tail, c] - k[c]
+                t1[c] += d
+                t2[c] += d * d
         for c in range(channels):
-            k = shift[c]
-            d0 = np.float64(x[r, c]) - k
-            d1 = np.float64(x[r + 1, c]) - k
-            d2 = np.float64(x[r + 2, c]) - k
-            d3 = np.float64(x[r + 3, c]) - k
-            s1[c] += (d0 + d1) + (d2 + d3)
-            s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        r += 4
-    for tail in range(r, stop):
-        for c in range(channels):
-            d = np.float64(x[tail, c]) - shift[c]
-            s1[c] += d
-            s2[c] += d * d
+            s1[c] += t1[c]
+            s2[c] += t2[c]
 
 
 @_jit()
@@ -391,35 +470,50 @@ def _row_grad_pre_activation(grad, x, residual, has_res, m, s, b, act, r, buffer
 
 @_jit(**_REDUCE)
 def _row_grad_sums(grad, x, residual, has_res, centre_of, m, s, b, act, start, stop, s1, s2):
+    """(sum d, sum d (x - centre)) of rows [start, stop) added into s1, s2, blocked as in
+    :func:`_row_sums`."""
     channels = x.shape[1]
-    r = start
-    if act == IDENTITY:  # four rows per sweep, as in _row_sums
-        while r + 4 <= stop:
-            for c in range(channels):
-                k = centre_of[c]
-                g0 = np.float64(grad[r, c])
-                g1 = np.float64(grad[r + 1, c])
-                g2 = np.float64(grad[r + 2, c])
-                g3 = np.float64(grad[r + 3, c])
-                s1[c] += (g0 + g1) + (g2 + g3)
-                s2[c] += (g0 * (np.float64(x[r, c]) - k) + g1 * (np.float64(x[r + 1, c]) - k)) + (
-                    g2 * (np.float64(x[r + 2, c]) - k) + g3 * (np.float64(x[r + 3, c]) - k))
-            r += 4
-    elif act == RELU and not has_res:  # d = g where z > 0, inline (no scratch row)
-        while r < stop:
-            for c in range(channels):
-                xc = x[r, c]
-                d = np.float64(grad[r, c]) if (xc - m[c]) * s[c] + b[c] > 0 else 0.0
-                s1[c] += d
-                s2[c] += d * (np.float64(xc) - centre_of[c])
-            r += 1
+    k = np.empty(channels, dtype=x.dtype)
+    for c in range(channels):
+        k[c] = centre_of[c]
+    t1 = np.empty(channels, dtype=x.dtype)
+    t2 = np.empty(channels, dtype=x.dtype)
     buffer = np.empty(channels if act != IDENTITY else 0, dtype=x.dtype)
-    for tail in range(r, stop):
-        ds = _row_grad_pre_activation(grad, x, residual, has_res, m, s, b, act, tail, buffer)
+    fast_relu = act == RELU and not has_res
+    for block in range(start, stop, ROW_BLOCK):
+        end = min(block + ROW_BLOCK, stop)
+        t1[:] = 0
+        t2[:] = 0
+        r = block
+        if act == IDENTITY:  # four rows per sweep, as in _row_sums
+            while r + 4 <= end:
+                for c in range(channels):
+                    kc = k[c]
+                    g0 = grad[r, c]
+                    g1 = grad[r + 1, c]
+                    g2 = grad[r + 2, c]
+                    g3 = grad[r + 3, c]
+                    t1[c] += (g0 + g1) + (g2 + g3)
+                    t2[c] += (g0 * (x[r, c] - kc) + g1 * (x[r + 1, c] - kc)) + (
+                        g2 * (x[r + 2, c] - kc) + g3 * (x[r + 3, c] - kc))
+                r += 4
+        elif fast_relu:  # d = g where z > 0, inline (no scratch row)
+            while r < end:
+                for c in range(channels):
+                    xc = x[r, c]
+                    d = grad[r, c] if (xc - m[c]) * s[c] + b[c] > 0 else 0
+                    t1[c] += d
+                    t2[c] += d * (xc - k[c])
+                r += 1
+        for tail in range(r, end):
+            ds = _row_grad_pre_activation(grad, x, residual, has_res, m, s, b, act, tail, buffer)
+            for c in range(channels):
+                d = ds[c]
+                t1[c] += d
+                t2[c] += d * (x[tail, c] - k[c])
         for c in range(channels):
-            d = np.float64(ds[c])
-            s1[c] += d
-            s2[c] += d * (np.float64(x[tail, c]) - centre_of[c])
+            s1[c] += t1[c]
+            s2[c] += t2[c]
 
 
 @_jit()
