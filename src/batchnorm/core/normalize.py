@@ -74,10 +74,13 @@ def normalize_centred(
     """
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
     scale = as_channel(scale, centred)
-    y = centred.mul_(scale) if not torch.is_grad_enabled() else centred * scale
-    if bias is not None:
-        y = y.add_(as_channel(bias.to(y.dtype), y))
-    return y.to(out_dtype)
+    if bias is None:
+        y = centred.mul_(scale) if not torch.is_grad_enabled() else centred * scale
+    elif torch.is_grad_enabled():
+        y = torch.addcmul(as_channel(bias.to(centred.dtype), centred), centred, scale)
+    else:  # one fused pass, in place (an exact alias of an input is allowed as the output)
+        y = torch.addcmul(as_channel(bias.to(centred.dtype), centred), centred, scale, out=centred)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 def apply_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -116,17 +119,18 @@ def input_gradient(
 ) -> torch.Tensor:
     """dL/dx from the two gradient sums over the ``count`` values the statistics came from."""
     gain = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    centred_coef = as_channel(-gain * invstd * invstd * sum_grad_centred / count, centred)
-    offset = as_channel(-gain * sum_grad / count, centred)
+    per_value = gain * (-1.0 / count)  # -gain / n, shared by both terms (fewer small ops)
+    centred_coef = as_channel(per_value * sum_grad_centred * (invstd * invstd), centred)
+    offset = as_channel(per_value * sum_grad, centred)
     if mask is not None:
         correction = (centred * centred_coef + offset) * mask_as_input(mask, centred)
         grad_input = correction + grad_out * as_channel(gain, centred)
     elif torch.is_grad_enabled():  # differentiable form, for double backward
         grad_input = centred * centred_coef + offset + grad_out * as_channel(gain, centred)
-    else:  # the same, reusing the centred temporary in place
-        grad_input = centred.mul_(centred_coef).add_(offset)
+    else:  # the same, reusing the centred temporary in place (two fused passes)
+        grad_input = torch.addcmul(offset, centred, centred_coef, out=centred)
         grad_input = grad_input.addcmul_(grad_out, as_channel(gain, centred))
-    return grad_input.to(out_dtype)
+    return grad_input if grad_input.dtype == out_dtype else grad_input.to(out_dtype)
 
 
 def train_backward(

@@ -18,6 +18,9 @@ import threading
 import torch
 
 LIMIT_BYTES = 64 << 20
+# Below this size a fresh allocation comes from the allocator's free lists without page faults,
+# and is cheaper than the bookkeeping here.
+MIN_BYTES = 256 << 10
 _local = threading.local()
 
 
@@ -35,7 +38,7 @@ def scratch_like(t: torch.Tensor) -> torch.Tensor:
     """Uninitialized memory with ``t``'s shape, dtype and strides, valid until the next call
     on this thread; a fresh ``empty_like`` where reuse does not apply."""
     nbytes = t.numel() * t.element_size()
-    if t.device.type != "cpu" or nbytes > LIMIT_BYTES or not _dense(t):
+    if t.device.type != "cpu" or not MIN_BYTES <= nbytes <= LIMIT_BYTES or not _dense(t):
         return torch.empty_like(t)
     buffers = getattr(_local, "buffers", None)
     if buffers is None:
