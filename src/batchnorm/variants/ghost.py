@@ -20,7 +20,7 @@ import torch
 from batchnorm.core import checks
 from batchnorm.core.layout import values_per_channel
 from batchnorm.core.moments import unbiased
-from batchnorm.core.running import updated_running_stats
+from batchnorm.dispatch import running_stats_updater
 from batchnorm.functional import (
     Momentum,
     batch_norm_core,
@@ -61,18 +61,22 @@ def ghost_batch_norm_core(
     outputs, means, variances, counts = [], [], [], []
     for ghost in ghosts:
         output, mean, variance = normalize_with_batch_statistics(ghost, weight, bias, eps)
-        count = values_per_channel(ghost)
         outputs.append(output)
         means.append(mean)
-        variances.append(unbiased(variance, count))
-        counts.append(count)
+        variances.append(variance)
+        counts.append(values_per_channel(ghost))
     output = torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
     if not training or running_mean is None:
         return output, None, None, None
+    update = running_stats_updater(input)
+    if len(ghosts) == 1:  # one ghost batch is batch norm, and records the same numbers
+        return output, *update(running_mean, running_var, means[0], variances[0], momentum,
+                               counts[0])
+    variances = [unbiased(v, c) for v, c in zip(variances, counts, strict=True)]
     total = sum(counts)
     pooled_mean = sum(c * m for c, m in zip(counts, means, strict=True)) / total
     pooled_var = sum(c * v for c, v in zip(counts, variances, strict=True)) / total
-    new_mean, new_var, finite = updated_running_stats(
+    new_mean, new_var, finite = update(
         running_mean, running_var, pooled_mean, pooled_var, momentum
     )
     return output, new_mean, new_var, finite

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from batchnorm.core.layout import values_per_channel
-from batchnorm.core.moments import batch_moments, unbiased
-from batchnorm.core.running import updated_running_stats
+from batchnorm.core.moments import batch_moments
+from batchnorm.dispatch import running_stats_updater
 from batchnorm.functional import (
     Momentum,
     batch_norm_core,
@@ -122,9 +122,9 @@ def batch_renorm_core(
     # The running update uses the statistics of the normalizing pass itself, as batch norm's
     # does, so that with r_max=1 and d_max=0 both record the same numbers.
     output, mean, variance = normalize_with_batch_statistics(input, scale, shift, eps)
-    batch_var = unbiased(variance, values_per_channel(input))
-    new_mean, new_var, finite = updated_running_stats(
-        running_mean, running_var, mean, batch_var, momentum
+    update = running_stats_updater(input)
+    new_mean, new_var, finite = update(
+        running_mean, running_var, mean, variance, momentum, values_per_channel(input)
     )
     return output, new_mean, new_var, finite
 
