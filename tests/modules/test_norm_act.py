@@ -101,6 +101,7 @@ def test_random_inputs_match_torch(ndim, batch, channels, spatial, layout, dtype
 def test_large_input_on_the_parallel_kernels():
     _check((4, 16, 40, 40), "contiguous", torch.float32, "relu", True, 3)
     _check((4, 16, 40, 40), "channels_last", torch.float32, "silu", True, 4)
+    _check((2, 8, 30, 30), "contiguous", torch.float32, "gelu", False, 5)  # planes over 512
 
 
 @pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
