@@ -73,8 +73,7 @@ class BatchNormEval(torch.autograd.Function):
 
     @staticmethod
     def forward(x, mean, variance, weight, bias, eps):
-        return select_backend(x, training=False).eval_forward(x, mean, variance, weight, bias,
-                                                              eps)
+        return select_backend(x).eval_forward(x, mean, variance, weight, bias, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -87,7 +86,7 @@ class BatchNormEval(torch.autograd.Function):
         x, mean, variance, weight, bias = ctx.saved_tensors
         needs_input, _, _, needs_weight, needs_bias, _ = ctx.needs_input_grad
         needs = (needs_input, needs_weight, needs_bias)
-        backend = eager if torch.is_grad_enabled() else select_backend(x, training=False)
+        backend = eager if torch.is_grad_enabled() else select_backend(x)
         grads = backend.eval_backward(grad_out, x, mean, variance, weight, ctx.eps, needs)
         dx, dw, db = _cast_grads(grads, (x, weight, bias))
         return dx, None, None, dw, db, None

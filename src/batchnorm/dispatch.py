@@ -64,14 +64,9 @@ def available_backends() -> list[str]:
     return list(_BACKENDS)
 
 
-def select_backend(
-    x: torch.Tensor, mask: torch.Tensor | None = None, *, training: bool = True
-) -> Backend | ModuleType:
+def select_backend(x: torch.Tensor, mask: torch.Tensor | None = None) -> Backend | ModuleType:
     """The backend that will compute a batch norm of ``x`` (with statistics restricted to
-    ``mask``, when given: only backends with ``supports_mask`` take one, else eager).
-
-    ``training``: whether the batch's own statistics are computed (forward and backward of a
-    training step) or given ones applied (eval); a backend's measured preference may differ."""
+    ``mask``, when given: only backends with ``supports_mask`` take one, else eager)."""
     if mask is not None:
         forced = _BACKENDS.get(_override) if _override is not None else None
         if forced is not None and getattr(forced, "supports_mask", False):
@@ -91,10 +86,9 @@ def select_backend(
         return backend
     for name in _PREFERENCE:
         backend = _BACKENDS[name]
-        # ``prefers(x, training)``, where a backend has it, narrows the automatic choice to the
-        # inputs it was measured to be faster on (the CPU kernels: see ``batchnorm.backends.cpu``).
-        prefers = getattr(backend, "prefers", None)
-        if prefers(x, training) if prefers is not None else backend.supports(x):
+        # ``prefers(x)``, where a backend has it, narrows the automatic choice to the inputs it
+        # was measured to be faster on (the CPU kernels: see ``batchnorm.backends.cpu``).
+        if getattr(backend, "prefers", backend.supports)(x):
             return backend
     return eager
 

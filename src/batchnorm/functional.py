@@ -80,8 +80,7 @@ def normalize_with(
     """Normalize with given statistics (no checks); they receive no gradient."""
     if _needs_grad(input, weight, bias):
         return apply_eval(input, mean, variance, weight, bias, eps)
-    backend = select_backend(input, training=False)
-    return backend.eval_forward(input, mean, variance, weight, bias, eps)
+    return select_backend(input).eval_forward(input, mean, variance, weight, bias, eps)
 
 
 def batch_norm_core(

@@ -172,51 +172,24 @@ def test_double_backward_with_kernels_selected():
 
 
 @pytest.mark.parametrize(
-    ("size", "layout", "training", "expected"),
+    ("size", "layout", "expected"),
     [
-        ((8, 64, 28, 28), "contiguous", True, "cpu"),  # planes of 784 values
-        ((8, 64, 28, 28), "contiguous", False, "cpu"),
-        ((8, 64, 28, 28), "channels_last", False, "cpu"),  # rows
-        ((8, 512, 7, 7), "contiguous", True, "cpu"),  # planes of 49 values: training only
-        ((8, 512, 7, 7), "contiguous", False, "eager"),
-        ((8, 512, 7, 7), "channels_last", False, "cpu"),
-        ((1024, 256), "contiguous", False, "cpu"),
-        ((60, 100), "contiguous", True, "cpu"),
+        ((8, 64, 28, 28), "contiguous", "cpu"),  # planes of 784 values
+        ((8, 64, 28, 28), "channels_last", "cpu"),  # rows
+        ((8, 512, 7, 7), "contiguous", "eager"),  # planes of 49 values
+        ((8, 512, 7, 7), "channels_last", "cpu"),
+        ((1024, 256), "contiguous", "cpu"),
+        ((60, 100), "contiguous", "cpu"),
     ],
 )
-def test_automatic_choice_prefers_the_kernels_where_measured_faster(size, layout, training,
-                                                                      expected):
+def test_automatic_choice_prefers_the_kernels_where_measured_faster(size, layout, expected):
     x = torch.empty(size)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     with batchnorm.use_backend(None):
-        assert batchnorm.select_backend(x, training=training).name == expected
+        assert batchnorm.select_backend(x).name == expected
     with batchnorm.use_backend("cpu"):  # forcing still reaches the kernels
-        assert batchnorm.select_backend(x, training=training).name == "cpu"
-
-
-def test_eval_module_on_short_planes_runs_eager_and_training_runs_the_kernels(monkeypatch):
-    """The module's eval forward and training step each reach the backend measured faster."""
-    from batchnorm.backends import cpu as kernels_backend
-    from batchnorm.backends import eager as eager_backend
-
-    calls = []
-    for backend in (kernels_backend, eager_backend):
-        for name in ("train_forward", "eval_forward"):
-            original = getattr(backend, name)
-
-            def spy(*args, _original=original, _name=f"{backend.name}.{name}", **kwargs):
-                calls.append(_name)
-                return _original(*args, **kwargs)
-
-            monkeypatch.setattr(backend, name, spy)
-    bn = batchnorm.BatchNorm2d(4)
-    x = torch.randn(2, 4, 7, 7)
-    with batchnorm.use_backend(None):
-        bn(x)
-        bn.eval()
-        bn(x)
-    assert calls == ["cpu.train_forward", "eager.eval_forward"]
+        assert batchnorm.select_backend(x).name == "cpu"
 
 
 def test_eager_override_and_fallback_without_numba():

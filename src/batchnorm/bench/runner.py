@@ -94,8 +94,7 @@ def run_case(
     ours_step = _step(ours, x, grad, mode)
     comparison = compare(ours_step, _step(theirs, x, grad, mode), rounds=rounds)
     roofline = compare(ours_step, x.clone, rounds=rounds)
-    backend = select_backend(x, training=mode != "eval").name
-    return Row(shape, mode, layout, backend, comparison, roofline)
+    return Row(shape, mode, layout, select_backend(x).name, comparison, roofline)
 
 
 _FIRST_CALL = """

@@ -128,7 +128,7 @@ class _BatchNormAct(_BatchNorm):
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``activation(BN(input) + residual)``; ``residual`` has the input's shape, or is None."""
         self._check_input_dim(input)
-        backend = select_backend(input, training=self.training or self.running_mean is None)
+        backend = select_backend(input)
         fusable = self.activation in getattr(backend, "ACTIVATIONS", ()) and (
             residual is None or residual.shape == input.shape
         )
