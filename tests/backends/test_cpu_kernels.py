@@ -176,13 +176,13 @@ def test_double_backward_with_kernels_selected():
     [
         ((8, 64, 28, 28), "contiguous", "cpu"),  # planes of 784 values
         ((8, 64, 28, 28), "channels_last", "cpu"),  # rows
-        ((8, 512, 7, 7), "contiguous", "eager"),  # planes of 49 values
+        ((8, 512, 7, 7), "contiguous", "cpu"),  # planes of 49 values
         ((8, 512, 7, 7), "channels_last", "cpu"),
         ((1024, 256), "contiguous", "cpu"),
         ((60, 100), "contiguous", "cpu"),
     ],
 )
-def test_automatic_choice_prefers_the_kernels_where_measured_faster(size, layout, expected):
+def test_automatic_choice_runs_the_kernels_on_cpu_inputs(size, layout, expected):
     x = torch.empty(size)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -190,6 +190,12 @@ def test_automatic_choice_prefers_the_kernels_where_measured_faster(size, layout
         assert batchnorm.select_backend(x).name == expected
     with batchnorm.use_backend("cpu"):  # forcing still reaches the kernels
         assert batchnorm.select_backend(x).name == "cpu"
+
+
+def test_inputs_the_kernels_cannot_take_go_to_the_eager_path():
+    with batchnorm.use_backend(None):
+        assert batchnorm.select_backend(torch.empty(4, 3, device="meta")).name == "eager"
+        assert batchnorm.select_backend(torch.empty(0, 3)).name == "eager"
 
 
 def test_eager_override_and_fallback_without_numba():

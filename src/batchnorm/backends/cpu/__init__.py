@@ -45,32 +45,13 @@ def supports(x: torch.Tensor) -> bool:
     )
 
 
-# Where the automatic choice prefers these kernels over the eager path (``use_backend("cpu")``
-# still forces them for every input ``supports`` accepts). Measured with ``batchnorm bench
-# --rounds 9`` per backend (2-core AMD EPYC, float32, 2 threads; ratios ours/torch, kernels vs
-# eager): rows inputs ((N, C) and channels_last) win everywhere on train and eval (e.g. stem
-# channels_last train 0.66 vs 1.64, layer3.bn3 1.38 vs 3.14, mlp.1024x4096 0.90 vs 1.81); planes
-# win from 14x14 up (layer3.bn1 train 0.96 vs 1.50, layer1.bn1 0.66 vs 1.24) but lose at 7x7
-# (layer4.bn3 train 2.15 vs 1.78, eval 3.23 vs 1.35: one channel's 8 segments of 49 values are
-# too short for the per-segment loop set-up). Tiny inputs (mlp.60x100) are Python overhead on
-# both paths; two runs split on train (3.90 vs 3.21, 2.75 vs 4.61) and both favoured the kernels
-# in eval (1.95 vs 2.57, 1.37 vs 2.51), so size alone does not send an input to eager.
-PREFERRED_MIN_PLANE = 128
-
-
-def prefers(x: torch.Tensor) -> bool:
-    """Whether the automatic choice should run these kernels on ``x`` (see the measurements
-    above); a subset of :func:`supports`."""
-    if not supports(x):
-        return False
-    if x.dim() == 2:
-        return True
-    if x.dim() >= 4 and not x.is_contiguous() and (
-        x.is_contiguous(memory_format=torch.channels_last)
-        or x.is_contiguous(memory_format=torch.channels_last_3d)
-    ):
-        return True  # rows
-    return x.numel() // (x.shape[0] * x.shape[1]) >= PREFERRED_MIN_PLANE
+# The automatic choice runs these kernels on every CPU input ``supports`` accepts. Measured with
+# ``batchnorm bench --rounds 9`` per backend (2-core AMD EPYC, float32, 2 threads; ratios
+# ours/torch, kernels vs eager): rows inputs ((N, C) and channels_last) and planes from 14x14 up
+# win in training and eval; 7x7 planes, which went to the eager path until the kernels indexed
+# them directly, now win too (layer4.bn3 NCHW train 1.22 vs 2.53, eval 1.16 vs 1.92; layer4.bn1
+# eval 1.58 vs 1.72). The tiny 60x100 layer is Python overhead on both paths (train 2.82 vs
+# 2.52, eval 1.88 vs 1.99: within the run-to-run spread).
 
 
 # -- layouts ----------------------------------------------------------------------------------
