@@ -86,9 +86,7 @@ def select_backend(x: torch.Tensor, mask: torch.Tensor | None = None) -> Backend
         return backend
     for name in _PREFERENCE:
         backend = _BACKENDS[name]
-        # ``prefers(x)``, where a backend has it, narrows the automatic choice to the inputs it
-        # was measured to be faster on (the CPU kernels: see ``batchnorm.backends.cpu``).
-        if getattr(backend, "prefers", backend.supports)(x):
+        if backend.supports(x):
             return backend
     return eager
 

@@ -22,8 +22,7 @@ from torch.nn import functional as F
 
 from batchnorm.core.checks import check_batch_statistics_possible
 from batchnorm.core.layout import values_per_channel
-from batchnorm.core.running import updated_running_stats
-from batchnorm.dispatch import select_backend
+from batchnorm.dispatch import running_stats_updater, select_backend
 from batchnorm.functional import batch_norm
 from batchnorm.modules.batchnorm import _BatchNorm
 
@@ -154,8 +153,7 @@ class _BatchNormAct(_BatchNorm):
                 activation=self.activation, residual=residual,
             )
         if updating:
-            update = getattr(backend, "updated_running_stats", updated_running_stats)
-            new_mean, new_var, finite = update(
+            new_mean, new_var, finite = running_stats_updater(input)(
                 self.running_mean, self.running_var, mean, variance, self._momentum_now(),
                 values_per_channel(input),
             )

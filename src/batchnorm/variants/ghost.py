@@ -58,25 +58,26 @@ def ghost_batch_norm_core(
     ghosts = torch.split(input, virtual_batch_size, dim=0)
     for ghost in ghosts:
         checks.check_batch_statistics_possible(ghost, f"{owner} (a ghost batch of {len(ghost)})")
+    if len(ghosts) == 1:  # one ghost batch is batch norm, and records the same numbers
+        return batch_norm_core(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, owner,
+            input_checked=True,
+        )
     outputs, means, variances, counts = [], [], [], []
     for ghost in ghosts:
         output, mean, variance = normalize_with_batch_statistics(ghost, weight, bias, eps)
+        count = values_per_channel(ghost)
         outputs.append(output)
         means.append(mean)
-        variances.append(variance)
-        counts.append(values_per_channel(ghost))
-    output = torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+        variances.append(unbiased(variance, count))
+        counts.append(count)
+    output = torch.cat(outputs, dim=0)
     if not training or running_mean is None:
         return output, None, None, None
-    update = running_stats_updater(input)
-    if len(ghosts) == 1:  # one ghost batch is batch norm, and records the same numbers
-        return output, *update(running_mean, running_var, means[0], variances[0], momentum,
-                               counts[0])
-    variances = [unbiased(v, c) for v, c in zip(variances, counts, strict=True)]
     total = sum(counts)
     pooled_mean = sum(c * m for c, m in zip(counts, means, strict=True)) / total
     pooled_var = sum(c * v for c, v in zip(counts, variances, strict=True)) / total
-    new_mean, new_var, finite = update(
+    new_mean, new_var, finite = running_stats_updater(input)(
         running_mean, running_var, pooled_mean, pooled_var, momentum
     )
     return output, new_mean, new_var, finite
