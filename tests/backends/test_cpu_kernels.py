@@ -120,6 +120,7 @@ def test_random_inputs_match_reference(ndim, batch, channels, spatial, layout, d
 
 @pytest.mark.parametrize("shape, layout", [((4, 3, 64, 64), "contiguous"),
                                            ((4, 3, 64, 64), "channels_last"),
+                                           ((8, 3, 7, 7), "contiguous"),  # short planes
                                            ((60, 3), "contiguous")])
 def test_variance_is_stable_for_a_large_mean(shape, layout):
     """Mean 1e4, standard deviation 1 in float32: E[x^2] - E[x]^2 would lose every digit."""
