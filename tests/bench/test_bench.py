@@ -60,3 +60,10 @@ def test_sync_suite_runs_two_processes():
     row = run_sync(rounds=1, steps=1)
     assert row.local_ms > 0 and row.sync_ms > 0
     assert "SyncBatchNorm step" in format_sync(row)
+
+
+def test_machine_description_names_the_allocator_tunables(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert "GLIBC_TUNABLES" not in runner.machine_description()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
+    assert runner.machine_description().endswith("GLIBC_TUNABLES=glibc.malloc.trim_threshold=1")

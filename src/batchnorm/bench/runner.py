@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,10 +133,14 @@ def first_call_latency() -> FirstCall:
 
 
 def machine_description() -> str:
-    return (
+    """Machine, torch version and threads; plus the C allocator's tunables when set, since they
+    decide whether freed tensors return to the OS and page-fault back in (see BENCHMARKS.md)."""
+    description = (
         f"{platform.machine()} {platform.processor() or ''}".strip()
         + f", torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    return description + (f", GLIBC_TUNABLES={tunables}" if tunables else "")
 
 
 def format_table(rows: list[Row]) -> str:
