@@ -433,8 +433,9 @@ def backward_planes(
 @_jit(**_REDUCE)
 def _row_sums(x, shift, start, stop, s1, s2):
     """Shifted sums of rows [start, stop) added into the float64 totals s1, s2. Blocks of
-    ``ROW_BLOCK`` rows are summed in x's dtype, four rows per sweep over the channels (the
-    block accumulators are loaded and stored a quarter as often)."""
+    ``ROW_BLOCK`` rows are summed in x's dtype, eight rows per sweep over the channels (the
+    block accumulators are loaded and stored an eighth as often; against four rows per sweep,
+    measured 0.67x the time on (100352, 64) and 0.8x on (1024, 4096), the same elsewhere)."""
     channels = x.shape[1]
     k = np.empty(channels, dtype=x.dtype)
     for c in range(channels):
@@ -446,16 +447,21 @@ def _row_sums(x, shift, start, stop, s1, s2):
         end = min(block + ROW_BLOCK, stop)
         t[:] = 0
         r = block
-        while r + 4 <= end:
+        while r + 8 <= end:
             for c in range(channels):
                 kc = k[c]
                 d0 = x[r, c] - kc
                 d1 = x[r + 1, c] - kc
                 d2 = x[r + 2, c] - kc
                 d3 = x[r + 3, c] - kc
-                t[0, c] += (d0 + d1) + (d2 + d3)
-                t[1, c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-            r += 4
+                d4 = x[r + 4, c] - kc
+                d5 = x[r + 5, c] - kc
+                d6 = x[r + 6, c] - kc
+                d7 = x[r + 7, c] - kc
+                t[0, c] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+                t[1, c] += ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) + (
+                    (d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7))
+            r += 8
         for tail in range(r, end):
             for c in range(channels):
                 d = x[tail, c] - k[c]
@@ -542,7 +548,7 @@ def _row_grad_sums(grad, x, residual, has_res, centre_of, m, s, b, act, start, s
         end = min(block + ROW_BLOCK, stop)
         t[:] = 0
         r = block
-        if act == IDENTITY:  # four rows per sweep, as in _row_sums
+        if act == IDENTITY:  # four rows per sweep (eight measured 3-12% slower here)
             while r + 4 <= end:
                 for c in range(channels):
                     kc = k[c]
