@@ -146,13 +146,19 @@ def _channel_coefficients(mean, var, weight, bias, eps, c):
     return invstd, gamma * invstd, beta
 
 
-@_jit()
-def _fill_coefficients(mean, var, weight, bias, eps, mean_x, scale_x, shift_x):
-    for c in range(mean.shape[0]):
+@_jit(inline="always")
+def _coefficients(x, mean, var, weight, bias, eps):
+    """Per-channel (mean, scale, shift) arrays in x's dtype, for ``(x - mean) * scale + shift``."""
+    channels = mean.shape[0]
+    mean_x = np.empty(channels, dtype=x.dtype)
+    scale_x = np.empty(channels, dtype=x.dtype)
+    shift_x = np.empty(channels, dtype=x.dtype)
+    for c in range(channels):
         _, scale, beta = _channel_coefficients(mean, var, weight, bias, eps, c)
         mean_x[c] = mean[c]
         scale_x[c] = scale
         shift_x[c] = beta
+    return mean_x, scale_x, shift_x
 
 
 @_jit()
@@ -277,10 +283,7 @@ def eval_forward_planes(x, mean, var, weight, bias, eps, act, residual, has_res,
     """``out = f(BN(x) [+ r])`` with given statistics: parallel over channels for short planes,
     over (sample, channel) segments for long ones (measured 10% faster there)."""
     batch, channels, size = x.shape
-    m = np.empty(channels, dtype=x.dtype)
-    s = np.empty(channels, dtype=x.dtype)
-    b = np.empty(channels, dtype=x.dtype)
-    _fill_coefficients(mean, var, weight, bias, eps, m, s, b)
+    m, s, b = _coefficients(x, mean, var, weight, bias, eps)
     if size <= PLANE_BLOCK:
         for c in prange(channels):
             for n in range(batch):
@@ -512,10 +515,7 @@ def train_forward_rows(x, weight, bias, eps, act, residual, has_res, out, mean, 
         variance = t2 / rows - centre * centre
         mean[c] = shift[c] + centre
         var[c] = variance if not variance < 0 else 0.0  # NaN stays NaN
-    m = np.empty(channels, dtype=x.dtype)
-    s = np.empty(channels, dtype=x.dtype)
-    b = np.empty(channels, dtype=x.dtype)
-    _fill_coefficients(mean, var, weight, bias, eps, m, s, b)
+    m, s, b = _coefficients(x, mean, var, weight, bias, eps)
     for k in prange(blocks):
         _normalize_row_block(x, m, s, b, act, residual, has_res, out,
                              k * rows // blocks, (k + 1) * rows // blocks)
@@ -524,10 +524,7 @@ def train_forward_rows(x, weight, bias, eps, act, residual, has_res, out, mean, 
 @_jit(**_PARALLEL)
 def eval_forward_rows(x, mean, var, weight, bias, eps, act, residual, has_res, out, blocks):
     rows, channels = x.shape
-    m = np.empty(channels, dtype=x.dtype)
-    s = np.empty(channels, dtype=x.dtype)
-    b = np.empty(channels, dtype=x.dtype)
-    _fill_coefficients(mean, var, weight, bias, eps, m, s, b)
+    m, s, b = _coefficients(x, mean, var, weight, bias, eps)
     for k in prange(blocks):
         _normalize_row_block(x, m, s, b, act, residual, has_res, out,
                              k * rows // blocks, (k + 1) * rows // blocks)
@@ -631,10 +628,7 @@ def backward_rows(
 ):
     """As :func:`backward_planes`; ``blocks`` row blocks accumulate partial sums."""
     rows, channels = x.shape
-    m = np.empty(channels, dtype=x.dtype)
-    s = np.empty(channels, dtype=x.dtype)
-    b = np.empty(channels, dtype=x.dtype)
-    _fill_coefficients(mean, var, weight, bias, eps, m, s, b)
+    m, s, b = _coefficients(x, mean, var, weight, bias, eps)
     s1 = np.zeros((blocks, channels), dtype=np.float64)
     s2 = np.zeros((blocks, channels), dtype=np.float64)
     for k in prange(blocks):
