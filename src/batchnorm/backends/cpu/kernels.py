@@ -337,6 +337,17 @@ def _plane_grad_sums(grad, x, residual, has_res, c, centre_of, m, s, b, act, buf
     centre = x.dtype.type(centre_of)
     sum_d = 0.0
     sum_dxc = 0.0
+    if act == IDENTITY and size <= PLANE_BLOCK:  # d = g: its own loop, as in _plane_sums
+        for n in range(batch):
+            t1 = x.dtype.type(0)
+            t2 = x.dtype.type(0)
+            for i in range(size):
+                g = grad[n, c, i]
+                t1 += g
+                t2 += g * (x[n, c, i] - centre)
+            sum_d += t1
+            sum_dxc += t2
+        return sum_d, sum_dxc
     if _direct_grad_sums(size, act):  # indexed directly, as in _plane_sums
         zero = x.dtype.type(0)
         for n in range(batch):
@@ -362,12 +373,21 @@ def _plane_grad_sums(grad, x, residual, has_res, c, centre_of, m, s, b, act, buf
     return sum_d, sum_dxc
 
 
-@_jit()
+@_jit(inline="always")
 def _plane_grad_input(grad, x, residual, has_res, m, s, b, act, g, kc, ko, need_input,
                       grad_input, need_residual, grad_residual, c, buffer):
     """dx = d g + (x - m) kc + ko and dr = d for channel c."""
     batch, _, size = x.shape
-    if act == IDENTITY or act == RELU:
+    if act == IDENTITY:  # d = g: its own loops, without the residual (as in the rows kernels)
+        for n in range(batch):
+            if need_input:
+                for i in range(size):
+                    grad_input[n, c, i] = grad[n, c, i] * g + (x[n, c, i] - m) * kc + ko
+            if need_residual:
+                for i in range(size):
+                    grad_residual[n, c, i] = grad[n, c, i]
+        return
+    if act == RELU:
         zero = x.dtype.type(0)
         for n in range(batch):
             if need_input:
@@ -402,10 +422,14 @@ def backward_planes(
     receive sum(d * x_hat) and sum(d)."""
     batch, channels, size = x.shape
     count = batch * size
+    # one empty scratch for all channels: allocating one per channel, with the per-channel call
+    # of the input-gradient loop (now inlined) and the residual read on the identity path, made
+    # this backward 1.15-1.4x slower on 7x7 and 14x14 planes
+    no_buffer = np.empty(0, dtype=x.dtype)
     for c in prange(channels):
         # a scratch segment only where d = g f'(z) is materialized (long planes, silu, gelu)
         direct = act == IDENTITY or _direct_grad_sums(size, act)
-        buffer = np.empty(0 if direct else size, dtype=x.dtype)
+        buffer = no_buffer if direct else np.empty(size, dtype=x.dtype)
         invstd, scale, beta = _channel_coefficients(mean, var, weight, bias, eps, c)
         # the coefficients in the input's dtype
         m = x.dtype.type(mean[c])
