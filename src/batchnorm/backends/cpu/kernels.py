@@ -1,4 +1,4 @@
-r"""Numba CPU kernels for batch norm, optionally fused with an activation and a residual add.
+r"""Numba CPU kernels for batch norm, optionally fused with a ReLU and a residual add.
 
 Every input is seen in one of two canonical layouts, so a handful of kernels covers them all:
 
@@ -31,7 +31,8 @@ Normalizing computes :math:`z = (x - \mu) s + \beta\,[+ r]` with :math:`s = \gam
 :math:`|\mu| \gg \sigma`.
 
 Backward, with :math:`g = \partial L/\partial y` and :math:`d = g\,f'(z)` for the activation
-:math:`f` (:math:`z` is recomputed from the input, never stored), one fused reduction pass gives
+:math:`f` (identity or ReLU; :math:`z` is recomputed from the input, never stored), one fused
+reduction pass gives
 :math:`\sum d` and :math:`\sum d (x - \mu)`, and one elementwise pass
 
 .. math::
@@ -53,11 +54,13 @@ import numba
 import numpy as np
 from numba import prange
 
-IDENTITY, RELU, SILU, GELU = 0, 1, 2, 3
-ACTIVATIONS = {"identity": IDENTITY, "relu": RELU, "silu": SILU, "gelu": GELU}
-
-_SQRT_HALF = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+# The activations fused here are those whose value and slope are a select, which vectorizes.
+# Smooth ones (silu, gelu) need exp or erf per value, which Numba cannot vectorize without a
+# vector math library: computed here one value at a time they made the fused layer 4-10x slower
+# than torch's batch norm followed by its activation, so the backend applies torch's vectorized
+# activation around these kernels instead (``batchnorm.backends.cpu``).
+IDENTITY, RELU = 0, 1
+ACTIVATIONS = {"identity": IDENTITY, "relu": RELU}
 
 
 def _jit(**options):
@@ -87,51 +90,19 @@ PLANE_BLOCK = 512
 ROW_BLOCK = 32
 
 
-# -- activations, one value at a time -----------------------------------------------------------
-
-
-@_jit()
-def _activation_slope(z, act):
-    """f'(z) in float64 (the activation code is never IDENTITY here)."""
-    z = np.float64(z)
-    if act == RELU:
-        return 1.0 if z > 0 else 0.0
-    if act == SILU:
-        sigmoid = 1.0 / (1.0 + math.exp(-z))
-        return sigmoid * (1.0 + z * (1.0 - sigmoid))
-    return 0.5 * (1.0 + math.erf(z * _SQRT_HALF)) + z * _INV_SQRT_2PI * math.exp(-0.5 * z * z)
-
-
-@_jit()
-def _activation_value(z, act):
-    """f(z) in float64 for SILU or GELU."""
-    z = np.float64(z)
-    if act == SILU:
-        return z / (1.0 + math.exp(-z))
-    return 0.5 * z * (1.0 + math.erf(z * _SQRT_HALF))
+# -- the activation's gradient, one value at a time ---------------------------------------------
 
 
 @_jit()
 def _grad_value(g, xv, rv, has_res, m, s, b, act, zero):
-    """d = g f'(z) at one position, for IDENTITY and RELU (a select that vectorizes). Scalars
-    only: a helper called per element with array arguments pays reference counting each call
-    (measured 70x slower)."""
+    """d = g f'(z) at one position (a select that vectorizes). Scalars only: a helper called per
+    element with array arguments pays reference counting each call (measured 70x slower)."""
     if act == IDENTITY:
         return g
     z = (xv - m) * s + b
     if has_res:
         z += rv
     return g if z > 0 else zero
-
-
-@_jit()
-def _smooth_grad_value(g, xv, rv, has_res, m, s, b, act):
-    """d = g f'(z) at one position for SILU and GELU, in float64 (scalars only, as
-    :func:`_grad_value`)."""
-    z = (xv - m) * s + b
-    if has_res:
-        z += rv
-    return g * _activation_slope(z, act)
 
 
 # -- per-channel coefficients -----------------------------------------------------------------
@@ -192,7 +163,7 @@ def running_update(running_mean, running_var, mean, var, bessel, momentum, out_m
 # The loops index x[n, c, i] directly. An array view per (sample, channel) segment, handed to a
 # helper, costs reference counting on the array that both threads share; on 7x7 planes that made
 # the normalizing pass 3x slower than the direct loops below. Views remain only where a loop
-# runs over PLANE_BLOCK values or more (long planes), or for the rare activations (silu, gelu).
+# runs over PLANE_BLOCK values or more (long planes).
 
 
 @_jit(inline="always")
@@ -210,9 +181,6 @@ def _normalize_segment(x, residual, has_res, m, s, b, act, out, n, c):
         for i in range(size):
             v = out[n, c, i]
             out[n, c, i] = 0 if v < 0 else v  # NaN stays NaN, as in torch.relu
-    elif act != IDENTITY:
-        for i in range(size):
-            out[n, c, i] = _activation_value(out[n, c, i], act)
 
 
 @_jit(**_REDUCE)
@@ -300,21 +268,10 @@ def _plane_grad_pre_activation(gs, xs, rs, has_res, m, s, b, act, buffer):
     """d = g * f'(z) for one segment (``gs`` itself when there is no activation)."""
     if act == IDENTITY:
         return gs
-    if act == RELU:
-        zero = xs.dtype.type(0)
-        for i in range(xs.shape[0]):
-            buffer[i] = _grad_value(gs[i], xs[i], rs[i], has_res, m, s, b, act, zero)
-        return buffer
+    zero = xs.dtype.type(0)
     for i in range(xs.shape[0]):
-        buffer[i] = _smooth_grad_value(gs[i], xs[i], rs[i], has_res, m, s, b, act)
+        buffer[i] = _grad_value(gs[i], xs[i], rs[i], has_res, m, s, b, act, zero)
     return buffer
-
-
-@_jit()
-def _direct_grad_sums(size, act):
-    """Whether :func:`_plane_grad_sums` indexes a channel directly (short planes, no activation
-    or relu) rather than through segment views and a scratch segment."""
-    return size <= PLANE_BLOCK and (act == IDENTITY or act == RELU)
 
 
 @_jit(**_REDUCE)
@@ -348,7 +305,7 @@ def _plane_grad_sums(grad, x, residual, has_res, c, centre_of, m, s, b, act, buf
             sum_d += t1
             sum_dxc += t2
         return sum_d, sum_dxc
-    if _direct_grad_sums(size, act):  # indexed directly, as in _plane_sums
+    if size <= PLANE_BLOCK:  # indexed directly, as in _plane_sums
         zero = x.dtype.type(0)
         for n in range(batch):
             t1 = x.dtype.type(0)
@@ -375,7 +332,7 @@ def _plane_grad_sums(grad, x, residual, has_res, c, centre_of, m, s, b, act, buf
 
 @_jit(inline="always")
 def _plane_grad_input(grad, x, residual, has_res, m, s, b, act, g, kc, ko, need_input,
-                      grad_input, need_residual, grad_residual, c, buffer):
+                      grad_input, need_residual, grad_residual, c):
     """dx = d g + (x - m) kc + ko and dr = d for channel c."""
     batch, _, size = x.shape
     if act == IDENTITY:  # d = g: its own loops, without the residual (as in the rows kernels)
@@ -387,30 +344,17 @@ def _plane_grad_input(grad, x, residual, has_res, m, s, b, act, g, kc, ko, need_
                 for i in range(size):
                     grad_residual[n, c, i] = grad[n, c, i]
         return
-    if act == RELU:
-        zero = x.dtype.type(0)
-        for n in range(batch):
-            if need_input:
-                for i in range(size):
-                    xv = x[n, c, i]
-                    d = _grad_value(grad[n, c, i], xv, residual[n, c, i], has_res, m, s, b, act,
-                                    zero)
-                    grad_input[n, c, i] = d * g + (xv - m) * kc + ko
-            if need_residual:
-                for i in range(size):
-                    grad_residual[n, c, i] = _grad_value(grad[n, c, i], x[n, c, i],
-                                                         residual[n, c, i], has_res, m, s, b,
-                                                         act, zero)
-        return
+    zero = x.dtype.type(0)
     for n in range(batch):
-        ds = _plane_grad_pre_activation(grad[n, c], x[n, c], residual[n, c], has_res, m, s, b,
-                                        act, buffer)
         if need_input:
             for i in range(size):
-                grad_input[n, c, i] = ds[i] * g + (x[n, c, i] - m) * kc + ko
+                xv = x[n, c, i]
+                d = _grad_value(grad[n, c, i], xv, residual[n, c, i], has_res, m, s, b, act, zero)
+                grad_input[n, c, i] = d * g + (xv - m) * kc + ko
         if need_residual:
             for i in range(size):
-                grad_residual[n, c, i] = ds[i]
+                grad_residual[n, c, i] = _grad_value(grad[n, c, i], x[n, c, i], residual[n, c, i],
+                                                     has_res, m, s, b, act, zero)
 
 
 @_jit(**_PARALLEL)
@@ -427,8 +371,8 @@ def backward_planes(
     # this backward 1.15-1.4x slower on 7x7 and 14x14 planes
     no_buffer = np.empty(0, dtype=x.dtype)
     for c in prange(channels):
-        # a scratch segment only where d = g f'(z) is materialized (long planes, silu, gelu)
-        direct = act == IDENTITY or _direct_grad_sums(size, act)
+        # a scratch segment only where d = g f'(z) is materialized (relu on long planes)
+        direct = act == IDENTITY or size <= PLANE_BLOCK
         buffer = no_buffer if direct else np.empty(size, dtype=x.dtype)
         invstd, scale, beta = _channel_coefficients(mean, var, weight, bias, eps, c)
         # the coefficients in the input's dtype
@@ -445,7 +389,7 @@ def backward_planes(
         k_offset = -scale * sum_d / count if train else 0.0
         _plane_grad_input(grad, x, residual, has_res, m, s, b, act, s, x.dtype.type(k_centred),
                           x.dtype.type(k_offset), need_input, grad_input, need_residual,
-                          grad_residual, c, buffer)
+                          grad_residual, c)
 
 
 # -- rows (R, C) ------------------------------------------------------------------------------
@@ -513,9 +457,6 @@ def _normalize_row_block(x, m, s, b, act, residual, has_res, out, start, stop):
             for c in range(channels):
                 v = out[r, c]
                 out[r, c] = 0 if v < 0 else v  # NaN stays NaN, as in torch.relu
-        elif act != IDENTITY:
-            for c in range(channels):
-                out[r, c] = _activation_value(out[r, c], act)
 
 
 @_jit(**_PARALLEL)
@@ -590,20 +531,12 @@ def _row_grad_sums(grad, x, residual, has_res, centre_of, m, s, b, act, start, s
                     t[1, c] += d * (xc - k[c])
                 r += 1
         for tail in range(r, end):
-            if act == IDENTITY or act == RELU:
-                for c in range(channels):
-                    xv = x[tail, c]
-                    d = _grad_value(grad[tail, c], xv, residual[tail, c], has_res, m[c], s[c],
-                                    b[c], act, zero)
-                    t[0, c] += d
-                    t[1, c] += d * (xv - k[c])
-            else:
-                for c in range(channels):
-                    xv = x[tail, c]
-                    d = _smooth_grad_value(grad[tail, c], xv, residual[tail, c], has_res, m[c],
-                                           s[c], b[c], act)
-                    t[0, c] += d
-                    t[1, c] += d * (xv - k[c])
+            for c in range(channels):
+                xv = x[tail, c]
+                d = _grad_value(grad[tail, c], xv, residual[tail, c], has_res, m[c], s[c], b[c],
+                                act, zero)
+                t[0, c] += d
+                t[1, c] += d * (xv - k[c])
         for c in range(channels):
             s1[c] += t[0, c]
             s2[c] += t[1, c]
@@ -623,7 +556,7 @@ def _row_grad_input_block(grad, x, residual, has_res, m, s, b, act, gain, k_cent
             if need_residual:
                 for c in range(channels):
                     grad_residual[r, c] = grad[r, c]
-        elif act == RELU:
+        else:
             if need_input:
                 for c in range(channels):
                     xv = x[r, c]
@@ -634,15 +567,6 @@ def _row_grad_input_block(grad, x, residual, has_res, m, s, b, act, gain, k_cent
                 for c in range(channels):
                     grad_residual[r, c] = _grad_value(grad[r, c], x[r, c], residual[r, c],
                                                       has_res, m[c], s[c], b[c], act, zero)
-        else:
-            for c in range(channels):
-                xv = x[r, c]
-                d = _smooth_grad_value(grad[r, c], xv, residual[r, c], has_res, m[c], s[c],
-                                       b[c], act)
-                if need_input:
-                    grad_input[r, c] = d * gain[c] + (xv - m[c]) * k_centred[c] + k_offset[c]
-                if need_residual:
-                    grad_residual[r, c] = d
 
 
 @_jit(**_PARALLEL)
