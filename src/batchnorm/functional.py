@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 
 from batchnorm.autograd import apply_eval, apply_train
-from batchnorm.core import checks
+from batchnorm.core import checks, running
 from batchnorm.core.layout import valid_per_channel
-from batchnorm.core.running import warn_nonfinite
 from batchnorm.dispatch import running_stats_updater, select_backend
 
 Momentum = float | torch.Tensor
@@ -95,12 +94,16 @@ def batch_norm_core(
     owner: str = "batch_norm",
     mask: torch.Tensor | None = None,
     input_checked: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Validate, normalize, and compute (without applying) the running-statistics update.
+    in_place: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | bool | None]:
+    """Validate, normalize, and compute the running-statistics update.
 
     Returns ``(output, new_running_mean, new_running_var, finite)``. The last three are None
-    when no running statistics are updated; ``finite`` is a 0-dim bool tensor telling whether
-    the batch statistics were finite (if not, the "new" statistics equal the old ones).
+    when no running statistics are updated; ``finite`` (a bool, or a 0-dim bool tensor where
+    reading it would synchronise with a device) tells whether the batch statistics were finite
+    (if not, the "new" statistics equal the old ones). Nothing is modified unless
+    ``in_place``, which lets the backend write the update straight into the running tensors
+    (then returned as the new ones); :func:`commit_running_stats` completes either form.
     ``mask`` restricts the batch statistics to valid positions (see :func:`batch_norm`).
 
     ``input_checked``: the caller is a module that has validated the input's shape and owns
@@ -125,7 +128,8 @@ def batch_norm_core(
         return output, None, None, None
     update = running_stats_updater(input, mask)
     new_mean, new_var, finite = update(
-        running_mean, running_var, mean, variance, momentum, valid_per_channel(input, mask)
+        running_mean, running_var, mean, variance, momentum, valid_per_channel(input, mask),
+        in_place=in_place,
     )
     return output, new_mean, new_var, finite
 
@@ -134,11 +138,9 @@ def commit_running_stats(running_mean, running_var, new_mean, new_var, finite, o
     """Write an update computed by a ``*_core`` function into the caller's buffers, in place."""
     if new_mean is None:
         return
-    with torch.no_grad():
-        running_mean.copy_(new_mean)
-        running_var.copy_(new_var)
+    running.commit_running_stats(running_mean, running_var, new_mean, new_var)
     if not torch.compiler.is_compiling() and not bool(finite):
-        warn_nonfinite(owner)
+        running.warn_nonfinite(owner)
 
 
 def batch_norm(
@@ -177,7 +179,8 @@ def batch_norm(
         True
     """
     output, new_mean, new_var, finite = batch_norm_core(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, mask=mask
+        input, running_mean, running_var, weight, bias, training, momentum, eps, mask=mask,
+        in_place=True,
     )
     commit_running_stats(running_mean, running_var, new_mean, new_var, finite, "batch_norm")
     return output

@@ -278,6 +278,13 @@ def test_running_update_kernel_matches_the_core(dtype, momentum, bad):
     torch.testing.assert_close(ours[0], core[0])
     torch.testing.assert_close(ours[1], core[1])
     assert bool(ours[2]) == bool(core[2]) == (bad is None)
+    # in place: the running tensors themselves receive the update, versions move
+    versions = rm._version, rv._version
+    inplace = cpu.updated_running_stats(rm, rv, bm, bv, m, count=9, in_place=True)
+    assert inplace[0] is rm and inplace[1] is rv
+    assert rm._version > versions[0] and rv._version > versions[1]
+    assert torch.equal(rm, ours[0]) and torch.equal(rv, ours[1])
+    assert inplace[2] == (bad is None)
 
 
 @pytest.mark.parametrize("shape, layout", [((4, 2, 512, 513), "contiguous"),

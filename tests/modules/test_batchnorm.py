@@ -238,3 +238,17 @@ def test_track_running_stats_false_uses_batch_statistics_in_eval():
     theirs.eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_training_step_counts_as_in_place_change_of_running_statistics():
+    """An eval graph saves the running statistics; a later training step updates them in place
+    (written by the kernel, not by a torch operation), so that graph's backward refuses rather
+    than use the new values. (torch's own module does not check this.)"""
+    module = batchnorm.BatchNorm1d(3)
+    module.eval()
+    x = torch.randn(6, 3, requires_grad=True)
+    y = module(x)
+    module.train()
+    module(torch.randn(6, 3))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

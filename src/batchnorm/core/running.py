@@ -33,13 +33,16 @@ def updated_running_stats(
     batch_var: torch.Tensor,
     momentum: float | torch.Tensor,
     count: int | None = None,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """New running mean and variance, and a 0-dim bool tensor: were the batch statistics finite.
 
     ``batch_var`` is the unbiased batch variance, or, when the number of values ``count`` is
     given, the biased one, which then receives Bessel's factor n / (n - 1) here. Nothing is
     modified in place. Backends may provide a faster twin with the same signature and results
-    (``batchnorm.backends.cpu.updated_running_stats``).
+    (``batchnorm.backends.cpu.updated_running_stats``, whose ``finite`` is a bool); the twin
+    may honour ``in_place`` (write into the running tensors and return them), which this
+    version ignores, so callers commit with :func:`commit_running_stats` either way.
     """
     # Mean and variance travel stacked as one (2, C) tensor: a handful of operations per step
     # instead of two of each, which shows on small layers.
@@ -58,6 +61,15 @@ def updated_running_stats(
     if new_var.dtype != var_dtype:
         new_var = new_var.to(var_dtype)
     return updated[0], new_var, finite
+
+
+def commit_running_stats(running_mean, running_var, new_mean, new_var) -> None:
+    """Write an update into the running tensors in place, unless it already lives there."""
+    if new_mean is running_mean:
+        return
+    with torch.no_grad():
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
 
 
 def warn_nonfinite(owner: str) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from batchnorm.core.checks import check_input
-from batchnorm.core.running import warn_nonfinite
+from batchnorm.core.running import commit_running_stats, warn_nonfinite
 from batchnorm.functional import batch_norm_core
 
 
@@ -64,7 +64,7 @@ class _BatchNorm(_TorchBatchNorm):
         return batch_norm_core(
             input, running_mean, running_var, self.weight, self.bias, training=training,
             momentum=momentum, eps=self.eps, owner=type(self).__name__, input_checked=True,
-            **options,
+            in_place=True, **options,
         )
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,11 +85,10 @@ class _BatchNorm(_TorchBatchNorm):
         return output
 
     def _commit_running_stats(self, new_mean, new_var, finite) -> None:
-        with torch.no_grad():
-            self.running_mean.copy_(new_mean)
-            self.running_var.copy_(new_var)
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(finite)  # a bool tensor: adds 1 or 0
+        commit_running_stats(self.running_mean, self.running_var, new_mean, new_var)
+        tracked = self.num_batches_tracked
+        if tracked is not None:
+            tracked.add_(finite)  # a bool (tensor): adds 1 or 0 (a buffer: no autograd here)
         if (
             self.warn_on_nonfinite
             and not self._warned_nonfinite

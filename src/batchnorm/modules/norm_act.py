@@ -157,7 +157,7 @@ class _BatchNormAct(_BatchNorm):
         if updating:
             new_mean, new_var, finite = running_stats_updater(input)(
                 self.running_mean, self.running_var, mean, variance, self._momentum_now(),
-                values_per_channel(input),
+                values_per_channel(input), in_place=True,
             )
             self._commit_running_stats(new_mean, new_var, finite)
         return y

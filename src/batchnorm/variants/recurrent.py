@@ -129,7 +129,7 @@ class RecurrentBatchNorm(nn.Module):
             commit_running_stats(self.running_mean[step], self.running_var[step], new_mean,
                                  new_var, finite, owner)
             with torch.no_grad():
-                tracked.add_(finite.to(tracked.dtype))
+                tracked.add_(finite)  # a bool (tensor): adds 1 or 0
         return output
 
     def extra_repr(self) -> str:

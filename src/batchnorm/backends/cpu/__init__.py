@@ -297,10 +297,16 @@ def _plain_vector(t: torch.Tensor) -> bool:
 
 
 def updated_running_stats(running_mean, running_var, batch_mean, batch_var, momentum,
-                          count=None):
+                          count=None, in_place=False):
     """``batchnorm.core.running.updated_running_stats`` in one kernel call (same arguments and
-    results) for plain CPU vectors; other inputs go to the core's torch version. A handful of
-    small torch operations cost more than a small layer's whole normalization."""
+    results, ``finite`` as a bool) for plain CPU vectors; other inputs go to the core's torch
+    version. A handful of small torch operations cost more than a small layer's whole
+    normalization.
+
+    ``in_place``: write the update into ``running_mean`` and ``running_var`` and return them
+    (their version counters move as with any in-place operation), so the caller's commit has
+    nothing to copy; with non-finite batch statistics they keep their values.
+    """
     if (
         torch.compiler.is_compiling()
         or not all(map(_plain_vector, (running_mean, running_var, batch_mean, batch_var)))
@@ -309,14 +315,15 @@ def updated_running_stats(running_mean, running_var, batch_mean, batch_var, mome
         return running.updated_running_stats(
             running_mean, running_var, batch_mean, batch_var, momentum, count
         )
-    channels = running_mean.shape[0]
-    new_mean = torch.empty(channels, dtype=running_mean.dtype)
-    new_var = torch.empty(channels, dtype=running_var.dtype)
-    finite = torch.empty((), dtype=torch.bool)
+    if in_place:
+        new_mean, new_var = running_mean, running_var
+        torch.autograd.graph.increment_version((running_mean, running_var))
+    else:
+        new_mean, new_var = torch.empty_like(running_mean), torch.empty_like(running_var)
     bessel = 1.0 if count is None else count / (count - 1)
-    kernels.running_update(
+    finite = kernels.running_update(
         running_mean.numpy(), running_var.numpy(), batch_mean.numpy(), batch_var.numpy(),
-        float(bessel), float(momentum), new_mean.numpy(), new_var.numpy(), finite.numpy(),
+        float(bessel), float(momentum), new_mean.numpy(), new_var.numpy(),
     )
     return new_mean, new_var, finite
 

@@ -133,11 +133,10 @@ def _coefficients(x, mean, var, weight, bias, eps):
 
 
 @_jit()
-def running_update(running_mean, running_var, mean, var, bessel, momentum, out_mean, out_var,
-                   finite):
+def running_update(running_mean, running_var, mean, var, bessel, momentum, out_mean, out_var):
     """The running-statistics update of ``batchnorm.core.running`` in one call: ``out`` receives
     ``(1 - m) running + m batch`` (the variance with Bessel's factor), or the old values when a
-    batch statistic is not finite; ``finite[()]`` says which."""
+    batch statistic is not finite; returns which. ``out`` may be ``running`` itself."""
     channels = mean.shape[0]
     ok = True
     for c in range(channels):
@@ -155,7 +154,7 @@ def running_update(running_mean, running_var, mean, var, bessel, momentum, out_m
         else:
             out_mean[c] = running_mean[c]
             out_var[c] = running_var[c]
-    finite[()] = ok
+    return ok
 
 
 # -- planes (N, C, S) -------------------------------------------------------------------------
