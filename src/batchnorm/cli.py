@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--quick", action="store_true", help="two small shapes, for a smoke run")
     bench.add_argument(
-        "--mode", choices=["train", "eval", "train_relu"], help="only this mode"
+        "--mode", choices=["train", "eval", "train_relu", "train_silu", "train_gelu"],
+        help="only this mode (train_silu and train_gelu run only when named here)",
     )
     bench.add_argument("--layout", choices=["contiguous", "channels_last"], help="only this layout")
     bench.add_argument(

@@ -11,7 +11,7 @@ from batchnorm.bench.shapes import Shape
 from batchnorm.cli import main
 
 
-@pytest.mark.parametrize("mode", runner.MODES)
+@pytest.mark.parametrize("mode", runner.ALL_MODES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_run_case_reports_both_ratios(mode, layout):
     shape = Shape("tiny", (4, 3, 5, 5))
@@ -67,3 +67,12 @@ def test_machine_description_names_the_allocator_tunables(monkeypatch):
     assert "GLIBC_TUNABLES" not in runner.machine_description()
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
     assert runner.machine_description().endswith("GLIBC_TUNABLES=glibc.malloc.trim_threshold=1")
+
+
+def test_cli_modes_are_the_runners():
+    """The command's --mode choices name exactly the modes the runner knows."""
+    from batchnorm.cli import build_parser
+
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    mode = next(action for action in bench._actions if action.dest == "mode")
+    assert tuple(mode.choices) == runner.ALL_MODES

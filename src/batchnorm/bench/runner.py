@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from batchnorm.bench.shapes import Shape
 from batchnorm.bench.timing import Comparison, compare
@@ -16,9 +17,12 @@ from batchnorm.dispatch import select_backend
 from batchnorm.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from batchnorm.modules.norm_act import BatchNormAct1d, BatchNormAct2d
 
-# train: forward + backward; eval: forward without gradients; train_relu: forward + backward of
-# our fused BatchNormAct against torch's batch norm followed by torch.relu.
+# train: forward + backward; eval: forward without gradients; train_<activation>: forward +
+# backward of our BatchNormAct with that activation against torch's batch norm followed by it.
+# The default run covers MODES; the smooth activations run when asked for (--mode).
+ACTIVATION_MODES = {"train_relu": torch.relu, "train_silu": F.silu, "train_gelu": F.gelu}
 MODES = ("train", "eval", "train_relu")
+ALL_MODES = (*MODES, "train_silu", "train_gelu")
 LAYOUTS = ("contiguous", "channels_last")
 
 _OURS = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}
@@ -26,16 +30,16 @@ _OURS_FUSED = {2: BatchNormAct1d, 3: BatchNormAct1d, 4: BatchNormAct2d}
 _TORCH = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 
-class _ThenReLU(nn.Module):
-    """torch's unfused baseline: batch norm, then ReLU."""
+class _ThenActivation(nn.Module):
+    """torch's unfused baseline: batch norm, then the activation."""
 
-    def __init__(self, norm: nn.Module) -> None:
+    def __init__(self, norm: nn.Module, activation: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
-        self.norm = norm
+        self.norm, self.activation = norm, activation
         self.weight, self.bias = norm.weight, norm.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.norm(x))
+        return self.activation(self.norm(x))
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ def _make_input(shape: Shape, layout: str, dtype: torch.dtype, seed: int) -> tor
 
 
 def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: str) -> Callable[[], None]:
-    if mode in ("train", "train_relu"):
+    if mode.startswith("train"):
         module.train()
         params = [module.weight, module.bias]
 
@@ -86,9 +90,10 @@ def run_case(
     x = _make_input(shape, layout, dtype, seed=0)
     grad = _make_input(shape, layout, dtype, seed=1)
     channels, ndim = shape.size[1], len(shape.size)
-    if mode == "train_relu":
-        ours = _OURS_FUSED[ndim](channels, activation="relu", dtype=dtype)
-        theirs = _ThenReLU(_TORCH[ndim](channels, dtype=dtype))
+    if mode in ACTIVATION_MODES:
+        activation = mode.removeprefix("train_")
+        ours = _OURS_FUSED[ndim](channels, activation=activation, dtype=dtype)
+        theirs = _ThenActivation(_TORCH[ndim](channels, dtype=dtype), ACTIVATION_MODES[mode])
     else:
         ours = _OURS[ndim](channels, dtype=dtype)
         theirs = _TORCH[ndim](channels, dtype=dtype)
