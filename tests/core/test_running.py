@@ -44,3 +44,21 @@ def test_count_applies_bessels_factor():
     given_unbiased = updated_running_stats(rm, rv, bm, unbiased(bv, 7), 0.3)
     for a, b in zip(with_count, given_unbiased, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bad", [None, float("nan")])
+def test_in_place_writes_into_the_running_tensors(bad):
+    """in_place returns the running tensors themselves holding the pure form's result; a
+    non-finite batch leaves them as they were."""
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    bm, bv = torch.randn(4), torch.rand(4) + 0.5
+    if bad is not None:
+        bm[1] = bad
+    before = rm.clone(), rv.clone()
+    pure = updated_running_stats(rm, rv, bm, bv, 0.2, count=5)
+    new_mean, new_var, finite = updated_running_stats(rm, rv, bm, bv, 0.2, count=5, in_place=True)
+    assert new_mean is rm and new_var is rv
+    assert torch.equal(rm, pure[0]) and torch.equal(rv, pure[1])
+    assert bool(finite) == (bad is None)
+    if bad is not None:
+        assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])

@@ -39,10 +39,10 @@ def updated_running_stats(
 
     ``batch_var`` is the unbiased batch variance, or, when the number of values ``count`` is
     given, the biased one, which then receives Bessel's factor n / (n - 1) here. Nothing is
-    modified in place. Backends may provide a faster twin with the same signature and results
-    (``batchnorm.backends.cpu.updated_running_stats``, whose ``finite`` is a bool); the twin
-    may honour ``in_place`` (write into the running tensors and return them), which this
-    version ignores, so callers commit with :func:`commit_running_stats` either way.
+    modified unless ``in_place``: then the update is written into ``running_mean`` and
+    ``running_var``, which are returned as the new statistics (:func:`commit_running_stats`
+    completes either form). Backends may provide a faster twin with the same signature and
+    results (``batchnorm.backends.cpu.updated_running_stats``, whose ``finite`` is a bool).
     """
     # Mean and variance travel stacked as one (2, C) tensor: a handful of operations per step
     # instead of two of each, which shows on small layers.
@@ -51,16 +51,19 @@ def updated_running_stats(
     batch = torch.stack([batch_mean.detach(), batch_var.detach()])
     if batch.dtype != running_mean.dtype:
         batch = batch.to(running_mean.dtype)
-    var_dtype = running_var.dtype
+    original_var, var_dtype = running_var, running_var.dtype
     if var_dtype != running_mean.dtype:
         running_var = running_var.to(running_mean.dtype)
     running = torch.stack([running_mean, running_var])
     finite = torch.isfinite(batch).all()
     updated = torch.where(finite, running.lerp(batch, momentum), running)
-    new_var = updated[1]
+    new_mean, new_var = updated[0], updated[1]
     if new_var.dtype != var_dtype:
         new_var = new_var.to(var_dtype)
-    return updated[0], new_var, finite
+    if in_place:
+        commit_running_stats(running_mean, original_var, new_mean, new_var)
+        return running_mean, original_var, finite
+    return new_mean, new_var, finite
 
 
 def commit_running_stats(running_mean, running_var, new_mean, new_var) -> None:

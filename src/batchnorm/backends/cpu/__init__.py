@@ -70,6 +70,17 @@ def supports(x: torch.Tensor) -> bool:
 # -- layouts ----------------------------------------------------------------------------------
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format | None:
+    """The memory format ``x`` is dense in, among those the kernels read; None for others."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
+
+
 def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
     """``x`` detached, in its compute dtype, with a layout the kernels read directly."""
     compute = _COMPUTE_DTYPE[x.dtype]
@@ -77,13 +88,10 @@ def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
         x = x.detach()
     if x.dtype != compute:
         x = x.to(compute)
-    if x.is_contiguous():
-        return x, torch.contiguous_format
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return x, torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return x, torch.channels_last_3d
-    return x.contiguous(), torch.contiguous_format
+    layout = _layout(x)
+    if layout is None:
+        return x.contiguous(), torch.contiguous_format
+    return x, layout
 
 
 def _array(t: torch.Tensor, layout: torch.memory_format) -> np.ndarray:
@@ -231,7 +239,7 @@ def backward(
         # d = g f'(z), with z = BN(x) [+ r] recomputed; then the gradients of plain batch norm
         z = forward(x, weight, bias, eps, mean=mean, variance=variance, residual=residual,
                     compute_dtype=True)[0]
-        grad = _SMOOTH[activation][1](_conformed(grad_out, z, _prepare(x)[1]), z)
+        grad = _SMOOTH[activation][1](_conformed(grad_out, z, _layout(z)), z)
         grad_input, grad_weight, grad_bias, _ = backward(
             grad, x, mean, variance, weight, bias, eps, needs, train=train
         )
@@ -313,7 +321,7 @@ def updated_running_stats(running_mean, running_var, batch_mean, batch_var, mome
         or (isinstance(momentum, torch.Tensor) and (momentum.dim() != 0 or _is_wrapped(momentum)))
     ):
         return running.updated_running_stats(
-            running_mean, running_var, batch_mean, batch_var, momentum, count
+            running_mean, running_var, batch_mean, batch_var, momentum, count, in_place
         )
     if in_place:
         new_mean, new_var = running_mean, running_var
