@@ -17,11 +17,26 @@ def test_run_case_reports_both_ratios(mode, layout):
     shape = Shape("tiny", (4, 3, 5, 5))
     row = runner.run_case(shape, mode, layout, rounds=2)
     assert row.comparison.median_ratio > 0 and row.roofline.median_ratio > 0
+    assert row.noop.median_ratio > 0
     # The row names the backend the dispatcher chose for that very input.
     expected = select_backend(runner._make_input(shape, layout, torch.float32, seed=0)).name
     assert row.backend == expected
     table = runner.format_table([row])
     assert "ours/clone" in table and f"| {mode} | {layout} | {expected} |" in table
+    assert "no-op/torch" in table and table.splitlines()[-1].count("|") == 11
+
+
+def test_noop_layer_has_the_layer_interface_and_no_arithmetic():
+    """The no-op layer takes and returns what a batch norm does (output like the input,
+    gradients for input, weight and bias) and records no operation but its own Function."""
+    layer = runner.NoOpLayer(3)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    out = layer(x)
+    assert out.shape == x.shape and out.grad_fn.name().endswith("_NoArithmeticBackward")
+    grads = torch.autograd.grad(out, [x, layer.weight, layer.bias], torch.ones_like(out))
+    assert [g.shape for g in grads] == [x.shape, (3,), (3,)]
+    with torch.no_grad():
+        assert layer(x).shape == x.shape
 
 
 def test_first_call_latency_runs_in_a_new_process():

@@ -42,6 +42,40 @@ class _ThenActivation(nn.Module):
         return self.activation(self.norm(x))
 
 
+class _NoArithmetic(torch.autograd.Function):
+    """A batch norm with the arithmetic taken out: the forward allocates the output and the
+    backward the gradients, as any layer must, and nothing is computed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+
+
+class NoOpLayer(nn.Module):
+    """The cost that any batch norm written in Python on top of torch pays before its first
+    operation: a module call, an autograd Function with a backward (in training), and the
+    allocation of the output and input gradient (never written, so their first-touch page
+    faults are not counted). Timed against torch's layer (the bench's ``no-op/torch`` column) it
+    bounds from below the ratio that faster kernels behind such a Function can reach on a
+    shape: on 60x100 the no-op alone takes about 0.6 of torch's whole training step."""
+
+    def __init__(self, num_features: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(num_features, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return _NoArithmetic.apply(x, self.weight, self.bias)
+        return torch.empty_like(x)
+
+
 @dataclass(frozen=True)
 class Row:
     shape: Shape
@@ -50,6 +84,7 @@ class Row:
     backend: str
     comparison: Comparison
     roofline: Comparison  # ours against x.clone() on the same tensor: a memory-bound floor
+    noop: Comparison  # NoOpLayer against torch's layer: the floor of any layer built like ours
 
 
 def _make_input(shape: Shape, layout: str, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -97,10 +132,12 @@ def run_case(
     else:
         ours = _OURS[ndim](channels, dtype=dtype)
         theirs = _TORCH[ndim](channels, dtype=dtype)
-    ours_step = _step(ours, x, grad, mode)
-    comparison = compare(ours_step, _step(theirs, x, grad, mode), rounds=rounds)
+    ours_step, theirs_step = _step(ours, x, grad, mode), _step(theirs, x, grad, mode)
+    comparison = compare(ours_step, theirs_step, rounds=rounds)
     roofline = compare(ours_step, x.clone, rounds=rounds)
-    return Row(shape, mode, layout, select_backend(x).name, comparison, roofline)
+    noop_step = _step(NoOpLayer(channels, dtype=dtype), x, grad, mode)
+    noop = compare(noop_step, theirs_step, rounds=rounds)
+    return Row(shape, mode, layout, select_backend(x).name, comparison, roofline, noop)
 
 
 _FIRST_CALL = """
@@ -151,8 +188,8 @@ def machine_description() -> str:
 def format_table(rows: list[Row]) -> str:
     header = (
         "| shape | size | mode | layout | backend | ours (ms) | torch (ms) | ours/torch (median) "
-        "| ours/clone (median) |\n"
-        "|---|---|---|---|---|---:|---:|---:|---:|"
+        "| ours/clone (median) | no-op/torch (median) |\n"
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|"
     )
     lines = [header]
     for row in rows:
@@ -161,6 +198,6 @@ def format_table(rows: list[Row]) -> str:
             f"| {row.shape.name} | {'x'.join(map(str, row.shape.size))} | {row.mode} | "
             f"{row.layout} | {row.backend} | {c.candidate_median_s * 1e3:.3f} | "
             f"{c.baseline_median_s * 1e3:.3f} | {c.median_ratio:.2f} | "
-            f"{row.roofline.median_ratio:.2f} |"
+            f"{row.roofline.median_ratio:.2f} | {row.noop.median_ratio:.2f} |"
         )
     return "\n".join(lines)
