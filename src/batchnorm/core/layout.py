@@ -31,7 +31,9 @@ def channel_view_shape(x: torch.Tensor) -> tuple[int, ...]:
 
 
 def as_channel(vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Reshape a (C,) vector to broadcast against ``x``."""
+    """Reshape a (C,) vector to broadcast against ``x`` (an (N, C) input takes it as it is)."""
+    if x.dim() == 2:
+        return vector
     return vector.reshape(channel_view_shape(x))
 
 

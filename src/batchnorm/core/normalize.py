@@ -54,10 +54,10 @@ def affine_coefficients(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``scale`` and ``shift`` with ``y = x * scale + shift``."""
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(shift.dtype)
-    return scale, shift
+    if bias is None:
+        return scale, -(mean * scale)
+    # bias - mean * scale in one operator (small layers pay per operator, not per value)
+    return scale, torch.addcmul(bias.to(scale.dtype), mean.to(scale.dtype), scale, value=-1)
 
 
 def normalize_centred(
@@ -86,8 +86,10 @@ def normalize_centred(
 def apply_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``y = x * scale + shift``, computed in the accumulation dtype, returned in x's."""
     acc = accumulation_dtype(x.dtype)
-    y = torch.mul(x, as_channel(scale.to(acc), x))
-    return y.add_(as_channel(shift.to(acc), x)).to(x.dtype)
+    if scale.dtype != acc:
+        scale, shift = scale.to(acc), shift.to(acc)
+    y = torch.addcmul(as_channel(shift, x), x, as_channel(scale, x))
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def gradient_sums(
