@@ -60,6 +60,24 @@ def affine_coefficients(
     return scale, torch.addcmul(bias.to(scale.dtype), mean.to(scale.dtype), scale, value=-1)
 
 
+def scale_shift(
+    t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``t * scale + shift`` with ``scale`` and ``shift`` broadcast per channel, into ``out``
+    when given (which may be ``t`` itself).
+
+    torch's ``addcmul`` does this in one pass, but with two broadcast operands it is only fast
+    where the channel axis is innermost in memory (channels_last, (N, C)); on NCHW planes it
+    measured 3-5x slower than a multiply followed by an in-place add (8x512x7x7: 51 against
+    17 us; 8x1024x14x14: 391 against 135 us), so planes take the two operators.
+    """
+    if t.dim() == 2 or t.stride(1) == 1:
+        return torch.addcmul(shift, t, scale) if out is None else torch.addcmul(
+            shift, t, scale, out=out)
+    y = torch.mul(t, scale) if out is None else torch.mul(t, scale, out=out)
+    return y.add_(shift)
+
+
 def normalize_centred(
     centred: torch.Tensor,
     invstd: torch.Tensor,
@@ -77,9 +95,9 @@ def normalize_centred(
     if bias is None:
         y = centred.mul_(scale) if not torch.is_grad_enabled() else centred * scale
     elif torch.is_grad_enabled():
-        y = torch.addcmul(as_channel(bias.to(centred.dtype), centred), centred, scale)
-    else:  # one fused pass, in place (an exact alias of an input is allowed as the output)
-        y = torch.addcmul(as_channel(bias.to(centred.dtype), centred), centred, scale, out=centred)
+        y = scale_shift(centred, scale, as_channel(bias.to(centred.dtype), centred))
+    else:  # in place (an exact alias of an input is allowed as the output)
+        y = scale_shift(centred, scale, as_channel(bias.to(centred.dtype), centred), out=centred)
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
@@ -88,7 +106,7 @@ def apply_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
     acc = accumulation_dtype(x.dtype)
     if scale.dtype != acc:
         scale, shift = scale.to(acc), shift.to(acc)
-    y = torch.addcmul(as_channel(shift, x), x, as_channel(scale, x))
+    y = scale_shift(x, as_channel(scale, x), as_channel(shift, x))
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -130,7 +148,7 @@ def input_gradient(
     elif torch.is_grad_enabled():  # differentiable form, for double backward
         grad_input = centred * centred_coef + offset + grad_out * as_channel(gain, centred)
     else:  # the same, reusing the centred temporary in place (two fused passes)
-        grad_input = torch.addcmul(offset, centred, centred_coef, out=centred)
+        grad_input = scale_shift(centred, centred_coef, offset, out=centred)
         grad_input = grad_input.addcmul_(grad_out, as_channel(gain, centred))
     return grad_input if grad_input.dtype == out_dtype else grad_input.to(out_dtype)
 

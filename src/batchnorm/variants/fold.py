@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from batchnorm.core.layout import as_channel
-from batchnorm.core.normalize import affine_coefficients, inverse_std
+from batchnorm.core.normalize import affine_coefficients, inverse_std, scale_shift
 from batchnorm.variants.frozen import _FrozenBatchNorm
 
 _FOLDABLE = (
@@ -42,8 +42,8 @@ class ChannelAffine(nn.Module):
         self.register_buffer("shift", shift.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(as_channel(self.shift.to(x.dtype), x), x,
-                             as_channel(self.scale.to(x.dtype), x))
+        return scale_shift(x, as_channel(self.scale.to(x.dtype), x),
+                           as_channel(self.shift.to(x.dtype), x))
 
     def extra_repr(self) -> str:
         return f"{self.scale.numel()}"
