@@ -58,6 +58,33 @@ def test_pure_form_under_vmap():
         torch.testing.assert_close(new_var[i], rv)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("size", [(4, 3, 5, 5), (6, 3)])
+def test_pure_form_vmapped_over_parameters_with_a_shared_input(training, size):
+    """An ensemble over weight, bias and running statistics (in_dims 0) with one input (None)."""
+    members = 5
+    x = torch.randn(size)
+    weights, biases = torch.rand(members, 3) + 0.5, torch.randn(members, 3)
+    means, variances = torch.randn(members, 3), torch.rand(members, 3) + 0.5
+    y, new_mean, new_var = torch.func.vmap(
+        lambda w, b, m, v: batch_norm_pure(x, m, v, w, b, training=training)
+    )(weights, biases, means, variances)
+    for i in range(members):
+        rm, rv = means[i].clone(), variances[i].clone()
+        expected = F.batch_norm(x, rm, rv, weights[i], biases[i], training=training)
+        torch.testing.assert_close(y[i], expected)
+        torch.testing.assert_close(new_mean[i], rm)
+        torch.testing.assert_close(new_var[i], rv)
+    # the bias alone batched: the product x * scale is unbatched, the shift is batched
+    y_bias = torch.func.vmap(
+        lambda b: batch_norm_pure(x, means[0], variances[0], weights[0], b, training=training)[0]
+    )(biases)
+    for i in range(members):
+        expected = F.batch_norm(x, means[0].clone(), variances[0].clone(), weights[0], biases[i],
+                                training=training)
+        torch.testing.assert_close(y_bias[i], expected)
+
+
 def test_pure_form_under_func_grad():
     x = torch.randn(7, 3, dtype=torch.float64)
     weight = torch.rand(3, dtype=torch.float64) + 0.5

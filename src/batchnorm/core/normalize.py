@@ -40,6 +40,9 @@ from batchnorm.core.layout import (
 from batchnorm.core.moments import sum_of_products
 
 Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None) or (
+    lambda: True
+)
 
 
 def inverse_std(variance: torch.Tensor, eps: float) -> torch.Tensor:
@@ -74,8 +77,13 @@ def scale_shift(
     if t.dim() == 2 or t.stride(1) == 1:
         return torch.addcmul(shift, t, scale) if out is None else torch.addcmul(
             shift, t, scale, out=out)
-    y = torch.mul(t, scale) if out is None else torch.mul(t, scale, out=out)
-    return y.add_(shift)
+    if out is not None:
+        return torch.mul(t, scale, out=out).add_(shift)
+    if torch.is_grad_enabled() or _transforms_active():
+        # out of place: under vmap a batched shift cannot be added in place into an unbatched
+        # product (an ensemble over the bias alone)
+        return torch.mul(t, scale) + shift
+    return torch.mul(t, scale).add_(shift)
 
 
 def normalize_centred(

@@ -44,10 +44,17 @@ _COMPUTE_DTYPE = {
 }
 _EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None) or (
+    lambda: True
+)
 
 
 def supports(x: torch.Tensor) -> bool:
-    """Plain (not vmapped, not traced) CPU tensors of a floating dtype with at least 2 dims."""
+    """Plain (not vmapped, not traced) CPU tensors of a floating dtype with at least 2 dims.
+
+    Under a torch.func transform the eager path runs even when ``x`` itself is plain: an
+    ensemble vmapped over the parameters with a shared input hands the kernels batched weights
+    that have no storage to view."""
     return (
         not torch.compiler.is_compiling()  # first: the tracer must not see the checks below
         and x.device.type == "cpu"
@@ -55,6 +62,7 @@ def supports(x: torch.Tensor) -> bool:
         and x.dim() >= 2
         and x.numel() > 0
         and not _is_wrapped(x)
+        and not _transforms_active()
     )
 
 
