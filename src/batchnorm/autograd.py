@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from batchnorm.backends import eager
+from batchnorm.core.context import transforms_active
 from batchnorm.core.moments import batch_moments
 from batchnorm.dispatch import select_backend
 
@@ -109,18 +110,15 @@ def _classic(function: type[torch.autograd.Function]) -> type[torch.autograd.Fun
 
 _BatchNormTrainClassic = _classic(BatchNormTrain)
 _BatchNormEvalClassic = _classic(BatchNormEval)
-_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None) or (
-    lambda: True
-)
 
 
 def apply_train(x, weight, bias, eps, mask=None):
-    if torch.compiler.is_compiling() or _transforms_active():
+    if torch.compiler.is_compiling() or transforms_active():
         return BatchNormTrain.apply(x, weight, bias, eps, mask)
     return _BatchNormTrainClassic.apply(x, weight, bias, eps, mask)
 
 
 def apply_eval(x, mean, variance, weight, bias, eps):
-    if torch.compiler.is_compiling() or _transforms_active():
+    if torch.compiler.is_compiling() or transforms_active():
         return BatchNormEval.apply(x, mean, variance, weight, bias, eps)
     return _BatchNormEvalClassic.apply(x, mean, variance, weight, bias, eps)

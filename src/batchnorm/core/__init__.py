@@ -5,4 +5,5 @@
 - ``moments``: per-channel batch mean and variance (the one place statistics are computed).
 - ``normalize``: the per-channel affine map and its closed-form gradients.
 - ``running``: the running-statistics update (momentum or cumulative, non-finite protection).
+- ``context``: whether a torch.func transform surrounds the call.
 """

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from batchnorm.core.context import transforms_active
 from batchnorm.core.layout import (
     accumulation_dtype,
     as_channel,
@@ -40,9 +41,6 @@ from batchnorm.core.layout import (
 from batchnorm.core.moments import sum_of_products
 
 Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
-_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None) or (
-    lambda: True
-)
 
 
 def inverse_std(variance: torch.Tensor, eps: float) -> torch.Tensor:
@@ -79,7 +77,7 @@ def scale_shift(
             shift, t, scale, out=out)
     if out is not None:
         return torch.mul(t, scale, out=out).add_(shift)
-    if torch.is_grad_enabled() or _transforms_active():
+    if torch.is_grad_enabled() or transforms_active():
         # out of place: under vmap a batched shift cannot be added in place into an unbatched
         # product (an ensemble over the bias alone)
         return torch.mul(t, scale) + shift

@@ -21,6 +21,8 @@ import warnings
 
 import torch
 
+from batchnorm.core.moments import unbiased
+
 
 class NonFiniteStatisticsWarning(RuntimeWarning):
     """A training batch had non-finite statistics; the running statistics were left unchanged."""
@@ -47,7 +49,7 @@ def updated_running_stats(
     # Mean and variance travel stacked as one (2, C) tensor: a handful of operations per step
     # instead of two of each, which shows on small layers.
     if count is not None:
-        batch_var = batch_var * (count / (count - 1))
+        batch_var = unbiased(batch_var, count)
     batch = torch.stack([batch_mean.detach(), batch_var.detach()])
     if batch.dtype != running_mean.dtype:
         batch = batch.to(running_mean.dtype)

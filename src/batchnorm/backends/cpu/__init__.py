@@ -20,6 +20,7 @@ import torch
 
 from batchnorm.backends.cpu import kernels
 from batchnorm.core import running
+from batchnorm.core.context import transforms_active
 
 name = "cpu"
 
@@ -44,9 +45,6 @@ _COMPUTE_DTYPE = {
 }
 _EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None) or (
-    lambda: True
-)
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -62,7 +60,7 @@ def supports(x: torch.Tensor) -> bool:
         and x.dim() >= 2
         and x.numel() > 0
         and not _is_wrapped(x)
-        and not _transforms_active()
+        and not transforms_active()
     )
 
 

@@ -1,0 +1,15 @@
+"""What surrounds a call: whether a torch.func transform (vmap, grad, jacrev, ...) is active.
+
+Under a transform, tensors may be batched or gradient-tracking wrappers without storage of
+their own, even when the input itself is plain: the kernels cannot view them, the classic
+autograd Functions cannot carry a vmap rule, and an in-place update may meet a batched operand.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# torch versions without the query count as "a transform may be active", the safe answer.
+transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None) or (
+    lambda: True
+)
