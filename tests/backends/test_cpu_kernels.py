@@ -140,6 +140,37 @@ def test_nonfinite_input_reaches_the_statistics(layout):
     assert torch.isfinite(mean[:2]).all() and torch.isfinite(var[:2]).all()
 
 
+@pytest.mark.parametrize("shape, layout", [((3, 4, 5, 6), "contiguous"),
+                                           ((3, 4, 5, 6), "channels_last"), ((6, 4), "contiguous")])
+def test_zero_variance_with_zero_eps_divides_as_ieee(shape, layout):
+    """eps=0 and a zero variance: 1/sqrt(0) is inf, as in torch and on the eager path, never a
+    ZeroDivisionError from inside a kernel (with zeros in the gradient as well)."""
+    x = make_input(shape, torch.float32, layout, seed=2)
+    x[:, 1] = 3.0  # a constant channel: zero batch variance
+    weight, bias = _parameters(shape[1], torch.float32, seed=2)
+    running_mean, running_var = torch.zeros(shape[1]), torch.ones(shape[1])
+    running_var[2] = 0.0
+    g = torch.zeros_like(x)
+    with torch.no_grad():
+        y = cpu.eval_forward(x, running_mean, running_var, weight, bias, 0.0)
+        y_train, mean, var = cpu.train_forward(x, weight, bias, 0.0)
+        grads = cpu.train_backward(g, x, mean, var, weight, 0.0, (True, True, True))
+        with batchnorm.use_backend("eager"):
+            expected = batchnorm.functional.normalize_with(x, running_mean, running_var, weight,
+                                                           bias, 0.0)
+            expected_train, _, _ = batchnorm.functional.normalize_with_batch_statistics(
+                x, weight, bias, 0.0)
+    # the same values where finite and non-finite at the same places (inf here, where the
+    # eager path's folded shift b - mean * inf makes nan, as torch's does)
+    for ours, eager in ((y, expected), (y_train, expected_train)):
+        finite = torch.isfinite(eager)
+        assert torch.equal(torch.isfinite(ours), finite)
+        torch.testing.assert_close(ours[finite], eager[finite])
+    assert not torch.isfinite(y[:, 2]).any() and torch.isfinite(y[:, [0, 1, 3]]).all()
+    assert not torch.isfinite(y_train[:, 1]).any() and torch.isfinite(y_train[:, [0, 2, 3]]).all()
+    assert all(grad is not None for grad in grads)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_module_on_the_kernels_matches_torch(layout):
     torch.manual_seed(1)

@@ -217,7 +217,7 @@ def forward(
     arguments = (xa, _vector(mean, xc.dtype), _vector(variance, xc.dtype), w, b, float(eps), act,
                  ra, residual is not None, oa)
     if planes:
-        _run(kernels.eval_forward_planes, numel, *arguments)
+        _run(kernels.eval_forward_planes, numel, *arguments, rows=xa.shape[0] * xa.shape[1])
     else:
         _run(kernels.eval_forward_rows, numel, *arguments, rows=xa.shape[0])
     return out if compute_dtype else _in_dtype(out, x.dtype), None, None

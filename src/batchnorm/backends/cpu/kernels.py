@@ -70,6 +70,11 @@ def _jit(**options):
     folder); if neither is writable the kernels are still compiled, just not cached.
     """
 
+    # IEEE division, as in torch (1/0 is inf, 0/0 is nan): Python's error model raised
+    # ZeroDivisionError on eps=0 with a zero variance, and its check on every division kept the
+    # per-channel loops from vectorizing (5x slower).
+    options = {"error_model": "numpy", **options}
+
     def decorate(function):
         try:
             return numba.njit(cache=True, **options)(function)
@@ -119,16 +124,19 @@ def _channel_coefficients(mean, var, weight, bias, eps, c):
 
 @_jit(inline="always")
 def _coefficients(x, mean, var, weight, bias, eps):
-    """Per-channel (mean, scale, shift) arrays in x's dtype, for ``(x - mean) * scale + shift``."""
+    """Per-channel (mean, scale, shift) arrays in x's dtype, for ``(x - mean) * scale + shift``:
+    the values of :func:`_channel_coefficients`, in one loop LLVM vectorizes."""
     channels = mean.shape[0]
     mean_x = np.empty(channels, dtype=x.dtype)
     scale_x = np.empty(channels, dtype=x.dtype)
     shift_x = np.empty(channels, dtype=x.dtype)
+    has_weight = weight.shape[0] > 0
+    has_bias = bias.shape[0] > 0
     for c in range(channels):
-        _, scale, beta = _channel_coefficients(mean, var, weight, bias, eps, c)
+        invstd = 1.0 / math.sqrt(var[c] + eps)
         mean_x[c] = mean[c]
-        scale_x[c] = scale
-        shift_x[c] = beta
+        scale_x[c] = np.float64(weight[c]) * invstd if has_weight else invstd
+        shift_x[c] = bias[c] if has_bias else 0.0
     return mean_x, scale_x, shift_x
 
 
@@ -166,20 +174,28 @@ def running_update(running_mean, running_var, mean, var, bessel, momentum, out_m
 
 
 @_jit(inline="always")
-def _normalize_segment(x, residual, has_res, m, s, b, act, out, n, c):
-    """``out[n, c] = f((x - m) s + b [+ r])`` for one (sample, channel) segment of planes
-    (inlined where it is called, so no call passes arrays per segment)."""
-    size = x.shape[2]
+def _normalize_segment(x, residual, has_res, m, s, b, act, out, j):
+    """``out[j] = f((x[j] - m) s + b [+ r[j]])`` for one (sample, channel) segment ``j`` of planes
+    seen as (N * C, S) arrays (inlined where it is called, so no call passes arrays per
+    segment; indexing (N, C, S) arrays by sample and channel measured up to 1.6x slower on 7x7
+    planes)."""
+    size = x.shape[1]
     if has_res:
         for i in range(size):
-            out[n, c, i] = (x[n, c, i] - m) * s + b + residual[n, c, i]
+            out[j, i] = (x[j, i] - m) * s + b + residual[j, i]
     else:
         for i in range(size):
-            out[n, c, i] = (x[n, c, i] - m) * s + b
+            out[j, i] = (x[j, i] - m) * s + b
     if act == RELU:
         for i in range(size):
-            v = out[n, c, i]
-            out[n, c, i] = 0 if v < 0 else v  # NaN stays NaN, as in torch.relu
+            v = out[j, i]
+            out[j, i] = 0 if v < 0 else v  # NaN stays NaN, as in torch.relu
+
+
+@_jit(inline="always")
+def _segments(x):
+    """A (N, C, S) array as (N * C, S) (both are views of the same C-contiguous memory)."""
+    return x.reshape((x.shape[0] * x.shape[1], x.shape[2]))
 
 
 @_jit(**_REDUCE)
@@ -228,6 +244,7 @@ def train_forward_planes(x, weight, bias, eps, act, residual, has_res, out, mean
     """Batch statistics into ``mean``/``var`` (biased, x's dtype) and ``out = f(BN(x) [+ r])``."""
     batch, channels, size = x.shape
     count = batch * size
+    xs, rs, outs = _segments(x), _segments(residual), _segments(out)
     for c in prange(channels):
         shift, s1, s2 = _plane_sums(x, c)
         centre = s1 / count
@@ -242,24 +259,29 @@ def train_forward_planes(x, weight, bias, eps, act, residual, has_res, out, mean
         sc = x.dtype.type(scale)
         bc = x.dtype.type(beta)
         for n in range(batch):
-            _normalize_segment(x, residual, has_res, mc, sc, bc, act, out, n, c)
+            _normalize_segment(xs, rs, has_res, mc, sc, bc, act, outs, n * channels + c)
 
 
 @_jit(**_PARALLEL)
-def eval_forward_planes(x, mean, var, weight, bias, eps, act, residual, has_res, out):
-    """``out = f(BN(x) [+ r])`` with given statistics: parallel over channels for short planes,
-    over (sample, channel) segments for long ones (measured 10% faster there)."""
+def eval_forward_planes(x, mean, var, weight, bias, eps, act, residual, has_res, out, blocks):
+    """``out = f(BN(x) [+ r])`` with given statistics, in memory order: each of ``blocks``
+    threads streams one contiguous run of (sample, channel) segments. Against a loop over
+    channels (each thread jumping between samples) this measured 10-25% faster on 7x7 and 14x14
+    planes and the same on longer ones."""
     batch, channels, size = x.shape
     m, s, b = _coefficients(x, mean, var, weight, bias, eps)
-    if size <= PLANE_BLOCK:
-        for c in prange(channels):
-            for n in range(batch):
-                _normalize_segment(x, residual, has_res, m[c], s[c], b[c], act, out, n, c)
-    else:
-        for job in prange(batch * channels):
-            n = job // channels
-            c = job - n * channels
-            _normalize_segment(x, residual, has_res, m[c], s[c], b[c], act, out, n, c)
+    segments = batch * channels
+    xs, rs, outs = _segments(x), _segments(residual), _segments(out)
+    plain = act == IDENTITY and not has_res
+    for k in prange(blocks):
+        for j in range(k * segments // blocks, (k + 1) * segments // blocks):
+            c = j % channels
+            if plain:
+                mc, sc, bc = m[c], s[c], b[c]
+                for i in range(size):
+                    outs[j, i] = (xs[j, i] - mc) * sc + bc
+            else:
+                _normalize_segment(xs, rs, has_res, m[c], s[c], b[c], act, outs, j)
 
 
 @_jit()
