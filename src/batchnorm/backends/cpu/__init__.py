@@ -17,6 +17,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
+from numba.np.ufunc import parallel as numba_parallel
 
 from batchnorm.backends.cpu import kernels
 from batchnorm.core import running
@@ -135,7 +136,7 @@ def _vector(t: torch.Tensor | None, dtype: torch.dtype) -> np.ndarray:
         return _EMPTY[dtype]
     if t.dtype != dtype:
         t = t.detach().to(dtype)
-    a = t.detach().numpy() if t.requires_grad else t.numpy()
+    a = t.numpy(force=True)  # a view of a CPU tensor, detached if it requires grad
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
@@ -153,12 +154,22 @@ def _threads(numel: int, torch_threads: int | None = None) -> int:
     return max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
 
 
+def _numba_threads() -> int:
+    """Numba's thread count for the calling thread. ``numba.get_num_threads`` makes sure the
+    pool is running on every call (a lock, 0.6 us); once it has, Numba's C getter answers alone
+    (0.14 us), so the first call swaps it in."""
+    global _numba_threads
+    count = numba.get_num_threads()
+    _numba_threads = getattr(numba_parallel, "_get_num_threads", numba.get_num_threads)
+    return count
+
+
 def _run(kernel, numel: int, *arguments, rows: int | None = None) -> None:
     """Call ``kernel`` on ``_threads(numel)`` threads; a rows kernel (``rows`` given) also
     receives its number of row blocks, one per thread (at most one per row)."""
     torch_threads = torch.get_num_threads()
     threads = _threads(numel, torch_threads)
-    if numba.get_num_threads() != threads:
+    if _numba_threads() != threads:
         numba.set_num_threads(threads)  # per calling thread in Numba; left set for the next call
     if rows is None:
         kernel(*arguments)
