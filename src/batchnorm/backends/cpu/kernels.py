@@ -543,14 +543,18 @@ def _row_grad_sums(grad, x, residual, has_res, centre_of, m, s, b, act, start, s
                     t[1, c] += (g0 * (x[r, c] - kc) + g1 * (x[r + 1, c] - kc)) + (
                         g2 * (x[r + 2, c] - kc) + g3 * (x[r + 3, c] - kc))
                 r += 4
-        elif fast_relu:  # d = g where z > 0, inline (no scratch row)
-            while r < end:
+        elif fast_relu:  # d = g where z > 0, inline (no scratch row), four rows per sweep
+            while r + 4 <= end:
                 for c in range(channels):
-                    xc = x[r, c]
-                    d = grad[r, c] if (xc - m[c]) * s[c] + b[c] > 0 else 0
-                    t[0, c] += d
-                    t[1, c] += d * (xc - k[c])
-                r += 1
+                    kc, mc, sc, bc = k[c], m[c], s[c], b[c]
+                    x0, x1, x2, x3 = x[r, c], x[r + 1, c], x[r + 2, c], x[r + 3, c]
+                    d0 = grad[r, c] if (x0 - mc) * sc + bc > 0 else zero
+                    d1 = grad[r + 1, c] if (x1 - mc) * sc + bc > 0 else zero
+                    d2 = grad[r + 2, c] if (x2 - mc) * sc + bc > 0 else zero
+                    d3 = grad[r + 3, c] if (x3 - mc) * sc + bc > 0 else zero
+                    t[0, c] += (d0 + d1) + (d2 + d3)
+                    t[1, c] += (d0 * (x0 - kc) + d1 * (x1 - kc)) + (d2 * (x2 - kc) + d3 * (x3 - kc))
+                r += 4
         for tail in range(r, end):
             for c in range(channels):
                 xv = x[tail, c]
@@ -577,6 +581,12 @@ def _row_grad_input_block(grad, x, residual, has_res, m, s, b, act, gain, k_cent
             if need_residual:
                 for c in range(channels):
                     grad_residual[r, c] = grad[r, c]
+        elif act == RELU and not has_res and not need_residual:  # the mask inline, as above
+            if need_input:
+                for c in range(channels):
+                    centred = x[r, c] - m[c]
+                    d = grad[r, c] if centred * s[c] + b[c] > 0 else zero
+                    grad_input[r, c] = d * gain[c] + centred * k_centred[c] + k_offset[c]
         else:
             if need_input:
                 for c in range(channels):
