@@ -23,7 +23,7 @@ def test_run_case_reports_both_ratios(mode, layout):
     assert row.backend == expected
     table = runner.format_table([row])
     assert "ours/clone" in table and f"| {mode} | {layout} | {expected} |" in table
-    assert "no-op/torch" in table and table.splitlines()[-1].count("|") == 11
+    assert "no-op/torch" in table and table.splitlines()[-1].count("|") == 12
 
 
 def test_noop_layer_has_the_layer_interface_and_no_arithmetic():

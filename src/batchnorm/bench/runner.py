@@ -185,11 +185,19 @@ def machine_description() -> str:
     return description + (f", GLIBC_TUNABLES={tunables}" if tunables else "")
 
 
+def format_faults(comparison: Comparison) -> str:
+    """``ours / torch`` minor page faults per call during the timed samples ("n/a" where the
+    platform does not count them)."""
+    if comparison.candidate_faults is None or comparison.baseline_faults is None:
+        return "n/a"
+    return f"{comparison.candidate_faults:.0f} / {comparison.baseline_faults:.0f}"
+
+
 def format_table(rows: list[Row]) -> str:
     header = (
         "| shape | size | mode | layout | backend | ours (ms) | torch (ms) | ours/torch (median) "
-        "| ours/clone (median) | no-op/torch (median) |\n"
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|"
+        "| ours/clone (median) | no-op/torch (median) | page faults per call (ours / torch) |\n"
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"
     )
     lines = [header]
     for row in rows:
@@ -198,6 +206,7 @@ def format_table(rows: list[Row]) -> str:
             f"| {row.shape.name} | {'x'.join(map(str, row.shape.size))} | {row.mode} | "
             f"{row.layout} | {row.backend} | {c.candidate_median_s * 1e3:.3f} | "
             f"{c.baseline_median_s * 1e3:.3f} | {c.median_ratio:.2f} | "
-            f"{row.roofline.median_ratio:.2f} | {row.noop.median_ratio:.2f} |"
+            f"{row.roofline.median_ratio:.2f} | {row.noop.median_ratio:.2f} | "
+            f"{format_faults(c)} |"
         )
     return "\n".join(lines)

@@ -1,10 +1,17 @@
 """Interleaved timing: the machines are noisy, so A and B alternate within one run and the
-result is the median of the per-round ratios, never a ratio of absolute times taken apart."""
+result is the median of the per-round ratios, never a ratio of absolute times taken apart.
+
+Each timed sample also counts the process's minor page faults (first touches of memory the
+allocator took back from the operating system). On virtual machines a fault costs about a
+microsecond per 4 KiB page, several times the cost of streaming that page, and whether a freed
+tensor's memory faults back in depends on the C allocator's heap state, which differs between
+processes: the counts show when a ratio is an allocator effect rather than arithmetic."""
 
 from __future__ import annotations
 
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +23,18 @@ class Comparison:
     candidate_median_s: float
     baseline_median_s: float
     rounds: int
+    # minor page faults per call, averaged over the timed samples (None where the platform
+    # does not count them)
+    candidate_faults: float | None = None
+    baseline_faults: float | None = None
+
+
+def _minor_faults() -> int | None:
+    if sys.platform == "win32":
+        return None
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _time_once(fn: Callable[[], object], inner: int) -> float:
@@ -23,6 +42,14 @@ def _time_once(fn: Callable[[], object], inner: int) -> float:
     for _ in range(inner):
         fn()
     return (time.perf_counter() - start) / inner
+
+
+def _sample(fn: Callable[[], object], inner: int) -> tuple[float, int | None]:
+    """Seconds per call and page faults over the ``inner`` calls of one sample."""
+    before = _minor_faults()
+    seconds = _time_once(fn, inner)
+    after = _minor_faults()
+    return seconds, None if before is None or after is None else after - before
 
 
 def calibrate(fn: Callable[[], object], target_s: float = 0.02) -> int:
@@ -46,19 +73,31 @@ def compare(
     inner = max(1, min(calibrate(candidate), calibrate(baseline)))
     order = random.Random(seed)
     ratios, cand_times, base_times = [], [], []
+    cand_faults: list[int | None] = []
+    base_faults: list[int | None] = []
     for _ in range(rounds):
         if order.random() < 0.5:
-            c = _time_once(candidate, inner)
-            b = _time_once(baseline, inner)
+            c, cf = _sample(candidate, inner)
+            b, bf = _sample(baseline, inner)
         else:
-            b = _time_once(baseline, inner)
-            c = _time_once(candidate, inner)
+            b, bf = _sample(baseline, inner)
+            c, cf = _sample(candidate, inner)
         ratios.append(c / b)
         cand_times.append(c)
         base_times.append(b)
+        cand_faults.append(cf)
+        base_faults.append(bf)
     return Comparison(
         median_ratio=statistics.median(ratios),
         candidate_median_s=statistics.median(cand_times),
         baseline_median_s=statistics.median(base_times),
         rounds=rounds,
+        candidate_faults=_per_call(cand_faults, inner),
+        baseline_faults=_per_call(base_faults, inner),
     )
+
+
+def _per_call(faults: list[int | None], inner: int) -> float | None:
+    if not faults or any(f is None for f in faults):
+        return None
+    return sum(faults) / (len(faults) * inner)
