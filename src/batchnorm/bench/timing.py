@@ -3,7 +3,7 @@ result is the median of the per-round ratios, never a ratio of absolute times ta
 
 Each timed sample also counts the process's minor page faults (first touches of memory the
 allocator took back from the operating system). On the virtual machine of BENCHMARKS.md a fault
-cost 0.7-1.1 us per 4 KiB page, five to ten times the time to stream that page, and whether a
+cost 0.7-1.8 us per 4 KiB page, several times the time to stream that page, and whether a
 freed tensor's memory faults back in depends on the C allocator's heap state, which differs
 between processes: the counts show when a ratio is an allocator effect rather than arithmetic."""
 
