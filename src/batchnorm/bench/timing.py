@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+try:
+    import resource  # Unix: the process's page-fault counters
+except ImportError:  # Windows
+    resource = None
 
 
 @dataclass(frozen=True)
@@ -30,11 +34,7 @@ class Comparison:
 
 
 def _minor_faults() -> int | None:
-    if sys.platform == "win32":
-        return None
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _time_once(fn: Callable[[], object], inner: int) -> float:
