@@ -50,9 +50,13 @@ class BatchNormTrain(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, mean, variance, mask)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, variance)
+        # the statistics never carry a gradient: no zero tensors made up for them every step
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
+        if grad_out is None:  # no gradient reached the output (gradcheck tries this case)
+            return None, None, None, None, None
         x, weight, bias, mean, variance, mask = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         if torch.is_grad_enabled():

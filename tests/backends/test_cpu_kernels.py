@@ -343,3 +343,58 @@ def test_blocked_float32_sums_stay_accurate_on_many_values(shape, layout):
     _, _, db = cpu.train_backward(g, x, mean, var, None, 1e-5, (False, False, True))
     ref_db = g.double().sum(dim=(0, 2, 3)).numpy()
     np.testing.assert_allclose(db.double().numpy(), ref_db, atol=1e-6 * g.abs().sum().item())
+
+
+@pytest.mark.parametrize("running_dtype, batch_dtype",
+                         [(torch.float32, torch.float64), (torch.float64, torch.float32)])
+def test_running_update_kernel_takes_statistics_of_another_dtype(running_dtype, batch_dtype):
+    """Each statistic reaches the kernel in its own dtype (running float32 buffers fed float64
+    batch statistics, and the reverse)."""
+    from batchnorm.core import running
+
+    generator = torch.Generator().manual_seed(5)
+    rm = torch.randn(5, generator=generator, dtype=running_dtype)
+    rv = torch.rand(5, generator=generator, dtype=running_dtype) + 0.5
+    bm = torch.randn(5, generator=generator, dtype=batch_dtype)
+    bv = torch.rand(5, generator=generator, dtype=batch_dtype) + 0.1
+    ours = cpu.updated_running_stats(rm, rv, bm, bv, 0.3, count=7)
+    core = running.updated_running_stats(rm, rv, bm, bv, 0.3, count=7)
+    assert ours[0].dtype == ours[1].dtype == running_dtype
+    torch.testing.assert_close(ours[0], core[0])
+    torch.testing.assert_close(ours[1], core[1])
+
+
+def test_running_update_of_mismatched_lengths_is_refused():
+    """The kernel reads every vector over the running statistics' length: shorter batch
+    statistics go to the core's version, which refuses them, instead of being read past their
+    end."""
+    rm, rv = torch.zeros(6), torch.ones(6)
+    with pytest.raises(RuntimeError):
+        cpu.updated_running_stats(rm, rv, torch.zeros(3), torch.ones(3), 0.1, count=4)
+    assert torch.equal(rm, torch.zeros(6)) and torch.equal(rv, torch.ones(6))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_lazily_negated_tensors_are_read_as_their_values(layout):
+    """A tensor with torch's negative bit (the imaginary part of a conjugate) holds its values'
+    negatives in memory; the kernels receive the values themselves, for the input, the gradient
+    and the parameters."""
+    shape = (4, 3, 5, 6)
+    x = make_input(shape, torch.float32, layout, seed=21)
+    g = make_input(shape, torch.float32, layout, seed=22)
+    weight, bias = _parameters(3, torch.float32, seed=23)
+    negated = [torch._neg_view(-t) for t in (x, g, weight, bias)]
+    assert all(t.is_neg() for t in negated)
+    nx, ng, nweight, nbias = negated
+    y, mean, var = cpu.train_forward(x, weight, bias, 1e-5)
+    ny, nmean, nvar = cpu.train_forward(nx, nweight, nbias, 1e-5)
+    assert torch.equal(y, ny) and torch.equal(mean, nmean) and torch.equal(var, nvar)
+    grads = cpu.train_backward(g, x, mean, var, weight, 1e-5, (True, True, True))
+    ngrads = cpu.train_backward(ng, nx, nmean, nvar, nweight, 1e-5, (True, True, True))
+    for ours, expected in zip(ngrads, grads, strict=True):
+        assert torch.equal(ours, expected)
+    ey = cpu.eval_forward(nx, torch._neg_view(-mean), var, nweight, nbias, 1e-5)
+    assert torch.equal(ey, cpu.eval_forward(x, mean, var, weight, bias, 1e-5))
+    rm, rv = torch.zeros(3), torch.ones(3)
+    new_mean, _, _ = cpu.updated_running_stats(rm, rv, torch._neg_view(-mean), var, 0.5)
+    torch.testing.assert_close(new_mean, 0.5 * mean)

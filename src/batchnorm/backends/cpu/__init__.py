@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from numba.np.ufunc import parallel as numba_parallel
 
-from batchnorm.backends.cpu import kernels
+from batchnorm.backends.cpu import entries, kernels
 from batchnorm.core import running
 from batchnorm.core.context import transforms_active
 
@@ -44,7 +44,8 @@ _COMPUTE_DTYPE = {
     torch.float32: torch.float32,
     torch.float64: torch.float64,
 }
-_EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+# the dtype of the arrays an entry point builds, carried by a NumPy scalar
+_LIKE = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
@@ -95,25 +96,20 @@ def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
         x = x.detach()
     if x.dtype != compute:
         x = x.to(compute)
+    if x.is_neg():  # a lazily negated view (the imaginary part of a conjugate): its memory
+        x = x.resolve_neg()  # holds the values' negatives
     layout = _layout(x)
     if layout is None:
         return x.contiguous(), torch.contiguous_format
     return x, layout
 
 
-def _array(t: torch.Tensor, layout: torch.memory_format) -> np.ndarray:
-    """The canonical view: (N, C, S) planes, or (R, C) rows (2D, S == 1, or channels_last).
-
-    The view is taken in NumPy, where a transpose or reshape costs about a tenth of torch's
-    (per call, the torch form took 2.9 us on a channels_last input, this one 0.9 us)."""
-    a = t.numpy()
-    if a.ndim == 2:
-        return a
-    batch, channels = a.shape[0], a.shape[1]
-    if layout == torch.contiguous_format:
-        size = a.size // (batch * channels)
-        return a.reshape(batch, channels) if size == 1 else a.reshape(batch, channels, size)
-    return a.transpose(0, *range(2, a.ndim), 1).reshape(-1, channels)
+def _geometry(x: torch.Tensor, layout: torch.memory_format) -> tuple[int, int, int, bool]:
+    """``(batch, channels, size, planes)`` of ``x`` for ``entries``: ``size`` values per
+    plane, seen as (N, C, S) planes (contiguous with S > 1) or as (N * S, C) rows."""
+    batch, channels = x.shape[0], x.shape[1]
+    size = x.numel() // (batch * channels)
+    return batch, channels, size, size > 1 and layout == torch.contiguous_format
 
 
 def _conformed(t: torch.Tensor, like: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
@@ -122,22 +118,30 @@ def _conformed(t: torch.Tensor, like: torch.Tensor, layout: torch.memory_format)
         t = t.detach()
     if t.dtype != like.dtype:
         t = t.to(like.dtype)
+    if t.is_neg():
+        t = t.resolve_neg()
     return t.contiguous(memory_format=layout)
 
 
-def _matching(t: torch.Tensor, like: torch.Tensor, layout: torch.memory_format) -> np.ndarray:
-    """``t`` (a gradient or residual) as an array laid out exactly like ``like``."""
-    return _array(_conformed(t, like, layout), layout)
-
-
-def _vector(t: torch.Tensor | None, dtype: torch.dtype) -> np.ndarray:
-    """A per-channel parameter or statistic as a contiguous array of the compute dtype."""
+def _vector(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A per-channel parameter or statistic as a dense tensor of the compute dtype (to pass by
+    address with :func:`_length`)."""
     if t is None:
-        return _EMPTY[dtype]
+        return None
     if t.dtype != dtype:
         t = t.detach().to(dtype)
-    a = t.numpy(force=True)  # a view of a CPU tensor, detached if it requires grad
-    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+    if t.is_neg():
+        t = t.resolve_neg()
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _length(t: torch.Tensor | None) -> int:
+    """The length an entry point sees: 0 for an absent vector."""
+    return 0 if t is None else t.shape[0]
 
 
 # Below this many elements a parallel launch costs more than it saves (torch's own grain size
@@ -164,17 +168,15 @@ def _numba_threads() -> int:
     return count
 
 
-def _run(kernel, numel: int, *arguments, rows: int | None = None) -> None:
-    """Call ``kernel`` on ``_threads(numel)`` threads; a rows kernel (``rows`` given) also
-    receives its number of row blocks, one per thread (at most one per row)."""
+def _run(entry, numel: int, units: int, *arguments) -> None:
+    """Call ``entry`` on ``_threads(numel)`` threads, appending its number of blocks: one per
+    thread, at most one per unit of work (row, plane segment or channel); 1 runs the kernel on
+    the calling thread."""
     torch_threads = torch.get_num_threads()
     threads = _threads(numel, torch_threads)
     if _numba_threads() != threads:
         numba.set_num_threads(threads)  # per calling thread in Numba; left set for the next call
-    if rows is None:
-        kernel(*arguments)
-    else:
-        kernel(*arguments, max(1, min(threads, rows)))
+    entry(*arguments, max(1, min(threads, units)))
     # Numba's OpenMP layer, when it starts, resets the OpenMP thread count that torch shares:
     # put back what the user chose.
     if torch.get_num_threads() != torch_threads:
@@ -207,30 +209,29 @@ def forward(
         return _in_dtype(z, x.dtype), batch_mean, batch_var
     xc, layout = _prepare(x)
     out = torch.empty_like(xc)
-    xa, oa = _array(xc, layout), _array(out, layout)
-    ra = xa if residual is None else _matching(residual, xc, layout)
-    act = kernels.ACTIVATIONS[activation]
+    batch, channels, size, planes = _geometry(xc, layout)
+    like = _LIKE[xc.dtype]
+    residual = None if residual is None else _conformed(residual, xc, layout)
+    xp = xc.data_ptr()
+    rp = xp if residual is None else residual.data_ptr()
     w, b = _vector(weight, xc.dtype), _vector(bias, xc.dtype)
-    planes = xa.ndim == 3
-    numel = xa.size
+    act = kernels.ACTIVATIONS[activation]
+    numel = xc.numel()
+    # work is shared by channel for planes in training, else by row or by plane segment
+    units = channels if planes else batch * size
     if mean is None:
-        channels = x.shape[1]
         # batch statistics in the compute dtype, which is the accumulation dtype of x
         batch_mean = torch.empty(channels, dtype=xc.dtype)
         batch_var = torch.empty(channels, dtype=xc.dtype)
-        arguments = (xa, w, b, float(eps), act, ra, residual is not None, oa,
-                     batch_mean.numpy(), batch_var.numpy())
-        if planes:
-            _run(kernels.train_forward_planes, numel, *arguments)
-        else:
-            _run(kernels.train_forward_rows, numel, *arguments, rows=xa.shape[0])
+        _run(entries.train_forward, numel, units, like, batch, channels, size, planes, xp,
+             _address(w), _length(w), _address(b), _length(b), float(eps), act, rp,
+             residual is not None, out.data_ptr(), batch_mean.data_ptr(), batch_var.data_ptr())
         return out if compute_dtype else _in_dtype(out, x.dtype), batch_mean, batch_var
-    arguments = (xa, _vector(mean, xc.dtype), _vector(variance, xc.dtype), w, b, float(eps), act,
-                 ra, residual is not None, oa)
-    if planes:
-        _run(kernels.eval_forward_planes, numel, *arguments, rows=xa.shape[0] * xa.shape[1])
-    else:
-        _run(kernels.eval_forward_rows, numel, *arguments, rows=xa.shape[0])
+    mean, variance = _vector(mean, xc.dtype), _vector(variance, xc.dtype)
+    _run(entries.eval_forward, numel, batch * channels if planes else units, like, batch,
+         channels, size, planes, xp, mean.data_ptr(), variance.data_ptr(), _address(w),
+         _length(w), _address(b), _length(b), float(eps), act, rp, residual is not None,
+         out.data_ptr())
     return out if compute_dtype else _in_dtype(out, x.dtype), None, None
 
 
@@ -265,28 +266,28 @@ def backward(
             else None
     need_input, need_weight, need_bias = needs
     xc, layout = _prepare(x)
-    xa = _array(xc, layout)
-    ga = _matching(grad_out, xc, layout)
-    ra = xa if residual is None else _matching(residual, xc, layout)
+    batch, channels, size, planes = _geometry(xc, layout)
+    grad_out = _conformed(grad_out, xc, layout)
+    residual = None if residual is None else _conformed(residual, xc, layout)
     grad_input = torch.empty_like(xc) if need_input else None
     grad_residual = torch.empty_like(xc) if need_residual else None
-    channels = x.shape[1]
     # the parameter gradients are summed in float64 and stored in the compute dtype, which is
     # the accumulation dtype of x
     grad_weight = torch.empty(channels, dtype=xc.dtype)
     grad_bias = torch.empty(channels, dtype=xc.dtype)
-    arguments = (
-        ga, xa, ra, residual is not None, _vector(mean, xc.dtype), _vector(variance, xc.dtype),
-        _vector(weight, xc.dtype), _vector(bias, xc.dtype), float(eps),
-        kernels.ACTIVATIONS[activation], train,
-        need_input, xa if grad_input is None else _array(grad_input, layout),
-        xa if grad_residual is None else _array(grad_residual, layout), need_residual,
-        grad_weight.numpy(), grad_bias.numpy(),
+    mean, variance = _vector(mean, xc.dtype), _vector(variance, xc.dtype)
+    w, b = _vector(weight, xc.dtype), _vector(bias, xc.dtype)
+    xp = xc.data_ptr()
+    _run(
+        entries.backward, xc.numel(), channels if planes else batch * size, _LIKE[xc.dtype],
+        batch, channels, size, planes, grad_out.data_ptr(), xp,
+        xp if residual is None else residual.data_ptr(), residual is not None, mean.data_ptr(),
+        variance.data_ptr(), _address(w), _length(w), _address(b), _length(b), float(eps),
+        kernels.ACTIVATIONS[activation], train, need_input,
+        xp if grad_input is None else grad_input.data_ptr(),
+        xp if grad_residual is None else grad_residual.data_ptr(), need_residual,
+        grad_weight.data_ptr(), grad_bias.data_ptr(),
     )
-    if xa.ndim == 3:
-        _run(kernels.backward_planes, xa.size, *arguments)
-    else:
-        _run(kernels.backward_rows, xa.size, *arguments, rows=xa.shape[0])
     return (
         None if grad_input is None else _in_dtype(grad_input, x.dtype),
         grad_weight if need_weight and weight is not None else None,
@@ -317,8 +318,8 @@ def eval_backward(grad_out, x, mean, variance, weight, eps, needs):
 
 def _plain_vector(t: torch.Tensor) -> bool:
     return (
-        t.device.type == "cpu" and t.dtype in _EMPTY and t.dim() == 1 and t.is_contiguous()
-        and not t.requires_grad and not _is_wrapped(t)
+        t.device.type == "cpu" and t.dtype in _LIKE and t.dim() == 1 and t.is_contiguous()
+        and not t.requires_grad and not t.is_neg() and not _is_wrapped(t)
     )
 
 
@@ -336,6 +337,7 @@ def updated_running_stats(running_mean, running_var, batch_mean, batch_var, mome
     if (
         torch.compiler.is_compiling()
         or not all(map(_plain_vector, (running_mean, running_var, batch_mean, batch_var)))
+        or not running_mean.shape == running_var.shape == batch_mean.shape == batch_var.shape
         or (isinstance(momentum, torch.Tensor) and (momentum.dim() != 0 or _is_wrapped(momentum)))
     ):
         return running.updated_running_stats(
@@ -347,9 +349,11 @@ def updated_running_stats(running_mean, running_var, batch_mean, batch_var, mome
     else:
         new_mean, new_var = torch.empty_like(running_mean), torch.empty_like(running_var)
     bessel = 1.0 if count is None else count / (count - 1)
-    finite = kernels.running_update(
-        running_mean.numpy(), running_var.numpy(), batch_mean.numpy(), batch_var.numpy(),
-        float(bessel), float(momentum), new_mean.numpy(), new_var.numpy(),
+    finite = entries.running_update(
+        running_mean.shape[0], running_mean.data_ptr(), _LIKE[running_mean.dtype],
+        running_var.data_ptr(), _LIKE[running_var.dtype], batch_mean.data_ptr(),
+        _LIKE[batch_mean.dtype], batch_var.data_ptr(), _LIKE[batch_var.dtype], float(bessel),
+        float(momentum), new_mean.data_ptr(), new_var.data_ptr(),
     )
     return new_mean, new_var, finite
 

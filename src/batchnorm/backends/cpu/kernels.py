@@ -237,27 +237,42 @@ def _plane_sums(x, c):
     return np.float64(shift), s1, s2
 
 
-@_jit(**_PARALLEL)
-def train_forward_planes(x, weight, bias, eps, act, residual, has_res, out, mean, var):
-    """Batch statistics into ``mean``/``var`` (biased, x's dtype) and ``out = f(BN(x) [+ r])``."""
+@_jit(inline="always")
+def _train_forward_channel(x, weight, bias, eps, act, rs, has_res, xs, outs, mean, var, c):
+    """Statistics of channel c into ``mean[c]``/``var[c]``, then its normalized output."""
     batch, channels, size = x.shape
     count = batch * size
+    shift, s1, s2 = _plane_sums(x, c)
+    centre = s1 / count
+    variance = s2 / count - centre * centre
+    if variance < 0:
+        variance = 0.0
+    mean[c] = shift + centre  # stored in the compute dtype, as the backward will read them
+    var[c] = variance
+    _, scale, beta = _channel_coefficients(mean, var, weight, bias, eps, c)
+    # the coefficients in the input's dtype
+    mc = x.dtype.type(mean[c])
+    sc = x.dtype.type(scale)
+    bc = x.dtype.type(beta)
+    for n in range(batch):
+        _normalize_segment(xs, rs, has_res, mc, sc, bc, act, outs, n * channels + c)
+
+
+@_jit(**_PARALLEL)
+def train_forward_planes(x, weight, bias, eps, act, residual, has_res, out, mean, var, blocks):
+    """Batch statistics into ``mean``/``var`` (biased, x's dtype) and ``out = f(BN(x) [+ r])``.
+
+    Channels are shared among threads; ``blocks == 1`` runs them on the calling thread (as in
+    every kernel here: a parallel loop costs about 1.3 us to launch even on one thread, a tenth
+    of a small layer's kernel time)."""
+    channels = x.shape[1]
     xs, rs, outs = _segments(x), _segments(residual), _segments(out)
+    if blocks == 1:
+        for c in range(channels):
+            _train_forward_channel(x, weight, bias, eps, act, rs, has_res, xs, outs, mean, var, c)
+        return
     for c in prange(channels):
-        shift, s1, s2 = _plane_sums(x, c)
-        centre = s1 / count
-        variance = s2 / count - centre * centre
-        if variance < 0:
-            variance = 0.0
-        mean[c] = shift + centre  # stored in the compute dtype, as the backward will read them
-        var[c] = variance
-        _, scale, beta = _channel_coefficients(mean, var, weight, bias, eps, c)
-        # the coefficients in the input's dtype
-        mc = x.dtype.type(mean[c])
-        sc = x.dtype.type(scale)
-        bc = x.dtype.type(beta)
-        for n in range(batch):
-            _normalize_segment(xs, rs, has_res, mc, sc, bc, act, outs, n * channels + c)
+        _train_forward_channel(x, weight, bias, eps, act, rs, has_res, xs, outs, mean, var, c)
 
 
 @_jit(**_PARALLEL)
@@ -270,6 +285,11 @@ def eval_forward_planes(x, mean, var, weight, bias, eps, act, residual, has_res,
     m, s, b = _coefficients(x, mean, var, weight, bias, eps)
     segments = batch * channels
     xs, rs, outs = _segments(x), _segments(residual), _segments(out)
+    if blocks == 1:
+        for j in range(segments):
+            _normalize_segment(xs, rs, has_res, m[j % channels], s[j % channels], b[j % channels],
+                               act, outs, j)
+        return
     for k in prange(blocks):
         for j in range(k * segments // blocks, (k + 1) * segments // blocks):
             c = j % channels
@@ -370,39 +390,58 @@ def _plane_grad_input(grad, x, residual, has_res, m, s, b, act, g, kc, ko, need_
                                                      has_res, m, s, b, act, zero)
 
 
+@_jit(inline="always")
+def _backward_channel(grad, x, residual, has_res, mean, var, weight, bias, eps, act, train,
+                      need_input, grad_input, grad_residual, need_residual, grad_weight,
+                      grad_bias, buffer, c):
+    """The gradients of channel c (``buffer``: a scratch segment, or an empty array where the
+    activation's gradient is applied inline)."""
+    batch, _, size = x.shape
+    count = batch * size
+    invstd, scale, beta = _channel_coefficients(mean, var, weight, bias, eps, c)
+    # the coefficients in the input's dtype
+    m = x.dtype.type(mean[c])
+    s = x.dtype.type(scale)
+    b = x.dtype.type(beta)
+    sum_d, sum_dxc = _plane_grad_sums(grad, x, residual, has_res, c, mean[c], m, s, b, act,
+                                      buffer)
+    grad_weight[c] = sum_dxc * invstd
+    grad_bias[c] = sum_d
+    if not (need_input or need_residual):
+        return
+    k_centred = -scale * invstd * invstd * sum_dxc / count if train else 0.0
+    k_offset = -scale * sum_d / count if train else 0.0
+    _plane_grad_input(grad, x, residual, has_res, m, s, b, act, s, x.dtype.type(k_centred),
+                      x.dtype.type(k_offset), need_input, grad_input, need_residual,
+                      grad_residual, c)
+
+
 @_jit(**_PARALLEL)
 def backward_planes(
     grad, x, residual, has_res, mean, var, weight, bias, eps, act, train, need_input,
-    grad_input, grad_residual, need_residual, grad_weight, grad_bias,
+    grad_input, grad_residual, need_residual, grad_weight, grad_bias, blocks,
 ):
     """Gradients of ``f(BN(x) [+ r])``; ``grad_weight``/``grad_bias`` (x's dtype, summed in float64)
-    receive sum(d * x_hat) and sum(d)."""
-    batch, channels, size = x.shape
-    count = batch * size
-    # one empty scratch for all channels: allocating one per channel, with the per-channel call
-    # of the input-gradient loop (now inlined) and the residual read on the identity path, made
-    # this backward 1.15-1.4x slower on 7x7 and 14x14 planes
+    receive sum(d * x_hat) and sum(d). ``blocks == 1``: on the calling thread."""
+    channels, size = x.shape[1], x.shape[2]
+    # a scratch segment only where d = g f'(z) is materialized (relu on long planes), one per
+    # channel; elsewhere one empty array for all channels (allocating one per channel, with the
+    # per-channel call of the input-gradient loop (now inlined) and the residual read on the
+    # identity path, made this backward 1.15-1.4x slower on 7x7 and 14x14 planes)
+    direct = act == IDENTITY or size <= PLANE_BLOCK
     no_buffer = np.empty(0, dtype=x.dtype)
-    for c in prange(channels):
-        # a scratch segment only where d = g f'(z) is materialized (relu on long planes)
-        direct = act == IDENTITY or size <= PLANE_BLOCK
+    if blocks == 1:
         buffer = no_buffer if direct else np.empty(size, dtype=x.dtype)
-        invstd, scale, beta = _channel_coefficients(mean, var, weight, bias, eps, c)
-        # the coefficients in the input's dtype
-        m = x.dtype.type(mean[c])
-        s = x.dtype.type(scale)
-        b = x.dtype.type(beta)
-        sum_d, sum_dxc = _plane_grad_sums(grad, x, residual, has_res, c, mean[c], m, s, b, act,
-                                          buffer)
-        grad_weight[c] = sum_dxc * invstd
-        grad_bias[c] = sum_d
-        if not (need_input or need_residual):
-            continue
-        k_centred = -scale * invstd * invstd * sum_dxc / count if train else 0.0
-        k_offset = -scale * sum_d / count if train else 0.0
-        _plane_grad_input(grad, x, residual, has_res, m, s, b, act, s, x.dtype.type(k_centred),
-                          x.dtype.type(k_offset), need_input, grad_input, need_residual,
-                          grad_residual, c)
+        for c in range(channels):
+            _backward_channel(grad, x, residual, has_res, mean, var, weight, bias, eps, act,
+                              train, need_input, grad_input, grad_residual, need_residual,
+                              grad_weight, grad_bias, buffer, c)
+        return
+    for c in prange(channels):
+        buffer = no_buffer if direct else np.empty(size, dtype=x.dtype)
+        _backward_channel(grad, x, residual, has_res, mean, var, weight, bias, eps, act, train,
+                          need_input, grad_input, grad_residual, need_residual, grad_weight,
+                          grad_bias, buffer, c)
 
 
 # -- rows (R, C) ------------------------------------------------------------------------------
@@ -481,8 +520,11 @@ def train_forward_rows(x, weight, bias, eps, act, residual, has_res, out, mean, 
         shift[c] = x[0, c]
     s1 = np.zeros((blocks, channels), dtype=np.float64)
     s2 = np.zeros((blocks, channels), dtype=np.float64)
-    for k in prange(blocks):
-        _row_sums(x, shift, k * rows // blocks, (k + 1) * rows // blocks, s1[k], s2[k])
+    if blocks == 1:
+        _row_sums(x, shift, 0, rows, s1[0], s2[0])
+    else:
+        for k in prange(blocks):
+            _row_sums(x, shift, k * rows // blocks, (k + 1) * rows // blocks, s1[k], s2[k])
     for c in range(channels):
         t1 = 0.0
         t2 = 0.0
@@ -494,15 +536,22 @@ def train_forward_rows(x, weight, bias, eps, act, residual, has_res, out, mean, 
         mean[c] = shift[c] + centre
         var[c] = variance if not variance < 0 else 0.0  # NaN stays NaN
     m, s, b = _coefficients(x, mean, var, weight, bias, eps)
-    for k in prange(blocks):
-        _normalize_row_block(x, m, s, b, act, residual, has_res, out,
-                             k * rows // blocks, (k + 1) * rows // blocks)
+    _normalize_rows(x, m, s, b, act, residual, has_res, out, blocks)
 
 
 @_jit(**_PARALLEL)
 def eval_forward_rows(x, mean, var, weight, bias, eps, act, residual, has_res, out, blocks):
-    rows, channels = x.shape
     m, s, b = _coefficients(x, mean, var, weight, bias, eps)
+    _normalize_rows(x, m, s, b, act, residual, has_res, out, blocks)
+
+
+@_jit(inline="always")
+def _normalize_rows(x, m, s, b, act, residual, has_res, out, blocks):
+    """The elementwise pass over ``blocks`` row blocks (on the calling thread when 1)."""
+    rows = x.shape[0]
+    if blocks == 1:
+        _normalize_row_block(x, m, s, b, act, residual, has_res, out, 0, rows)
+        return
     for k in prange(blocks):
         _normalize_row_block(x, m, s, b, act, residual, has_res, out,
                              k * rows // blocks, (k + 1) * rows // blocks)
@@ -603,9 +652,12 @@ def backward_rows(
     m, s, b = _coefficients(x, mean, var, weight, bias, eps)
     s1 = np.zeros((blocks, channels), dtype=np.float64)
     s2 = np.zeros((blocks, channels), dtype=np.float64)
-    for k in prange(blocks):
-        _row_grad_sums(grad, x, residual, has_res, mean, m, s, b, act,
-                       k * rows // blocks, (k + 1) * rows // blocks, s1[k], s2[k])
+    if blocks == 1:
+        _row_grad_sums(grad, x, residual, has_res, mean, m, s, b, act, 0, rows, s1[0], s2[0])
+    else:
+        for k in prange(blocks):
+            _row_grad_sums(grad, x, residual, has_res, mean, m, s, b, act,
+                           k * rows // blocks, (k + 1) * rows // blocks, s1[k], s2[k])
     gain = np.empty(channels, dtype=x.dtype)
     k_centred = np.zeros(channels, dtype=x.dtype)
     k_offset = np.zeros(channels, dtype=x.dtype)
@@ -622,8 +674,14 @@ def backward_rows(
         if train:
             k_centred[c] = -scale * invstd * invstd * sum_dxc / rows
             k_offset[c] = -scale * sum_d / rows
-    if need_input or need_residual:
-        for k in prange(blocks):
-            _row_grad_input_block(grad, x, residual, has_res, m, s, b, act, gain, k_centred,
-                                  k_offset, need_input, grad_input, need_residual, grad_residual,
-                                  k * rows // blocks, (k + 1) * rows // blocks)
+    if not (need_input or need_residual):
+        return
+    if blocks == 1:
+        _row_grad_input_block(grad, x, residual, has_res, m, s, b, act, gain, k_centred,
+                              k_offset, need_input, grad_input, need_residual, grad_residual,
+                              0, rows)
+        return
+    for k in prange(blocks):
+        _row_grad_input_block(grad, x, residual, has_res, m, s, b, act, gain, k_centred,
+                              k_offset, need_input, grad_input, need_residual, grad_residual,
+                              k * rows // blocks, (k + 1) * rows // blocks)
