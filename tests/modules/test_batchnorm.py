@@ -176,24 +176,26 @@ def test_is_recognised_as_a_batch_norm():
     assert isinstance(batchnorm.BatchNorm2d(3), nn.modules.batchnorm._BatchNorm)
 
 
+@pytest.mark.parametrize("backend", [None, "eager"])  # the flag: a bool, or a bool tensor
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_batch_protects_running_statistics(momentum, bad):
-    module = batchnorm.BatchNorm1d(3, momentum=momentum)
-    module(torch.randn(8, 3))
-    before = {k: v.clone() for k, v in module.state_dict().items()}
-    x = torch.randn(8, 3)
-    x[2, 1] = bad
-    with pytest.warns(batchnorm.NonFiniteStatisticsWarning, match="BatchNorm1d"):
-        y = module(x)
-    assert not torch.isfinite(y[:, 1]).all(), "the non-finite output stays visible"
-    for key, value in module.state_dict().items():
-        assert torch.equal(value, before[key]), key
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        module(x)  # warns once per module
-    module(torch.randn(8, 3))
-    assert int(module.num_batches_tracked) == 2
+def test_non_finite_batch_protects_running_statistics(momentum, bad, backend):
+    with batchnorm.use_backend(backend):
+        module = batchnorm.BatchNorm1d(3, momentum=momentum)
+        module(torch.randn(8, 3))
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        x = torch.randn(8, 3)
+        x[2, 1] = bad
+        with pytest.warns(batchnorm.NonFiniteStatisticsWarning, match="BatchNorm1d"):
+            y = module(x)
+        assert not torch.isfinite(y[:, 1]).all(), "the non-finite output stays visible"
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, before[key]), key
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            module(x)  # warns once per module
+        module(torch.randn(8, 3))
+        assert int(module.num_batches_tracked) == 2
 
 
 def test_warning_names_the_converted_module():

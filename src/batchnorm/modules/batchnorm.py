@@ -94,8 +94,10 @@ class _BatchNorm(_TorchBatchNorm):
         buffers = self._buffers
         commit_running_stats(buffers["running_mean"], buffers["running_var"], new_mean, new_var)
         tracked = buffers["num_batches_tracked"]
-        if tracked is not None:
-            tracked.add_(finite)  # a bool (tensor): adds 1 or 0 (a buffer: no autograd here)
+        if tracked is not None and finite is not False:
+            # a 0-dim bool tensor adds 1 or 0 without being read; a Python True adds the int 1
+            # (adding the bool itself costs 0.8 us more)
+            tracked.add_(1 if finite is True else finite)  # (a buffer: no autograd here)
         if (
             self.warn_on_nonfinite
             and not self._warned_nonfinite

@@ -57,7 +57,7 @@ def supports(x: torch.Tensor) -> bool:
     that have no storage to view."""
     return (
         not torch.compiler.is_compiling()  # first: the tracer must not see the checks below
-        and x.device.type == "cpu"
+        and x.is_cpu  # (device.type costs 0.26 us, is_cpu 0.05)
         and x.dtype in _COMPUTE_DTYPE
         and x.dim() >= 2
         and x.numel() > 0
@@ -318,7 +318,7 @@ def eval_backward(grad_out, x, mean, variance, weight, eps, needs):
 
 def _plain_vector(t: torch.Tensor) -> bool:
     return (
-        t.device.type == "cpu" and t.dtype in _LIKE and t.dim() == 1 and t.is_contiguous()
+        t.is_cpu and t.dtype in _LIKE and t.dim() == 1 and t.is_contiguous()
         and not t.requires_grad and not t.is_neg() and not _is_wrapped(t)
     )
 
