@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -70,6 +70,9 @@ shapes = st.integers(2, 5).flatmap(
     eps=st.sampled_from([1e-5, 1e-3]),
     seed=st.integers(0, 10_000),
 )
+# eval without running statistics in float16, on 2 values per channel: torch's result is 0.05 off
+@example(shape=(2, 2, 4, []), dtype=torch.float16, layout="contiguous", affine=False,
+         track=False, momentum=0.1, eps=1e-5, seed=9999)
 def test_matches_torch(shape, dtype, layout, affine, track, momentum, eps, seed):
     ndim, n, c, spatial = shape
     size = (n, c, *spatial)
@@ -109,7 +112,14 @@ def test_matches_torch(shape, dtype, layout, affine, track, momentum, eps, seed)
     theirs.eval()
     x = make_input(size, dtype, layout, seed=seed + 7)
     with torch.no_grad():
-        assert_close(ours(x), theirs(x), dtype)
+        if dtype in (torch.float16, torch.bfloat16) and not track:
+            # without running statistics eval normalizes with the batch's own, where torch's
+            # half-precision path cancels as in training (seen: 0.91 for 0.956 on 2 values)
+            expected = torch.from_numpy(reference.forward_train(x.double().numpy(), weight, bias,
+                                                                eps)[0])
+        else:
+            expected = theirs(x)
+        assert_close(ours(x), expected, dtype)
 
 
 @pytest.mark.parametrize(
