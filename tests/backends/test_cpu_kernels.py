@@ -10,13 +10,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import batchnorm
 from batchnorm import reference
 from batchnorm.backends import cpu
-from tests.conftest import assert_close, make_input
+from tests.conftest import assert_close, assert_close_with, input_gradient_rounding, make_input
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (shape, layout): every canonical form the kernels see. The large ones exceed SERIAL_BELOW, so
@@ -71,7 +71,8 @@ def _check_all_paths(shape, layout, dtype, affine, seed, offset=0.0):
     dx, dw, db = cpu.train_backward(g, x, mean, var, weight, eps, (True, True, True))
     ref_dx, ref_dw, ref_db = reference.backward_train(_numpy(g), _numpy(x), _numpy(weight), eps)
     assert dx.dtype == x.dtype
-    assert_close(dx, torch.from_numpy(ref_dx), dtype, scale=4)
+    assert_close_with(dx, torch.from_numpy(ref_dx), dtype,
+                      input_gradient_rounding(x, g, weight, eps, dtype), scale=4)
     if affine:
         assert_close(dw, torch.from_numpy(ref_dw), dtype, scale=4 * count_scale)
     else:
@@ -110,6 +111,10 @@ def test_every_layout_matches_reference(shape, layout, dtype):
     affine=st.booleans(),
     seed=st.integers(0, 10_000),
 )
+# two nearly equal values in a channel: the input gradient cancels (all implementations lose
+# the same digits there, torch included)
+@example(ndim=2, batch=2, channels=6, spatial=[1, 1, 1], layout="strided", dtype=torch.float32,
+         affine=False, seed=5666)
 def test_random_inputs_match_reference(ndim, batch, channels, spatial, layout, dtype, affine,
                                        seed):
     shape = (batch, channels, *spatial[: ndim - 2])
