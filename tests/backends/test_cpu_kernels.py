@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import batchnorm
 from batchnorm import reference
 from batchnorm.backends import cpu
+from batchnorm.backends.cpu import kernels
 from tests.conftest import assert_close, assert_close_with, input_gradient_rounding, make_input
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -403,3 +404,43 @@ def test_lazily_negated_tensors_are_read_as_their_values(layout):
     rm, rv = torch.zeros(3), torch.ones(3)
     new_mean, _, _ = cpu.updated_running_stats(rm, rv, torch._neg_view(-mean), var, 0.5)
     torch.testing.assert_close(new_mean, 0.5 * mean)
+
+
+@pytest.mark.parametrize("act", [kernels.IDENTITY, kernels.RELU])
+@pytest.mark.parametrize("has_res", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_prefetching_rows_changes_no_value(act, has_res, dtype):
+    """The gradient passes over rows with the prefetch hints on and off give the same bits,
+    including the last rows, whose hints would point past the array."""
+    rng = np.random.default_rng(4)
+    rows, channels = 203, 37
+    x, grad, residual = (rng.standard_normal((rows, channels)).astype(dtype) for _ in range(3))
+    m, s, b = (rng.standard_normal(channels).astype(dtype) for _ in range(3))
+    gain, k_centred, k_offset = (rng.standard_normal(channels).astype(dtype) for _ in range(3))
+    results = []
+    for prefetch in (False, True):
+        s1, s2 = np.zeros(channels), np.zeros(channels)
+        kernels._row_grad_sums(grad, x, residual, has_res, m, m, s, b, act, 3, rows, s1, s2,
+                               prefetch, 5)
+        grad_input, grad_residual = np.empty_like(x), np.empty_like(x)
+        kernels._row_grad_input_block(grad, x, residual, has_res, m, s, b, act, gain, k_centred,
+                                      k_offset, True, grad_input, True, grad_residual, 0, rows,
+                                      prefetch, 5)
+        results.append((s1, s2, grad_input, grad_residual))
+    for without, with_hints in zip(*results, strict=True):
+        np.testing.assert_array_equal(without, with_hints)
+
+
+def test_compiled_code_lives_in_one_file():
+    """Numba's disk cache checks only the source file of the function it caches, so a cached
+    function calling compiled code from another file keeps running that code's old version
+    after it changes (seen: an entry point in its own module kept the kernels it was first
+    compiled with). Every Numba-compiled function of the package is therefore in kernels.py."""
+    import re
+    from pathlib import Path
+
+    package = Path(kernels.__file__).resolve().parents[2]
+    compiled = re.compile(r"@(_jit|numba\.njit|njit|numba\.jit|jit|intrinsic|vectorize)\b")
+    outside = [str(path.relative_to(package)) for path in package.rglob("*.py")
+               if path.name != "kernels.py" and compiled.search(path.read_text())]
+    assert outside == []

@@ -123,3 +123,15 @@ def test_state_dict_is_plain_batch_norms():
 def test_rejects_unknown_activation():
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
         batchnorm.BatchNormAct2d(3, activation="tanh")
+
+
+@pytest.mark.parametrize("shape, layout", [((8, 64, 64, 68), "channels_last"),
+                                           ((8400, 257), "contiguous")])
+def test_relu_on_gradients_the_kernels_prefetch(shape, layout):
+    """Rows inputs over ``PREFETCH_ABOVE_BYTES``: the ReLU backward prefetches the gradient
+    rows, which must leave every value as it is."""
+    from batchnorm.backends.cpu import kernels
+
+    assert torch.Size(shape).numel() * 4 > kernels.PREFETCH_ABOVE_BYTES
+    _check(shape, layout, torch.float32, "relu", False, 6, "cpu")
+    _check(shape, layout, torch.float32, "relu", True, 7, "cpu")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from numba.np.ufunc import parallel as numba_parallel
 
-from batchnorm.backends.cpu import entries, kernels
+from batchnorm.backends.cpu import kernels
 from batchnorm.core import running
 from batchnorm.core.context import transforms_active
 
@@ -105,8 +105,9 @@ def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
 
 
 def _geometry(x: torch.Tensor, layout: torch.memory_format) -> tuple[int, int, int, bool]:
-    """``(batch, channels, size, planes)`` of ``x`` for ``entries``: ``size`` values per
-    plane, seen as (N, C, S) planes (contiguous with S > 1) or as (N * S, C) rows."""
+    """``(batch, channels, size, planes)`` of ``x`` for the ``kernels.*_at`` entry points:
+    ``size`` values per plane, seen as (N, C, S) planes (contiguous with S > 1) or as (N * S, C)
+    rows."""
     batch, channels = x.shape[0], x.shape[1]
     size = x.numel() // (batch * channels)
     return batch, channels, size, size > 1 and layout == torch.contiguous_format
@@ -223,12 +224,12 @@ def forward(
         # batch statistics in the compute dtype, which is the accumulation dtype of x
         batch_mean = torch.empty(channels, dtype=xc.dtype)
         batch_var = torch.empty(channels, dtype=xc.dtype)
-        _run(entries.train_forward, numel, units, like, batch, channels, size, planes, xp,
+        _run(kernels.train_forward_at, numel, units, like, batch, channels, size, planes, xp,
              _address(w), _length(w), _address(b), _length(b), float(eps), act, rp,
              residual is not None, out.data_ptr(), batch_mean.data_ptr(), batch_var.data_ptr())
         return out if compute_dtype else _in_dtype(out, x.dtype), batch_mean, batch_var
     mean, variance = _vector(mean, xc.dtype), _vector(variance, xc.dtype)
-    _run(entries.eval_forward, numel, batch * channels if planes else units, like, batch,
+    _run(kernels.eval_forward_at, numel, batch * channels if planes else units, like, batch,
          channels, size, planes, xp, mean.data_ptr(), variance.data_ptr(), _address(w),
          _length(w), _address(b), _length(b), float(eps), act, rp, residual is not None,
          out.data_ptr())
@@ -279,7 +280,7 @@ def backward(
     w, b = _vector(weight, xc.dtype), _vector(bias, xc.dtype)
     xp = xc.data_ptr()
     _run(
-        entries.backward, xc.numel(), channels if planes else batch * size, _LIKE[xc.dtype],
+        kernels.backward_at, xc.numel(), channels if planes else batch * size, _LIKE[xc.dtype],
         batch, channels, size, planes, grad_out.data_ptr(), xp,
         xp if residual is None else residual.data_ptr(), residual is not None, mean.data_ptr(),
         variance.data_ptr(), _address(w), _length(w), _address(b), _length(b), float(eps),
@@ -349,7 +350,7 @@ def updated_running_stats(running_mean, running_var, batch_mean, batch_var, mome
     else:
         new_mean, new_var = torch.empty_like(running_mean), torch.empty_like(running_var)
     bessel = 1.0 if count is None else count / (count - 1)
-    finite = entries.running_update(
+    finite = kernels.running_update_at(
         running_mean.shape[0], running_mean.data_ptr(), _LIKE[running_mean.dtype],
         running_var.data_ptr(), _LIKE[running_var.dtype], batch_mean.data_ptr(),
         _LIKE[batch_mean.dtype], batch_var.data_ptr(), _LIKE[batch_var.dtype], float(bessel),
