@@ -141,7 +141,7 @@ def _prefetch(typingctx, array, row, column):
         i32 = ir.IntType(32)
         prefetch = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]),
-            "llvm.prefetch.p0",
+            "llvm.prefetch",  # unmangled: LLVM names the pointer type itself (any version)
         )
         builder.call(prefetch, [address, i32(0), i32(3), i32(1)])
         return context.get_dummy_value()
