@@ -431,6 +431,18 @@ def test_prefetching_rows_changes_no_value(act, has_res, dtype):
         np.testing.assert_array_equal(without, with_hints)
 
 
+def test_prefetch_is_chosen_for_relu_gradients_past_the_cache():
+    """The hints go to the ReLU backward on arrays over ``PREFETCH_ABOVE_BYTES`` only, at least
+    one row and about ``PREFETCH_AHEAD_BYTES`` ahead."""
+    large_rows = kernels.PREFETCH_ABOVE_BYTES // (64 * 4) + 1
+    large = np.empty((large_rows, 64), dtype=np.float32)
+    assert kernels._prefetches(large, kernels.RELU) == (True, kernels.PREFETCH_AHEAD_BYTES // 256)
+    assert kernels._prefetches(large, kernels.IDENTITY)[0] is False
+    assert kernels._prefetches(large[: large_rows // 2], kernels.RELU)[0] is False
+    wide = np.empty((large_rows // 64 + 1, 4096), dtype=np.float64)
+    assert kernels._prefetches(wide, kernels.RELU) == (True, 1)
+
+
 def test_compiled_code_lives_in_one_file():
     """Numba's disk cache checks only the source file of the function it caches, so a cached
     function calling compiled code from another file keeps running that code's old version
@@ -440,7 +452,8 @@ def test_compiled_code_lives_in_one_file():
     from pathlib import Path
 
     package = Path(kernels.__file__).resolve().parents[2]
-    compiled = re.compile(r"@(_jit|numba\.njit|njit|numba\.jit|jit|intrinsic|vectorize)\b")
+    compiled = re.compile(r"@(_jit|n?jit|intrinsic|vectorize|guvectorize|cfunc)\b"
+                          r"|\bnumba\.(n?jit|vectorize|guvectorize|cfunc)\b")
     outside = [str(path.relative_to(package)) for path in package.rglob("*.py")
                if path.name != "kernels.py" and compiled.search(path.read_text())]
     assert outside == []
