@@ -7,19 +7,13 @@ fast kernels, and a lab that tests batch norm's claims on real data.
 
 from batchnorm import functional
 from batchnorm.checkpoint import save_checkpoint
-from batchnorm.convert import convert
+from batchnorm.convert import convert, freeze, unfreeze
 from batchnorm.core.running import NonFiniteStatisticsWarning
 from batchnorm.dispatch import available_backends, select_backend, use_backend
 from batchnorm.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from batchnorm.modules.norm_act import BatchNormAct1d, BatchNormAct2d
 from batchnorm.variants.fold import ChannelAffine, FoldReport, fold
-from batchnorm.variants.frozen import (
-    FrozenBatchNorm1d,
-    FrozenBatchNorm2d,
-    FrozenBatchNorm3d,
-    freeze,
-    unfreeze,
-)
+from batchnorm.variants.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from batchnorm.variants.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from batchnorm.variants.precise import precise_bn
 from batchnorm.variants.recurrent import BNLSTM, BNLSTMCell, RecurrentBatchNorm

@@ -13,17 +13,22 @@ class of the target form:
   ``timeout``); ``"torch_sync"``: ``torch.nn.SyncBatchNorm``. Synchronized batch norms convert
   to each other, but not back to a 1d/2d/3d form (they do not record which it was).
 
-Parameters, running statistics, ``num_batches_tracked``, the constructor flags, device, dtype and
+Parameters, running statistics, ``num_batches_tracked``, the constructor flags (``bias=False``
+included: a scale without a shift stays one, with no ``bias`` in the state dict), device, dtype and
 train/eval mode are kept, so outputs in eval mode are equal before and after (and in training
 mode too, between forms that compute the same thing).
 
 Only exact classes are converted. A subclass of a batch norm carries behaviour of its own (an
 overridden forward, extra state) that a conversion would silently drop; such modules are left in
 place and named in a ``UserWarning``.
+
+:func:`freeze` and :func:`unfreeze` are conversions to and from the frozen form. This module is the
+whole-model layer: it imports the modules and variants, and none of them imports it.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 from typing import Any
@@ -102,6 +107,10 @@ def _rebuild(module: nn.Module, to: str, index: int | None, options: dict[str, A
         raise ValueError(
             "convert: converting to ghost batch norm needs virtual_batch_size=..., got none"
         )
+    drops_bias = module.affine and module.bias is None
+    takes_bias = "bias" in inspect.signature(target.__init__).parameters
+    if drops_bias and takes_bias:
+        kwargs["bias"] = False
     replacement = target(
         module.num_features,
         eps=module.eps,
@@ -110,11 +119,17 @@ def _rebuild(module: nn.Module, to: str, index: int | None, options: dict[str, A
         track_running_stats=module.track_running_stats,
         **kwargs,
     )
+    if drops_bias and not takes_bias:  # a form (or a torch) without the keyword: drop it here
+        if "bias" in replacement._parameters:
+            replacement.register_parameter("bias", None)
+        else:
+            replacement.register_buffer("bias", None)
     with torch.no_grad():
         replacement.load_state_dict(module.state_dict(), strict=True)
-    if isinstance(module.weight, nn.Parameter) and isinstance(replacement.weight, nn.Parameter):
-        replacement.weight.requires_grad_(module.weight.requires_grad)
-        replacement.bias.requires_grad_(module.bias.requires_grad)
+    for name in ("weight", "bias"):
+        source, built = getattr(module, name), getattr(replacement, name)
+        if isinstance(source, nn.Parameter) and isinstance(built, nn.Parameter):
+            built.requires_grad_(source.requires_grad)
     replacement.train(module.training)
     return replacement
 
@@ -186,3 +201,16 @@ def convert(
             stacklevel=2,
         )
     return result
+
+
+def freeze(model: nn.Module, filter: str | None = None) -> nn.Module:
+    """Replace every batch norm in ``model`` (torch.nn's, ours, renorm, ghost) by its frozen
+    form, keeping its statistics and affine. ``filter``: a regular expression; only modules whose
+    qualified name matches it (``re.search``) are frozen. Returns the model."""
+    return convert(model, to="frozen", filter=filter)
+
+
+def unfreeze(model: nn.Module, filter: str | None = None) -> nn.Module:
+    """Replace every frozen batch norm by a trainable ``batchnorm.BatchNorm*d`` with the same
+    statistics and affine (as parameters again). Returns the model."""
+    return convert(model, to="batchnorm", filter=filter, only=(_FrozenBatchNorm,))

@@ -7,8 +7,8 @@ not parameters, so an optimizer never sees them and ``model.train()`` does not u
 Gradients flow to the input. State-dict keys are batch norm's, ``num_batches_tracked`` included,
 so a checkpoint moves between frozen and trainable forms unchanged.
 
-:func:`freeze` and :func:`unfreeze` convert whole models (torch.nn's batch norms and ours),
-optionally only the modules whose qualified name matches a filter.
+Whole models are frozen and unfrozen by ``batchnorm.freeze`` and ``batchnorm.unfreeze``
+(``batchnorm.convert``, which imports this module, never the other way round).
 """
 
 from __future__ import annotations
@@ -16,8 +16,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from batchnorm.core.checks import check_input
-from batchnorm.functional import batch_norm_core
+from batchnorm.core.checks import check_construction, check_input
+from batchnorm.core.errors import BatchNormValueError
+from batchnorm.functional import batch_norm_core, validate_arguments
+
+
+def _frozen(input, running_mean, running_var, weight, bias, eps, owner) -> torch.Tensor:
+    """Validate once, then normalize with the fixed statistics (nothing receives a gradient but
+    the input)."""
+    if running_mean is None or running_var is None:
+        raise BatchNormValueError(
+            f"{owner}: expected running_mean and running_var tensors (the fixed statistics), got "
+            f"running_mean={'None' if running_mean is None else 'a tensor'} and "
+            f"running_var={'None' if running_var is None else 'a tensor'}"
+        )
+    validate_arguments(
+        input, running_mean, running_var, weight, bias, False, None, eps, owner, None
+    )
+    weight = None if weight is None else weight.detach()
+    bias = None if bias is None else bias.detach()
+    output, _, _, _ = batch_norm_core(
+        input, running_mean, running_var, weight, bias, training=False, eps=eps, owner=owner,
+        input_checked=True,
+    )
+    return output
 
 
 def frozen_batch_norm(
@@ -30,15 +52,15 @@ def frozen_batch_norm(
 ) -> torch.Tensor:
     """Functional frozen batch norm: the fixed statistics and affine, whatever the mode; the
     statistics and affine receive no gradient, the input does."""
-    detached = [None if t is None else t.detach() for t in (weight, bias)]
-    output, _, _, _ = batch_norm_core(
-        input, running_mean, running_var, *detached, training=False, eps=eps,
-        owner="frozen_batch_norm",
-    )
-    return output
+    return _frozen(input, running_mean, running_var, weight, bias, eps, "frozen_batch_norm")
 
 
 class _FrozenBatchNorm(nn.Module):
+    """Fixed statistics and affine, held as buffers. Arguments as for ``torch.nn.BatchNorm*d``
+    (``momentum`` and ``track_running_stats`` are kept only for unfreezing), including the
+    keyword-only ``bias``: with ``bias=False`` an affine frozen batch norm has a scale but no
+    shift, and no ``bias`` in its state dict."""
+
     _allowed_dims: tuple[int, ...] = ()
 
     def __init__(
@@ -50,7 +72,10 @@ class _FrozenBatchNorm(nn.Module):
         track_running_stats: bool = True,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
+        check_construction(eps, momentum, type(self).__name__)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -59,12 +84,10 @@ class _FrozenBatchNorm(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = True
-        if affine:
-            self.register_buffer("weight", torch.ones(num_features, **factory))
-            self.register_buffer("bias", torch.zeros(num_features, **factory))
-        else:
-            self.register_buffer("weight", None)
-            self.register_buffer("bias", None)
+        self.register_buffer("weight", torch.ones(num_features, **factory) if affine else None)
+        self.register_buffer(
+            "bias", torch.zeros(num_features, **factory) if affine and bias else None
+        )
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
         self.register_buffer(
@@ -72,18 +95,19 @@ class _FrozenBatchNorm(nn.Module):
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        owner = type(self).__name__
         check_input(
-            input,
-            allowed_dims=self._allowed_dims,
-            num_features=self.num_features,
-            owner=type(self).__name__,
+            input, allowed_dims=self._allowed_dims, num_features=self.num_features, owner=owner
         )
-        return frozen_batch_norm(
-            input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+        buffers = self._buffers
+        return _frozen(
+            input, buffers["running_mean"], buffers["running_var"], buffers["weight"],
+            buffers["bias"], self.eps, owner,
         )
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+        text = f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+        return text + (", bias=False" if self.affine and self.bias is None else "")
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):
@@ -102,20 +126,3 @@ class FrozenBatchNorm3d(_FrozenBatchNorm):
     """Frozen batch norm over (N, C, D, H, W) input."""
 
     _allowed_dims = (5,)
-
-
-def freeze(model: nn.Module, filter: str | None = None) -> nn.Module:
-    """Replace every batch norm in ``model`` (torch.nn's, ours, renorm, ghost) by its frozen
-    form, keeping its statistics and affine. ``filter``: a regular expression; only modules whose
-    qualified name matches it (``re.search``) are frozen. Returns the model."""
-    from batchnorm.convert import convert
-
-    return convert(model, to="frozen", filter=filter)
-
-
-def unfreeze(model: nn.Module, filter: str | None = None) -> nn.Module:
-    """Replace every frozen batch norm by a trainable ``batchnorm.BatchNorm*d`` with the same
-    statistics and affine (as parameters again). Returns the model."""
-    from batchnorm.convert import convert
-
-    return convert(model, to="batchnorm", filter=filter, only=(_FrozenBatchNorm,))
