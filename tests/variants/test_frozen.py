@@ -56,7 +56,7 @@ def test_frozen_checks_its_input():
 
 
 def test_functional_form_passes_gradient_to_the_input_only():
-    from batchnorm.functional import frozen_batch_norm
+    from batchnorm.variants.frozen import frozen_batch_norm
 
     x = torch.randn(4, 3, requires_grad=True)
     weight = torch.rand(3, requires_grad=True)

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import batchnorm
 from batchnorm import GhostBatchNorm1d, GhostBatchNorm2d
-from batchnorm.functional import ghost_batch_norm
+from batchnorm.variants.ghost import ghost_batch_norm
 
 
 @pytest.mark.parametrize("batch, virtual", [(12, 4), (10, 4), (7, 3), (9, 2)])

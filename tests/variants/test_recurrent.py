@@ -57,7 +57,7 @@ def test_bad_inputs():
 def test_gradcheck_and_the_functional_form():
     from torch.autograd import gradcheck, gradgradcheck
 
-    from batchnorm.functional import recurrent_batch_norm
+    from batchnorm.variants.recurrent import recurrent_batch_norm
 
     torch.manual_seed(3)
     means = torch.zeros(2, 3, dtype=torch.float64)

@@ -4,7 +4,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import BatchRenorm1d, BatchRenorm2d, RenormSchedule
-from batchnorm.functional import batch_renorm
+from batchnorm.variants.renorm import batch_renorm
 
 
 def _straightforward(x, weight, bias, running_mean, running_var, eps, r_max, d_max):

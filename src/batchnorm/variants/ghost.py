@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from batchnorm.core import checks
+from batchnorm.core.errors import BatchNormTypeError, BatchNormValueError
 from batchnorm.core.layout import values_per_channel
 from batchnorm.core.moments import unbiased
 from batchnorm.dispatch import running_stats_updater
@@ -29,6 +30,17 @@ from batchnorm.functional import (
     validate_arguments,
 )
 from batchnorm.modules.batchnorm import _BatchNorm
+
+
+def check_virtual_batch_size(virtual_batch_size: int, owner: str) -> None:
+    if (
+        not isinstance(virtual_batch_size, int)
+        or isinstance(virtual_batch_size, bool)
+        or virtual_batch_size < 1
+    ):
+        raise BatchNormValueError(
+            f"{owner}: expected a positive integer virtual_batch_size, got {virtual_batch_size!r}"
+        )
 
 
 def ghost_batch_norm_core(
@@ -43,26 +55,28 @@ def ghost_batch_norm_core(
     virtual_batch_size: int,
     owner: str = "ghost_batch_norm",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Like ``batch_norm_core``: ``(output, new_running_mean, new_running_var, finite)``."""
-    if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
-        raise ValueError(
-            f"{owner}: expected a positive integer virtual_batch_size, got {virtual_batch_size!r}"
-        )
-    if not training and running_mean is not None:
-        return batch_norm_core(
-            input, running_mean, running_var, weight, bias, False, momentum, eps, owner
-        )
+    """Like ``batch_norm_core``: ``(output, new_running_mean, new_running_var, finite)``.
+
+    Every argument is validated once, here, before anything is computed."""
+    check_virtual_batch_size(virtual_batch_size, owner)
+    use_batch_stats = training or running_mean is None
     validate_arguments(
-        input, running_mean, running_var, weight, bias, True, momentum, eps, owner, None
+        input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner,
+        None,
     )
+    if not use_batch_stats:
+        return batch_norm_core(
+            input, running_mean, running_var, weight, bias, False, momentum, eps, owner,
+            input_checked=True,
+        )
     ghosts = torch.split(input, virtual_batch_size, dim=0)
-    for ghost in ghosts:
-        checks.check_batch_statistics_possible(ghost, f"{owner} (a ghost batch of {len(ghost)})")
-    if len(ghosts) == 1:  # one ghost batch is batch norm, and records the same numbers
+    if len(ghosts) <= 1:  # one ghost batch (or none) is batch norm, and records the same numbers
         return batch_norm_core(
             input, running_mean, running_var, weight, bias, training, momentum, eps, owner,
             input_checked=True,
         )
+    for ghost in ghosts:
+        checks.check_batch_statistics_possible(ghost, f"{owner} (a ghost batch of {len(ghost)})")
     outputs, means, variances, counts = [], [], [], []
     for ghost in ghosts:
         output, mean, variance = normalize_with_batch_statistics(ghost, weight, bias, eps)
@@ -104,7 +118,8 @@ def ghost_batch_norm(
 
 
 class _GhostBatchNorm(_BatchNorm):
-    """Ghost batch norm: torch's batch-norm arguments plus ``virtual_batch_size``."""
+    """Ghost batch norm: torch's batch-norm arguments plus ``virtual_batch_size``, and the
+    keyword-only ``bias`` (``bias=False``: a scale without a shift)."""
 
     def __init__(
         self,
@@ -116,23 +131,24 @@ class _GhostBatchNorm(_BatchNorm):
         track_running_stats: bool = True,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
-        if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
-            raise ValueError(
-                f"{type(self).__name__}: expected a positive integer virtual_batch_size, got "
-                f"{virtual_batch_size!r}"
-            )
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        check_virtual_batch_size(virtual_batch_size, type(self).__name__)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
         self.virtual_batch_size = virtual_batch_size
 
     def _core(self, input, running_mean, running_var, training, momentum, **options):
         if options:
-            raise ValueError(
+            raise BatchNormTypeError(
                 f"{type(self).__name__}: ghost batch norm takes no {', '.join(options)}"
             )
+        parameters = self._parameters
         return ghost_batch_norm_core(
-            input, running_mean, running_var, self.weight, self.bias, training, momentum,
-            self.eps, self.virtual_batch_size, owner=type(self).__name__,
+            input, running_mean, running_var, parameters["weight"], parameters["bias"], training,
+            momentum, self.eps, self.virtual_batch_size, owner=type(self).__name__,
         )
 
     def extra_repr(self) -> str:

@@ -26,10 +26,12 @@ and :math:`d_{max} = 0` for a warm-up, then relaxed linearly to 3 and 5. The sch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from batchnorm.core.errors import BatchNormTypeError, BatchNormValueError
 from batchnorm.core.layout import values_per_channel
 from batchnorm.core.moments import batch_moments
 from batchnorm.dispatch import running_stats_updater
@@ -43,17 +45,63 @@ from batchnorm.functional import (
 from batchnorm.modules.batchnorm import _BatchNorm
 
 
+def check_limits(
+    r_max: float | torch.Tensor,
+    d_max: float | torch.Tensor,
+    owner: str,
+    device: torch.device | None = None,
+) -> None:
+    """The clipping limits: finite, ``r_max >= 1`` and ``d_max >= 0`` (below that the clip ranges
+    are empty, and torch.clamp would silently return the upper bound). Numbers, or 0-dim real
+    tensors on the input's ``device`` or the CPU."""
+    for name, limit, lowest in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
+        if isinstance(limit, torch.Tensor):
+            if limit.dim() != 0 or limit.dtype == torch.bool or limit.is_complex():
+                raise BatchNormTypeError(
+                    f"{owner}: expected {name} as a number or a 0-dim real tensor, got a tensor "
+                    f"of shape {tuple(limit.shape)} and dtype {limit.dtype}"
+                )
+            if device is not None and limit.device != device and limit.device.type != "cpu":
+                raise BatchNormValueError(
+                    f"{owner}: expected {name} on the input's device {device} or the CPU, got "
+                    f"{name} on {limit.device}"
+                )
+            if torch.compiler.is_compiling():
+                continue  # reading the value would break the graph
+            value = float(limit)
+        elif isinstance(limit, (int, float)) and not isinstance(limit, bool):
+            value = float(limit)
+        else:
+            raise BatchNormTypeError(
+                f"{owner}: expected {name} as a number or a 0-dim tensor, got "
+                f"{type(limit).__name__}"
+            )
+        if not (math.isfinite(value) and value >= lowest):
+            raise BatchNormValueError(
+                f"{owner}: expected a finite {name} >= {lowest:g}, got {name}={value!r}"
+            )
+
+
 @dataclass(frozen=True)
 class RenormSchedule:
     """The published relaxation of the limits (Ioffe 2017): held at r_max=1, d_max=0 for
     ``warmup_steps``, then linear to ``r_max`` at ``r_max_steps`` and to ``d_max`` at
-    ``d_max_steps``."""
+    ``d_max_steps``. The limits are checked here, once, so every step's are valid."""
 
     warmup_steps: int = 5_000
     r_max: float = 3.0
     r_max_steps: int = 40_000
     d_max: float = 5.0
     d_max_steps: int = 25_000
+
+    def __post_init__(self) -> None:
+        check_limits(self.r_max, self.d_max, "RenormSchedule")
+        for name in ("warmup_steps", "r_max_steps", "d_max_steps"):
+            steps = getattr(self, name)
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+                raise BatchNormValueError(
+                    f"RenormSchedule: expected {name} as an integer >= 0, got {steps!r}"
+                )
 
     def limits(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_max, d_max) at training step ``step`` (a tensor, so it traces under compile)."""
@@ -87,8 +135,8 @@ def renorm_corrections(
 
 def batch_renorm_core(
     input: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     training: bool,
@@ -97,20 +145,30 @@ def batch_renorm_core(
     r_max: float | torch.Tensor,
     d_max: float | torch.Tensor,
     owner: str = "batch_renorm",
+    limits_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Like ``batch_norm_core``: ``(output, new_running_mean, new_running_var, finite)``."""
-    if not training:
-        return batch_norm_core(
-            input, running_mean, running_var, weight, bias, False, momentum, eps, owner
-        )
-    if running_mean is None or running_var is None:
-        raise ValueError(
+    """Like ``batch_norm_core``: ``(output, new_running_mean, new_running_var, finite)``.
+
+    Validates every argument once, before anything is computed (``limits_checked``: the limits
+    come from a :class:`RenormSchedule`, valid by construction, and reading them would cost a
+    device synchronisation per step)."""
+    if training and (running_mean is None or running_var is None):
+        raise BatchNormValueError(
             f"{owner}: batch renormalization needs running statistics in training, got None "
             "(use track_running_stats=True)"
         )
+    use_batch_stats = training or running_mean is None
     validate_arguments(
-        input, running_mean, running_var, weight, bias, True, momentum, eps, owner, None
+        input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner,
+        None,
     )
+    if not limits_checked:
+        check_limits(r_max, d_max, owner, input.device)
+    if not training or input.numel() == 0:  # eval, or nothing to correct
+        return batch_norm_core(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, owner,
+            input_checked=True,
+        )
     # r and d are constants for backprop, so the batch moments are read once without a graph;
     # the core then normalizes with scale gamma*r and shift gamma*d + beta.
     with torch.no_grad():
@@ -143,6 +201,9 @@ def batch_renorm(
 ) -> torch.Tensor:
     """Functional batch renormalization; updates the running statistics in place in training.
 
+    ``r_max`` (finite, >= 1) and ``d_max`` (finite, >= 0) bound the corrections; numbers or 0-dim
+    tensors. Every argument is checked before anything is computed or modified.
+
     Example::
 
         >>> rm, rv = torch.zeros(4), torch.ones(4)
@@ -159,7 +220,7 @@ class _BatchRenorm(_BatchNorm):
     """Batch renormalization; torch's batch-norm arguments plus ``r_max``, ``d_max`` and
     ``schedule``. Give ``r_max`` and ``d_max`` for constant limits, or leave them None to follow
     ``schedule`` (default: the published :class:`RenormSchedule`). Default momentum 0.01, the
-    paper's moving-average rate."""
+    paper's moving-average rate. ``bias=False`` (keyword-only): a scale without a shift."""
 
     def __init__(
         self,
@@ -173,23 +234,25 @@ class _BatchRenorm(_BatchNorm):
         r_max: float | None = None,
         d_max: float | None = None,
         schedule: RenormSchedule | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
+        owner = type(self).__name__
         if not track_running_stats:
-            raise ValueError(
-                f"{type(self).__name__}: batch renormalization corrects toward running "
-                "statistics, so it needs track_running_stats=True, got False"
+            raise BatchNormValueError(
+                f"{owner}: batch renormalization corrects toward running statistics, so it "
+                "needs track_running_stats=True, got False"
             )
         if (r_max is None) != (d_max is None):
-            raise ValueError(
-                f"{type(self).__name__}: expected r_max and d_max both given (constant limits) "
-                f"or both None (a schedule), got r_max={r_max!r}, d_max={d_max!r}"
+            raise BatchNormValueError(
+                f"{owner}: expected r_max and d_max both given (constant limits) or both None "
+                f"(a schedule), got r_max={r_max!r}, d_max={d_max!r}"
             )
-        if r_max is not None and (r_max < 1.0 or d_max < 0.0):
-            raise ValueError(
-                f"{type(self).__name__}: expected r_max >= 1 and d_max >= 0, got "
-                f"r_max={r_max!r}, d_max={d_max!r}"
-            )
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if r_max is not None:
+            check_limits(r_max, d_max, owner)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
         self.r_max, self.d_max = r_max, d_max
         self.schedule = schedule if schedule is not None or r_max is not None else RenormSchedule()
 
@@ -200,15 +263,16 @@ class _BatchRenorm(_BatchNorm):
         return self.schedule.limits(self.num_batches_tracked)
 
     def _core(self, input, running_mean, running_var, training, momentum, **options):
-        if not training:
-            return super()._core(input, running_mean, running_var, training, momentum, **options)
         if options:
-            raise ValueError(f"{type(self).__name__}: batch renormalization takes no "
-                             f"{', '.join(options)}")
+            raise BatchNormTypeError(
+                f"{type(self).__name__}: batch renormalization takes no {', '.join(options)}"
+            )
         r_max, d_max = self.current_limits()
+        parameters = self._parameters
         return batch_renorm_core(
-            input, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps,
-            r_max, d_max, owner=type(self).__name__,
+            input, running_mean, running_var, parameters["weight"], parameters["bias"], training,
+            momentum, self.eps, r_max, d_max, owner=type(self).__name__,
+            limits_checked=self.r_max is None,  # a schedule's limits are valid by construction
         )
 
     def extra_repr(self) -> str:
