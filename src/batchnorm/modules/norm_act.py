@@ -22,10 +22,11 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from batchnorm.core.checks import check_batch_statistics_possible
+from batchnorm.core.checks import FLOATING_DTYPES
+from batchnorm.core.errors import BatchNormTypeError, BatchNormValueError
 from batchnorm.core.layout import values_per_channel
 from batchnorm.dispatch import running_stats_updater, select_backend
-from batchnorm.functional import batch_norm
+from batchnorm.functional import batch_norm, validate_arguments
 from batchnorm.modules.batchnorm import _BatchNorm
 
 ACTIVATIONS = {
@@ -34,6 +35,38 @@ ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
 }
+
+
+def check_residual(residual: torch.Tensor | None, input: torch.Tensor, owner: str) -> None:
+    """A residual is a floating tensor of exactly the input's shape, on its device: the fused
+    kernels read it element for element, so nothing may broadcast."""
+    if residual is None:
+        return
+    expected = f"a floating tensor of the input's shape {tuple(input.shape)}"
+    if not isinstance(residual, torch.Tensor):
+        raise BatchNormTypeError(
+            f"{owner}: expected residual as {expected}, got {type(residual).__name__}"
+        )
+    if residual.dtype not in FLOATING_DTYPES:
+        hint = (
+            " (a mask? this module takes none: its second argument is the residual added "
+            "before the activation)"
+            if residual.dtype == torch.bool
+            else ""
+        )
+        raise BatchNormTypeError(
+            f"{owner}: expected residual as {expected}, got a {residual.dtype} tensor{hint}"
+        )
+    if residual.shape != input.shape:
+        raise BatchNormValueError(
+            f"{owner}: expected residual of the input's shape {tuple(input.shape)}, got shape "
+            f"{tuple(residual.shape)}"
+        )
+    if residual.device != input.device:
+        raise BatchNormValueError(
+            f"{owner}: expected residual on the input's device {input.device}, got residual on "
+            f"{residual.device}"
+        )
 
 
 def _composed(x, residual, weight, bias, mean, variance, eps, activation):
@@ -114,36 +147,51 @@ class _BatchNormAct(_BatchNorm):
         activation: str = "relu",
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
         if activation not in ACTIVATIONS:
-            raise ValueError(
+            raise BatchNormValueError(
                 f"{type(self).__name__}: unknown activation {activation!r}; "
                 f"expected one of {sorted(ACTIVATIONS)}"
             )
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
         self.activation = activation
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``activation(BN(input) + residual)``; ``residual`` has the input's shape, or is None."""
+        """``activation(BN(input) + residual)``; ``residual`` has the input's shape, or is None.
+
+        Everything is checked before the running statistics are touched."""
+        owner = type(self).__name__
         self._check_input_dim(input)
+        check_residual(residual, input, owner)
         backend = select_backend(input)
+        # A residual of another floating dtype is added as torch would (promoting), unfused.
         fusable = self.activation in getattr(backend, "ACTIVATIONS", ()) and (
-            residual is None or residual.shape == input.shape
+            residual is None or residual.dtype == input.dtype
         )
         if not fusable:
-            y = super().forward(input)
+            y = super().forward(input)  # plain batch norm validates its own arguments
             if residual is not None:
                 y = y + residual
             return ACTIVATIONS[self.activation](y)
-        updating = self.training and self.track_running_stats and self.running_mean is not None
-        use_batch_stats = self.training or self.running_mean is None
-        if use_batch_stats:
-            check_batch_statistics_possible(input, type(self).__name__)
-        stats = (None, None) if use_batch_stats else (self.running_mean, self.running_var)
-        arguments = (input, residual, self.weight, self.bias, *stats, self.eps, self.activation)
+        parameters, buffers = self._parameters, self._buffers
+        weight, bias = parameters["weight"], parameters["bias"]
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        updating = self.training and self.track_running_stats and running_mean is not None
+        use_batch_stats = self.training or running_mean is None
+        momentum = self._momentum_now() if updating else 0.0
+        validate_arguments(
+            input, running_mean, running_var, weight, bias, use_batch_stats, momentum, self.eps,
+            owner, None,
+        )
+        stats = (None, None) if use_batch_stats else (running_mean, running_var)
+        arguments = (input, residual, weight, bias, *stats, self.eps, self.activation)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in arguments[:4]
         )
@@ -151,13 +199,13 @@ class _BatchNormAct(_BatchNorm):
             y, mean, variance = _FusedBatchNormAct.apply(*arguments, backend)
         else:
             y, mean, variance = backend.forward(
-                input, self.weight, self.bias, self.eps, mean=stats[0], variance=stats[1],
+                input, weight, bias, self.eps, mean=stats[0], variance=stats[1],
                 activation=self.activation, residual=residual,
             )
         if updating:
             new_mean, new_var, finite = running_stats_updater(input)(
-                self.running_mean, self.running_var, mean, variance, self._momentum_now(),
-                values_per_channel(input), in_place=True,
+                running_mean, running_var, mean, variance, momentum, values_per_channel(input),
+                in_place=True,
             )
             self._commit_running_stats(new_mean, new_var, finite)
         return y
@@ -170,8 +218,12 @@ class BatchNormAct1d(_BatchNormAct):
     Args:
         num_features, eps, momentum, affine, track_running_stats: as for ``BatchNorm1d``.
         activation: "relu" (default), "silu", "gelu" or "identity".
+        bias (keyword-only): learn the shift beta; ``bias=False`` keeps the scale only, with no
+            ``bias`` in the state dict (as torch's batch norms). Default: True.
 
-    Shape: input (N, C) or (N, C, L); residual (if given) and output the same.
+    Shape: input (N, C) or (N, C, L); residual (if given) and output the same. The residual must
+    be a floating tensor of exactly the input's shape, on its device (nothing broadcasts); there
+    is no mask argument.
 
     Example::
 

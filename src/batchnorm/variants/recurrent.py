@@ -27,25 +27,66 @@ import math
 import torch
 from torch import nn
 
-from batchnorm.core.checks import check_input
-from batchnorm.functional import batch_norm_core, commit_running_stats
+from batchnorm.core import checks
+from batchnorm.core.errors import BatchNormValueError
+from batchnorm.functional import batch_norm_core, commit_running_stats, validate_arguments
+
+
+def _check_time_step(t: int, owner: str) -> None:
+    if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+        raise BatchNormValueError(f"{owner}: expected a time step t >= 0 (int), got {t!r}")
+
+
+def _check_step_statistics(running_means, running_vars, input, owner) -> None:
+    """The per-step running statistics: floating (max_steps, C) tensors on the input's device."""
+    channels = input.shape[1]
+    for what, rows in (("running_mean", running_means), ("running_var", running_vars)):
+        checks.check_floating(rows, f"{owner}: {what}")
+        if rows.dim() != 2 or rows.shape[0] < 1 or rows.shape[1] != channels:
+            raise BatchNormValueError(
+                f"{owner}: expected {what} of shape (max_steps, {channels}) (a row of running "
+                f"statistics per time step, for the input's {channels} channels), got shape "
+                f"{tuple(rows.shape)}"
+            )
+        if rows.device != input.device:
+            raise BatchNormValueError(
+                f"{owner}: expected {what} on the input's device {input.device}, got {what} on "
+                f"{rows.device}"
+            )
+    if running_means.shape != running_vars.shape:
+        raise BatchNormValueError(
+            f"{owner}: expected running_mean and running_var of the same shape, got "
+            f"{tuple(running_means.shape)} and {tuple(running_vars.shape)}"
+        )
 
 
 def _recurrent_core(input, t, running_means, running_vars, weight, bias, training, momentum,
-                    eps, mask, owner):
+                    eps, mask, owner, num_batches_tracked=None):
     """Batch norm of step ``t`` against that step's row; returns what ``batch_norm_core`` does
-    plus the row index. Nothing is modified."""
-    if not isinstance(t, int) or t < 0:
-        raise ValueError(f"{owner}: expected a time step t >= 0 (int), got {t!r}")
+    plus the row index. Validates every argument once, first; nothing is modified.
+
+    ``momentum=None`` with ``num_batches_tracked`` (the module's per-step counts): the
+    cumulative average of that step's batches."""
+    checks.check_input(input, owner=owner)
+    _check_time_step(t, owner)
+    _check_step_statistics(running_means, running_vars, input, owner)
+    checks.check_mask(mask, input, owner)
     step = min(t, running_means.shape[0] - 1)
     # Near the end of variable-length batches a step may hold a single running sequence, whose
     # statistics cannot be estimated: that step uses its running statistics instead.
     training = training and (mask is None or int(mask.sum()) >= 2)
+    if momentum is None and num_batches_tracked is not None:
+        momentum = 1.0 / (num_batches_tracked[step] + 1).to(running_means.dtype)
+    validate_arguments(
+        input, running_means[step], running_vars[step], weight, bias, training, momentum, eps,
+        owner, mask,
+    )
     # Copies: autograd saves the statistics used at this step, and the same rows are updated in
     # place at later steps of the sequence.
     result = batch_norm_core(
         input, running_means[step].clone(), running_vars[step].clone(), weight, bias,
         training=training, momentum=momentum, eps=eps, owner=owner, mask=mask,
+        input_checked=True,
     )
     return (*result, step)
 
@@ -77,6 +118,9 @@ def recurrent_batch_norm(
 class RecurrentBatchNorm(nn.Module):
     """Batch norm with running statistics per time step; call as ``bn(x, t)`` (x: (N, C)).
 
+    Steps ``t >= max_steps`` use the last row (see the module docstring). ``bias=False``
+    (keyword-only): a scale without a shift.
+
     State dict: ``weight``, ``bias`` (C,), ``running_mean``, ``running_var`` (max_steps, C) and
     ``num_batches_tracked`` (max_steps,).
     """
@@ -91,18 +135,26 @@ class RecurrentBatchNorm(nn.Module):
         gamma_init: float = 0.1,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
+        owner = type(self).__name__
+        if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+            raise BatchNormValueError(
+                f"{owner}: expected max_steps >= 1 (int), got {max_steps!r}"
+            )
+        checks.check_construction(eps, momentum, owner)
         super().__init__()
-        if max_steps < 1:
-            raise ValueError(f"RecurrentBatchNorm: expected max_steps >= 1, got {max_steps}")
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.max_steps = num_features, max_steps
         self.eps, self.momentum, self.affine = eps, momentum, affine
         if affine:
             self.weight = nn.Parameter(torch.full((num_features,), gamma_init, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
         else:
             self.register_parameter("weight", None)
+        if affine and bias:
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
             self.register_parameter("bias", None)
         self.register_buffer("running_mean", torch.zeros(max_steps, num_features, **factory))
         self.register_buffer("running_var", torch.ones(max_steps, num_features, **factory))
@@ -114,26 +166,24 @@ class RecurrentBatchNorm(nn.Module):
         self, input: torch.Tensor, t: int, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         owner = type(self).__name__
-        check_input(input, allowed_dims=(2,), num_features=self.num_features, owner=owner)
-        if not isinstance(t, int) or t < 0:
-            raise ValueError(f"{owner}: expected a time step t >= 0 (int), got {t!r}")
-        tracked = self.num_batches_tracked[min(t, self.max_steps - 1)]
-        momentum = self.momentum
-        if momentum is None:
-            momentum = 1.0 / (tracked + 1).to(self.running_mean.dtype)
+        checks.check_input(input, allowed_dims=(2,), num_features=self.num_features, owner=owner)
+        parameters, buffers = self._parameters, self._buffers
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        tracked = buffers["num_batches_tracked"]
         output, new_mean, new_var, finite, step = _recurrent_core(
-            input, t, self.running_mean, self.running_var, self.weight, self.bias,
-            self.training, momentum, self.eps, mask, owner,
+            input, t, running_mean, running_var, parameters["weight"], parameters["bias"],
+            self.training, self.momentum, self.eps, mask, owner, tracked,
         )
         if new_mean is not None:
-            commit_running_stats(self.running_mean[step], self.running_var[step], new_mean,
-                                 new_var, finite, owner)
+            commit_running_stats(running_mean[step], running_var[step], new_mean, new_var,
+                                 finite, owner)
             with torch.no_grad():
-                tracked.add_(finite)  # a bool (tensor): adds 1 or 0
+                tracked[step].add_(finite)  # a bool (tensor): adds 1 or 0
         return output
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, max_steps={self.max_steps}, eps={self.eps}"
+        text = f"{self.num_features}, max_steps={self.max_steps}, eps={self.eps}"
+        return text + (", bias=False" if self.affine and self.bias is None else "")
 
 
 class BNLSTMCell(nn.Module):
@@ -198,13 +248,16 @@ class BNLSTM(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, state=None):
+        checks.check_floating(x, "BNLSTM: input")
         if x.dim() != 3:
-            raise ValueError(f"BNLSTM: expected 3D input, got {x.dim()}D of shape {tuple(x.shape)}")
+            raise BatchNormValueError(
+                f"BNLSTM: expected 3D input, got {x.dim()}D of shape {tuple(x.shape)}"
+            )
         if self.batch_first:
             x = x.transpose(0, 1)
         steps, batch = x.shape[0], x.shape[1]
         if mask is not None and tuple(mask.shape) != (batch, steps):
-            raise ValueError(
+            raise BatchNormValueError(
                 f"BNLSTM: expected mask of shape {(batch, steps)} (batch, time), got "
                 f"{tuple(mask.shape)}"
             )

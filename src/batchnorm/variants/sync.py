@@ -17,6 +17,15 @@ user's), and their sum over ranks is the whole-batch gradient.
 In eval mode, without an initialized process group, or with a group of one process, it is plain
 batch norm and runs no collective.
 
+Why not a subclass of ``torch.nn.SyncBatchNorm``: DistributedDataParallel refuses any module that
+is an instance of it on the CPU ("SyncBatchNorm layers only work with GPU modules", checked with
+``isinstance`` when DDP wraps the model), and CPU training with gloo is a case this class serves
+(``examples/ddp_digits.py``). It keeps torch's constructor (``process_group`` in the same
+position, keyword-only ``bias``), attributes and state dict, so it is otherwise a drop-in;
+``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` accepts models holding our modules (it replaces
+them with torch's own, as it does torch's), and ``batchnorm.convert(model, sync=True)`` converts to
+this class.
+
 Faults: each collective waits at most ``timeout`` seconds (default: the process group's own
 timeout); a rank that died or stalled makes the others raise :class:`SyncTimeoutError` naming
 the group and the wait, instead of hanging.
@@ -30,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from batchnorm.core import checks
+from batchnorm.core.errors import BatchNormValueError
 from batchnorm.core.layout import as_channel, values_per_channel
 from batchnorm.core.moments import centred_moments, merge_many, unbiased
 from batchnorm.core.normalize import (
@@ -39,6 +49,7 @@ from batchnorm.core.normalize import (
     normalize_centred,
 )
 from batchnorm.core.running import updated_running_stats
+from batchnorm.functional import validate_arguments
 from batchnorm.modules.batchnorm import _BatchNorm
 
 
@@ -101,7 +112,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, group, timeout, owner):
         mean, variance, total, centred = global_moments(x, group, timeout)
         if int(total) <= 1:  # every rank sees the same total, so every rank raises
-            raise ValueError(
+            raise BatchNormValueError(
                 f"{owner}: expected more than 1 value per channel across all ranks to compute "
                 f"batch statistics in training, got {int(total)}. Ways out: call .eval(), or "
                 "use larger batches."
@@ -139,9 +150,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 class SyncBatchNorm(_BatchNorm):
     r"""Batch norm whose training statistics span every process of ``process_group``.
 
-    Arguments as for ``torch.nn.BatchNorm*d`` plus ``process_group`` (default: the whole world)
-    and ``timeout`` (seconds each collective may wait; default: the group's own). Accepts any
-    input of shape (N, C, *). State-dict keys are batch norm's.
+    Arguments as for ``torch.nn.SyncBatchNorm`` (``process_group``: default the whole world;
+    keyword-only ``bias``), plus the keyword-only ``timeout`` (seconds each collective may wait;
+    default: the group's own). Accepts any input of shape (N, C, *). State-dict keys are batch
+    norm's.
 
     Example (launched with torchrun)::
 
@@ -157,11 +169,15 @@ class SyncBatchNorm(_BatchNorm):
         affine: bool = True,
         track_running_stats: bool = True,
         process_group=None,
-        timeout: float | None = None,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
+        timeout: float | None = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
         self.process_group = process_group
         self.timeout = timeout
 
@@ -181,13 +197,23 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(input)
         self._check_input_dim(input)
         owner = type(self).__name__
-        output, mean, variance, total = _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, self.eps, self.process_group, self.timeout, owner
+        parameters, buffers = self._parameters, self._buffers
+        weight, bias = parameters["weight"], parameters["bias"]
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        updating = self.track_running_stats and running_mean is not None
+        momentum = self._momentum_now() if updating else 0.0
+        # Every argument is checked before the collective (a local batch may hold 0 or 1 values:
+        # the batch-size rule applies to the global batch, after the gather).
+        validate_arguments(
+            input, running_mean, running_var, weight, bias, False, momentum, self.eps, owner,
+            None,
         )
-        if self.track_running_stats and self.running_mean is not None:
+        output, mean, variance, total = _SyncBatchNormFunction.apply(
+            input, weight, bias, self.eps, self.process_group, self.timeout, owner
+        )
+        if updating:
             new_mean, new_var, finite = updated_running_stats(
-                self.running_mean, self.running_var, mean, unbiased(variance, total),
-                self._momentum_now(),
+                running_mean, running_var, mean, unbiased(variance, total), momentum
             )
             self._commit_running_stats(new_mean, new_var, finite)
         return output
