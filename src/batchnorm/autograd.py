@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from batchnorm.core import tangents
 from batchnorm.backends import eager
-from batchnorm.core.context import transforms_active
+from batchnorm.core.context import is_opaque, transforms_active
 from batchnorm.core.moments import batch_moments
 from batchnorm.dispatch import select_backend
 
@@ -48,6 +49,7 @@ class BatchNormTrain(torch.autograd.Function):
         x, weight, bias, eps, mask = inputs
         _, mean, variance = output
         ctx.save_for_backward(x, weight, bias, mean, variance, mask)
+        ctx.save_for_forward(x, weight, mean, variance, mask)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, variance)
         # the statistics never carry a gradient: no zero tensors made up for them every step
@@ -61,14 +63,19 @@ class BatchNormTrain(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:3])
         if torch.is_grad_enabled():
             mean, variance = batch_moments(x, mask)
-            backend = eager
-        else:
-            backend = select_backend(x, mask)
         args = (grad_out, x, mean, variance, weight, ctx.eps, needs)
-        grads = backend.train_backward(*args) if mask is None else backend.train_backward(
-            *args, mask
-        )
+        if mask is not None:
+            args = (*args, mask)
+        grads = _run_backward("train_backward", args, grad_out, x, mask)
         return (*_cast_grads(grads, (x, weight, bias)), None, None)
+
+    @staticmethod
+    def jvp(ctx, x_tangent, weight_tangent, bias_tangent, _eps_tangent, _mask_tangent):
+        x, weight, mean, variance, mask = ctx.saved_tensors
+        tangent = tangents.train_output_tangent(
+            x, weight, mean, variance, ctx.eps, x_tangent, weight_tangent, bias_tangent, mask
+        )
+        return tangent, None, None
 
 
 class BatchNormEval(torch.autograd.Function):
@@ -84,6 +91,7 @@ class BatchNormEval(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, mean, variance, weight, bias, eps = inputs
         ctx.save_for_backward(x, mean, variance, weight, bias)
+        ctx.save_for_forward(x, mean, variance, weight)
         ctx.eps = eps
 
     @staticmethod
@@ -91,10 +99,37 @@ class BatchNormEval(torch.autograd.Function):
         x, mean, variance, weight, bias = ctx.saved_tensors
         needs_input, _, _, needs_weight, needs_bias, _ = ctx.needs_input_grad
         needs = (needs_input, needs_weight, needs_bias)
-        backend = eager if torch.is_grad_enabled() else select_backend(x)
-        grads = backend.eval_backward(grad_out, x, mean, variance, weight, ctx.eps, needs)
+        args = (grad_out, x, mean, variance, weight, ctx.eps, needs)
+        grads = _run_backward("eval_backward", args, grad_out, x)
         dx, dw, db = _cast_grads(grads, (x, weight, bias))
         return dx, None, None, dw, db, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, _mean_tangent, _var_tangent, weight_tangent, bias_tangent, _eps):
+        x, mean, variance, weight = ctx.saved_tensors
+        return tangents.eval_output_tangent(
+            x, mean, variance, weight, ctx.eps, x_tangent, weight_tangent, bias_tangent
+        )
+
+
+def _run_backward(entry: str, args: tuple, grad_out, x, mask=None):
+    """Call a backward entry on the right backend.
+
+    Double backward (grad enabled) takes the eager path, whose operations autograd
+    differentiates. A batched incoming gradient (a vmapped backward, as
+    ``autograd.grad(..., is_grads_batched=True)``, vectorized Jacobians and gradcheck's batched
+    check run it) has no memory a kernel could read, and the older vmap that gradcheck uses has
+    no batching rule for the in-place and ``out=`` forms the eager path takes outside autograd:
+    it runs the eager path's differentiable (out-of-place) form on detached operands."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return getattr(eager, entry)(*args)
+    if is_opaque(grad_out) or transforms_active():
+        args = tuple(
+            a.detach() if isinstance(a, torch.Tensor) and not is_opaque(a) else a for a in args
+        )
+        with torch.enable_grad():  # selects the out-of-place form; nothing here records
+            return getattr(eager, entry)(*args)
+    return getattr(select_backend(x, mask), entry)(*args)
 
 
 def _classic(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
@@ -108,21 +143,46 @@ def _classic(function: type[torch.autograd.Function]) -> type[torch.autograd.Fun
     return type(
         function.__name__ + "Classic",
         (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "backward": staticmethod(function.backward)},
+        {
+            "forward": staticmethod(forward),
+            "backward": staticmethod(function.backward),
+            "jvp": staticmethod(function.jvp),
+        },
+    )
+
+
+def _without_jvp(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """The same Function without its ``jvp``, for ``torch.compile``: Dynamo refuses to trace a
+    Function that defines one (forward-mode AD and compile do not meet in practice)."""
+    return type(
+        function.__name__ + "Compiled",
+        (torch.autograd.Function,),
+        {
+            "generate_vmap_rule": True,
+            "forward": staticmethod(function.forward),
+            "setup_context": staticmethod(function.setup_context),
+            "backward": staticmethod(function.backward),
+        },
     )
 
 
 _BatchNormTrainClassic = _classic(BatchNormTrain)
 _BatchNormEvalClassic = _classic(BatchNormEval)
+_BatchNormTrainCompiled = _without_jvp(BatchNormTrain)
+_BatchNormEvalCompiled = _without_jvp(BatchNormEval)
 
 
 def apply_train(x, weight, bias, eps, mask=None):
-    if torch.compiler.is_compiling() or transforms_active():
+    if torch.compiler.is_compiling():
+        return _BatchNormTrainCompiled.apply(x, weight, bias, eps, mask)
+    if transforms_active():
         return BatchNormTrain.apply(x, weight, bias, eps, mask)
     return _BatchNormTrainClassic.apply(x, weight, bias, eps, mask)
 
 
 def apply_eval(x, mean, variance, weight, bias, eps):
-    if torch.compiler.is_compiling() or transforms_active():
+    if torch.compiler.is_compiling():
+        return _BatchNormEvalCompiled.apply(x, mean, variance, weight, bias, eps)
+    if transforms_active():
         return BatchNormEval.apply(x, mean, variance, weight, bias, eps)
     return _BatchNormEvalClassic.apply(x, mean, variance, weight, bias, eps)

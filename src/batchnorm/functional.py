@@ -12,42 +12,68 @@ buffer cannot.
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from batchnorm.autograd import apply_eval, apply_train
 from batchnorm.core import checks, running
-from batchnorm.core.layout import valid_per_channel
+from batchnorm.core.errors import BatchNormValueError
+from batchnorm.core.layout import as_channel, valid_per_channel
 from batchnorm.dispatch import running_stats_updater, select_backend
 
 Momentum = float | torch.Tensor
 
 
 def validate_arguments(
-    input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner, mask
+    input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner, mask,
+    input_checked: bool = False,
 ) -> None:
-    """The checks every batch norm runs before computing or modifying anything."""
-    checks.check_input(input, owner=owner)
+    """The checks every batch norm runs, once per call, before computing or modifying anything:
+    the input (unless ``input_checked``: a module has applied its own rule), every per-channel
+    tensor (shape, floating dtype, the input's device), the mask, momentum, eps, and the
+    batch-size rule where batch statistics are used."""
+    if not input_checked:
+        checks.check_input(input, owner=owner)
     checks.check_mask(mask, input, owner)
-    channels = input.shape[1]
+    channels, device = input.shape[1], input.device
     if (running_mean is None) != (running_var is None):
-        raise ValueError(
+        raise BatchNormValueError(
             f"{owner}: expected running_mean and running_var both given or both None, got "
             f"running_mean={'None' if running_mean is None else 'a tensor'} and "
             f"running_var={'None' if running_var is None else 'a tensor'}"
         )
-    checks.check_per_channel(running_mean, channels, "running_mean", owner)
-    checks.check_per_channel(running_var, channels, "running_var", owner)
-    checks.check_per_channel(weight, channels, "weight", owner)
-    checks.check_per_channel(bias, channels, "bias", owner)
-    checks.check_momentum(momentum, owner)
-    checks.check_eps(eps, owner)
+    checks.check_per_channel(running_mean, channels, "running_mean", owner, device)
+    checks.check_per_channel(running_var, channels, "running_var", owner, device)
+    checks.check_per_channel(weight, channels, "weight", owner, device)
+    checks.check_per_channel(bias, channels, "bias", owner, device)
+    checks.check_momentum(momentum, owner, device)
+    checks.check_eps(eps, owner, use_batch_stats)
     if use_batch_stats:
         checks.check_batch_statistics_possible(input, owner, mask)
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    # Without a gradient to compute, the backend is called directly: autograd.Function costs
-    # tens of microseconds per call, which dominates small inputs in inference.
+    """Whether the autograd Functions must run: a gradient to compute, or forward-mode AD (a
+    dual tensor carries its tangent invisibly: a kernel reading memory would drop it).
+
+    Without either, the backend is called directly: autograd.Function costs tens of
+    microseconds per call, which dominates small inputs in inference. (Under torch.func
+    transforms the eager path runs, whose operations the transforms differentiate.)"""
+    if forward_ad._current_level >= 0:
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _empty_batch_output(
+    input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The output for an input with no values: empty, in the input's dtype, and connected to
+    the parameters so their gradients are zeros (as torch gives)."""
+    output = input.clone()
+    if weight is not None:
+        output = output * as_channel(weight.to(output.dtype), output)
+    if bias is not None:
+        output = output + as_channel(bias.to(output.dtype), output)
+    return output
 
 
 def normalize_with_batch_statistics(
@@ -106,20 +132,23 @@ def batch_norm_core(
     (then returned as the new ones); :func:`commit_running_stats` completes either form.
     ``mask`` restricts the batch statistics to valid positions (see :func:`batch_norm`).
 
-    ``input_checked``: the caller is a module that has validated the input's shape and owns
-    parameters and buffers of the right shapes; only the mask and the batch-size rule are checked
-    here (the per-call Python cost matters for small inputs).
+    ``input_checked``: the caller has run :func:`validate_arguments` on these arguments; nothing
+    is checked again (a module or variant validates once per call).
+
+    An empty input (no values per channel) gives an empty output, and in training leaves the
+    running statistics unchanged while counting as a tracked batch, as torch does.
     """
     use_batch_stats = training or running_mean is None
-    if input_checked:
-        checks.check_mask(mask, input, owner)
-        if use_batch_stats:
-            checks.check_batch_statistics_possible(input, owner, mask)
-    else:
+    if not input_checked:
         validate_arguments(
             input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps,
             owner, mask,
         )
+    if use_batch_stats and input.numel() == 0:
+        output = _empty_batch_output(input, weight, bias)
+        if not training or running_mean is None:
+            return output, None, None, None
+        return output, running_mean, running_var, True
     if not use_batch_stats:
         output = normalize_with(input, running_mean, running_var, weight, bias, eps)
         return output, None, None, None

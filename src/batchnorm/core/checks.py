@@ -1,13 +1,22 @@
 """Input validation shared by every batch norm in the package.
 
-Each check raises a ``TypeError`` or ``ValueError`` that names what was expected and what came,
+Each check raises a :class:`~batchnorm.core.errors.BatchNormTypeError` or
+:class:`~batchnorm.core.errors.BatchNormValueError` (a ``TypeError``/``ValueError`` that is also
+the ``RuntimeError`` torch raises for the same input) that names what was expected and what came,
 and runs before any tensor or buffer is touched, so a rejected call changes nothing.
+
+These checks are also what keeps the compiled kernels safe: they read per-channel vectors by
+address, so a vector shorter than the channel count, or one on another device (a ``meta`` tensor
+has no memory), must never get past here.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from batchnorm.core.errors import BatchNormTypeError, BatchNormValueError
 from batchnorm.core.layout import values_per_channel
 
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -15,9 +24,11 @@ FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def check_floating(tensor: torch.Tensor, what: str) -> None:
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(tensor).__name__}")
+        raise BatchNormTypeError(
+            f"{what} must be a torch.Tensor, got {type(tensor).__name__}"
+        )
     if tensor.dtype not in FLOATING_DTYPES:
-        raise TypeError(
+        raise BatchNormTypeError(
             f"{what} must have a real floating dtype (float16, bfloat16, float32 or float64), "
             f"got {tensor.dtype}"
         )
@@ -38,32 +49,42 @@ def check_input(
     check_floating(x, f"{owner}: input")
     if allowed_dims is not None and x.dim() not in allowed_dims:
         wanted = " or ".join(f"{d}D" for d in allowed_dims)
-        raise ValueError(
+        raise BatchNormValueError(
             f"{owner}: expected {wanted} input, got {x.dim()}D input of shape {tuple(x.shape)}"
         )
     if x.dim() < 2:
-        raise ValueError(
+        raise BatchNormValueError(
             f"{owner}: expected input of shape (N, C, *), at least 2D, "
             f"got {x.dim()}D input of shape {tuple(x.shape)}"
         )
     if num_features is not None and x.shape[1] != num_features:
-        raise ValueError(
+        raise BatchNormValueError(
             f"{owner}: expected {num_features} channels (dimension 1 of the input), "
             f"got {x.shape[1]} in input of shape {tuple(x.shape)}"
         )
 
 
 def check_per_channel(
-    vector: torch.Tensor | None, num_channels: int, what: str, owner: str = "batch_norm"
+    vector: torch.Tensor | None,
+    num_channels: int,
+    what: str,
+    owner: str = "batch_norm",
+    device: torch.device | None = None,
 ) -> None:
-    """A per-channel parameter or statistic: a floating tensor of shape (C,)."""
+    """A per-channel parameter or statistic: a floating tensor of shape (C,), on ``device``
+    (the input's) when given."""
     if vector is None:
         return
     check_floating(vector, f"{owner}: {what}")
     if vector.dim() != 1 or vector.shape[0] != num_channels:
-        raise ValueError(
+        raise BatchNormValueError(
             f"{owner}: expected {what} of shape ({num_channels},) to match the input's "
             f"{num_channels} channels, got shape {tuple(vector.shape)}"
+        )
+    if device is not None and vector.device != device:
+        raise BatchNormValueError(
+            f"{owner}: expected {what} on the input's device {device}, got {what} on "
+            f"{vector.device}"
         )
 
 
@@ -73,30 +94,32 @@ def check_mask(mask: torch.Tensor | None, x: torch.Tensor, owner: str = "batch_n
         return
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"{owner}: expected a bool tensor as mask, got {got}")
+        raise BatchNormTypeError(f"{owner}: expected a bool tensor as mask, got {got}")
     expected = (x.shape[0], *x.shape[2:])
     if tuple(mask.shape) != expected:
-        raise ValueError(
+        raise BatchNormValueError(
             f"{owner}: expected mask of shape {expected} (the input's shape without the channel "
             f"axis), got {tuple(mask.shape)}"
         )
     if mask.device != x.device:
-        raise ValueError(f"{owner}: expected mask on {x.device}, got {mask.device}")
+        raise BatchNormValueError(f"{owner}: expected mask on {x.device}, got {mask.device}")
 
 
 def check_batch_statistics_possible(
     x: torch.Tensor, owner: str = "batch_norm", mask: torch.Tensor | None = None
 ) -> None:
-    """Batch statistics need more than one value per channel."""
+    """Batch statistics need more than one value per channel, or none at all: an empty batch
+    (as torch, which DDP with uneven data and detection heads rely on) normalizes nothing and
+    leaves the running statistics as they are."""
     if mask is None:
         count = values_per_channel(x)
-    elif torch.compiler.is_compiling():
+    elif torch.compiler.is_compiling() or x.numel() == 0:
         return  # a data-dependent check would break the graph; the count is traced as is
     else:
         count = int(mask.sum())
-    if count <= 1:
+    if count == 1 or (count == 0 and mask is not None):
         what = "value" if mask is None else "valid (unmasked) value"
-        raise ValueError(
+        raise BatchNormValueError(
             f"{owner}: expected more than 1 {what} per channel to compute batch statistics in "
             f"training, got input of shape {tuple(x.shape)} ({count} per channel). The variance "
             "of one value is 0, so every output would equal the bias. Ways out: call .eval() to "
@@ -106,15 +129,61 @@ def check_batch_statistics_possible(
         )
 
 
-def check_momentum(momentum: float | None, owner: str = "batch_norm") -> None:
+def check_momentum(
+    momentum: float | torch.Tensor | None, owner: str = "batch_norm", device=None
+) -> None:
+    """A number in [0, 1], a 0-dim floating tensor holding one (on the input's device when
+    ``device`` is given), or None (the modules' cumulative average)."""
     if momentum is None:
         return
     if isinstance(momentum, torch.Tensor):
-        return
-    if not isinstance(momentum, (int, float)) or not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"{owner}: expected momentum in [0, 1] or None, got {momentum!r}")
+        if momentum.dim() != 0 or not momentum.is_floating_point():
+            raise BatchNormValueError(
+                f"{owner}: expected momentum as a number or a 0-dim floating tensor, got a "
+                f"tensor of shape {tuple(momentum.shape)} and dtype {momentum.dtype}"
+            )
+        if device is not None and momentum.device != device and momentum.device.type != "cpu":
+            raise BatchNormValueError(
+                f"{owner}: expected momentum on the input's device {device}, got "
+                f"{momentum.device}"
+            )
+        if torch.compiler.is_compiling() or momentum.device.type == "meta":
+            return  # reading the value would break the graph (the modules' own are in range)
+        if _is_wrapped(momentum):
+            return  # a batched or gradient-tracking value under a torch.func transform
+        value = float(momentum)
+    elif isinstance(momentum, (int, float)) and not isinstance(momentum, bool):
+        value = float(momentum)
+    else:
+        raise BatchNormTypeError(
+            f"{owner}: expected momentum as a number in [0, 1] or None, got "
+            f"{type(momentum).__name__}"
+        )
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise BatchNormValueError(f"{owner}: expected momentum in [0, 1] or None, got {momentum!r}")
 
 
-def check_eps(eps: float, owner: str = "batch_norm") -> None:
-    if not isinstance(eps, (int, float)) or not eps >= 0.0:
-        raise ValueError(f"{owner}: expected eps >= 0, got {eps!r}")
+def check_eps(eps: float, owner: str = "batch_norm", use_batch_stats: bool = False) -> None:
+    """eps: a finite number, > 0 where batch statistics are used (a constant input channel
+    would divide by zero, as torch refuses too), >= 0 with given statistics."""
+    if isinstance(eps, torch.Tensor) and eps.dim() == 0 and not torch.compiler.is_compiling():
+        eps = eps.item()
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        raise BatchNormTypeError(f"{owner}: expected eps as a number, got {type(eps).__name__}")
+    if use_batch_stats and not eps > 0.0:
+        raise BatchNormValueError(
+            f"{owner}: batch_norm eps must be positive during training (batch statistics), "
+            f"got {eps!r}"
+        )
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        raise BatchNormValueError(f"{owner}: expected a finite eps >= 0, got {eps!r}")
+
+
+def check_construction(eps: float, momentum: float | None, owner: str) -> None:
+    """What a module can refuse when it is built: a negative or NaN eps, a momentum outside
+    [0, 1]. (eps = 0 is kept for eval with running statistics, as torch allows.)"""
+    check_eps(eps, owner)
+    check_momentum(momentum, owner)
+
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor

@@ -58,6 +58,8 @@ def updated_running_stats(
         running_var = running_var.to(running_mean.dtype)
     running = torch.stack([running_mean, running_var])
     finite = torch.isfinite(batch).all()
+    if not torch.compiler.is_compiling():
+        finite = _value_of(finite)  # a flag, never a transform's wrapper
     updated = torch.where(finite, running.lerp(batch, momentum), running)
     new_mean, new_var = updated[0], updated[1]
     if new_var.dtype != var_dtype:
@@ -69,12 +71,33 @@ def updated_running_stats(
 
 
 def commit_running_stats(running_mean, running_var, new_mean, new_var) -> None:
-    """Write an update into the running tensors in place, unless it already lives there."""
+    """Write an update into the running tensors in place, unless it already lives there.
+
+    Under a differentiating torch.func transform (``jvp``, ``grad``) the new statistics arrive
+    wrapped for that transform while the buffers are plain: the update is not differentiable,
+    so its value is written, as torch's own batch norm does under the same transforms."""
     if new_mean is running_mean:
+        return
+    if not torch.compiler.is_compiling() and _is_grad_tracking(new_mean):
+        # below the transform's layer: the buffers belong to no transform level
+        with torch.no_grad(), torch._C._DisableFuncTorch():
+            running_mean.copy_(_value_of(new_mean))
+            running_var.copy_(_value_of(new_var))
         return
     with torch.no_grad():
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
+
+
+def _value_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The plain value inside the gradient-tracking wrappers of torch.func transforms."""
+    while _is_grad_tracking(tensor):
+        tensor = _unwrapped(tensor)
+    return tensor
+
+
+_is_grad_tracking = torch._C._functorch.is_gradtrackingtensor
+_unwrapped = torch._C._functorch.get_unwrapped
 
 
 def warn_nonfinite(owner: str) -> None:

@@ -21,9 +21,17 @@ from __future__ import annotations
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
-from batchnorm.core.checks import check_input
+import inspect
+
+from batchnorm.core.checks import check_construction, check_input
+from batchnorm.core.context import transforms_active
 from batchnorm.core.running import commit_running_stats, warn_nonfinite
-from batchnorm.functional import batch_norm_core
+from batchnorm.functional import batch_norm_core, validate_arguments
+
+
+# torch added the keyword-only ``bias`` (a weight without a shift) in 2.13; on older versions the
+# modules implement it themselves, with the same state dict (no "bias" key) and repr.
+_TORCH_TAKES_BIAS = "bias" in inspect.signature(_TorchBatchNorm.__init__).parameters
 
 
 class _BatchNorm(_TorchBatchNorm):
@@ -41,9 +49,28 @@ class _BatchNorm(_TorchBatchNorm):
         track_running_stats: bool = True,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        check_construction(eps, momentum, type(self).__name__)
+        if _TORCH_TAKES_BIAS:
+            super().__init__(
+                num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+            )
+        else:  # torch before the keyword: drop the bias it made
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+            if not bias and affine:
+                del self.bias
+                self.register_parameter("bias", None)
         self._warned_nonfinite = False
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if not _TORCH_TAKES_BIAS:  # older torch's repr does not say; ours always does
+            text = text.replace(
+                ", track_running_stats", f", bias={self.bias is not None}, track_running_stats"
+            )
+        return text
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_input(
@@ -63,7 +90,8 @@ class _BatchNorm(_TorchBatchNorm):
     # through Module.__getattr__ costs about 0.5 us, and a forward made about ten of them.
 
     def _core(self, input, running_mean, running_var, training, momentum, **options):
-        """The functional core this module wraps (variants override it, nothing else)."""
+        """The functional core this module wraps (variants override it, nothing else). The
+        arguments have been validated by :meth:`_validate`."""
         parameters = self._parameters
         return batch_norm_core(
             input, running_mean, running_var, parameters["weight"], parameters["bias"],
@@ -71,18 +99,34 @@ class _BatchNorm(_TorchBatchNorm):
             input_checked=True, in_place=True, **options,
         )
 
-    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _validate(self, input, running_mean, running_var, use_batch_stats, mask) -> None:
+        """Everything a call uses, checked once before anything runs: the input (dims and
+        channels, the module's own rule), then what the functional form checks. Parameters and
+        buffers are re-checked on every call: a hand-assigned or loosely loaded tensor of the
+        wrong size or device must never reach a kernel."""
         self._check_input_dim(input)
+        parameters = self._parameters
+        validate_arguments(
+            input, running_mean, running_var, parameters["weight"], parameters["bias"],
+            use_batch_stats, self.momentum, self.eps, type(self).__name__, mask,
+            input_checked=True,
+        )
+
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         buffers, training = self._buffers, self.training
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         updating = training and self.track_running_stats and running_mean is not None
         use_running = not training or self.track_running_stats
+        running_mean = running_mean if use_running else None
+        running_var = running_var if use_running else None
+        use_batch_stats = training or running_mean is None
+        self._validate(input, running_mean, running_var, use_batch_stats, mask)
         options = {} if mask is None else {"mask": mask}
         output, new_mean, new_var, finite = self._core(
             input,
-            running_mean if use_running else None,
-            running_var if use_running else None,
-            training=training or running_mean is None,
+            running_mean,
+            running_var,
+            training=use_batch_stats,
             momentum=self._momentum_now() if updating else 0.0,
             **options,
         )
@@ -94,7 +138,13 @@ class _BatchNorm(_TorchBatchNorm):
         buffers = self._buffers
         commit_running_stats(buffers["running_mean"], buffers["running_var"], new_mean, new_var)
         tracked = buffers["num_batches_tracked"]
-        if tracked is not None and finite is not False:
+        if tracked is not None and not torch.compiler.is_compiling() and transforms_active():
+            # a differentiating transform (jvp, grad) refuses any in-place change of a buffer
+            # it captured: the count is no part of what it differentiates, so it is counted
+            # below the transform (where torch's module raises)
+            with torch._C._DisableFuncTorch():
+                tracked.add_(int(bool(finite)))
+        elif tracked is not None and finite is not False:
             # a 0-dim bool tensor adds 1 or 0 without being read; a Python True adds the int 1
             # (adding the bool itself costs 0.8 us more)
             tracked.add_(1 if finite is True else finite)  # (a buffer: no autograd here)
@@ -113,7 +163,7 @@ class _BatchNorm(_TorchBatchNorm):
         return f"{type(self).__name__}{where} ({self.extra_repr()})"
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
     r"""Batch norm over a 2D input (N, C) or 3D input (N, C, L).
 
     Args:
@@ -142,7 +192,7 @@ class BatchNorm1d(_BatchNorm):
     _allowed_dims = (2, 3)
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
     r"""Batch norm over a 4D input (N, C, H, W), contiguous or channels_last.
 
     Arguments as for :class:`BatchNorm1d`. Shape: input (N, C, H, W); output the same.
@@ -157,7 +207,7 @@ class BatchNorm2d(_BatchNorm):
     _allowed_dims = (4,)
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
     r"""Batch norm over a 5D input (N, C, D, H, W), contiguous or channels_last_3d.
 
     Arguments as for :class:`BatchNorm1d`. Shape: input (N, C, D, H, W); output the same.

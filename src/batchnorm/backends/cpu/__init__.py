@@ -21,7 +21,8 @@ from numba.np.ufunc import parallel as numba_parallel
 
 from batchnorm.backends.cpu import kernels
 from batchnorm.core import running
-from batchnorm.core.context import transforms_active
+from batchnorm.core.errors import BatchNormValueError
+from batchnorm.core.context import is_opaque, transforms_active
 
 name = "cpu"
 
@@ -46,7 +47,7 @@ _COMPUTE_DTYPE = {
 }
 # the dtype of the arrays an entry point builds, carried by a NumPy scalar
 _LIKE = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_is_wrapped = is_opaque
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -114,7 +115,14 @@ def _geometry(x: torch.Tensor, layout: torch.memory_format) -> tuple[int, int, i
 
 
 def _conformed(t: torch.Tensor, like: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
-    """``t`` (a gradient or residual) detached, in ``like``'s dtype and the given layout."""
+    """``t`` (a gradient or residual) detached, in ``like``'s dtype and the given layout.
+
+    Read by address as a tensor of ``like``'s shape: any other shape or memory is refused."""
+    if t.shape != like.shape or not t.is_cpu or _is_wrapped(t):
+        raise BatchNormValueError(
+            f"cpu kernels: expected a tensor of the input's shape {tuple(like.shape)} in CPU "
+            f"memory, got shape {tuple(t.shape)} on {t.device}"
+        )
     if t.requires_grad:
         t = t.detach()
     if t.dtype != like.dtype:
@@ -124,11 +132,21 @@ def _conformed(t: torch.Tensor, like: torch.Tensor, layout: torch.memory_format)
     return t.contiguous(memory_format=layout)
 
 
-def _vector(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+def _vector(t: torch.Tensor | None, dtype: torch.dtype, channels: int) -> torch.Tensor | None:
     """A per-channel parameter or statistic as a dense tensor of the compute dtype (to pass by
-    address with :func:`_length`)."""
+    address with :func:`_length`).
+
+    The kernels read ``channels`` values from its address: a shorter vector, or one whose
+    memory is not this process's CPU memory (a ``meta`` tensor has none), is refused here too,
+    whatever called the backend (the functional forms have validated already; this is the last
+    line, one comparison each)."""
     if t is None:
         return None
+    if t.dim() != 1 or t.shape[0] != channels or not t.is_cpu or _is_wrapped(t):
+        raise BatchNormValueError(
+            f"cpu kernels: expected a per-channel vector of shape ({channels},) in CPU memory, "
+            f"got shape {tuple(t.shape)} on {t.device}"
+        )
     if t.dtype != dtype:
         t = t.detach().to(dtype)
     if t.is_neg():
@@ -215,7 +233,7 @@ def forward(
     residual = None if residual is None else _conformed(residual, xc, layout)
     xp = xc.data_ptr()
     rp = xp if residual is None else residual.data_ptr()
-    w, b = _vector(weight, xc.dtype), _vector(bias, xc.dtype)
+    w, b = _vector(weight, xc.dtype, channels), _vector(bias, xc.dtype, channels)
     act = kernels.ACTIVATIONS[activation]
     numel = xc.numel()
     # work is shared by channel for planes in training, else by row or by plane segment
@@ -228,7 +246,8 @@ def forward(
              _address(w), _length(w), _address(b), _length(b), float(eps), act, rp,
              residual is not None, out.data_ptr(), batch_mean.data_ptr(), batch_var.data_ptr())
         return out if compute_dtype else _in_dtype(out, x.dtype), batch_mean, batch_var
-    mean, variance = _vector(mean, xc.dtype), _vector(variance, xc.dtype)
+    mean = _vector(mean, xc.dtype, channels)
+    variance = _vector(variance, xc.dtype, channels)
     _run(kernels.eval_forward_at, numel, batch * channels if planes else units, like, batch,
          channels, size, planes, xp, mean.data_ptr(), variance.data_ptr(), _address(w),
          _length(w), _address(b), _length(b), float(eps), act, rp, residual is not None,
@@ -276,8 +295,9 @@ def backward(
     # the accumulation dtype of x
     grad_weight = torch.empty(channels, dtype=xc.dtype)
     grad_bias = torch.empty(channels, dtype=xc.dtype)
-    mean, variance = _vector(mean, xc.dtype), _vector(variance, xc.dtype)
-    w, b = _vector(weight, xc.dtype), _vector(bias, xc.dtype)
+    mean = _vector(mean, xc.dtype, channels)
+    variance = _vector(variance, xc.dtype, channels)
+    w, b = _vector(weight, xc.dtype, channels), _vector(bias, xc.dtype, channels)
     xp = xc.data_ptr()
     _run(
         kernels.backward_at, xc.numel(), channels if planes else batch * size, _LIKE[xc.dtype],
