@@ -18,20 +18,46 @@ mode and ``num_batches_tracked`` are restored afterwards.
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from batchnorm.core.layout import values_per_channel
+from batchnorm.core.layout import valid_per_channel
 from batchnorm.core.moments import batch_moments, merge_many, unbiased
+from batchnorm.core.running import NonFiniteStatisticsWarning
+
+Moments = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # count, mean, M2 (float64)
 
 
 def _first_input(batch: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         return batch[0]
     return batch
+
+
+def _layer_moments(args: tuple, kwargs: dict) -> Moments:
+    """Count, mean and M2 of a layer's input in float64; a padded-sequence ``mask`` (a bool
+    tensor, second argument or keyword) restricts them to the valid positions, as the layer's
+    own statistics are."""
+    x = args[0].detach()
+    mask = args[1] if len(args) > 1 else kwargs.get("mask")
+    if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool):
+        mask = None  # absent, or another argument (a residual)
+    mean, variance = batch_moments(x, mask)
+    count = torch.as_tensor(valid_per_channel(x, mask), dtype=torch.float64, device=x.device)
+    # no values (an empty batch, or nothing valid): neutral in the merge, not 0/0
+    mean = torch.where(count > 0, mean.to(torch.float64), 0.0)
+    m2 = torch.where(count > 0, variance.to(torch.float64) * count, 0.0)
+    return count, mean, m2
+
+
+def _finite(moments: Moments) -> bool:
+    _, mean, m2 = moments
+    return bool(torch.isfinite(mean).all()) and bool(torch.isfinite(m2).all())
 
 
 class _Accumulator:
@@ -42,16 +68,13 @@ class _Accumulator:
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor) -> None:
-        mean, variance = batch_moments(x.detach())
-        mean, variance = mean.to(torch.float64), variance.to(torch.float64)
-        count = torch.tensor(float(values_per_channel(x)), dtype=torch.float64, device=x.device)
+    def add(self, moments: Moments) -> None:
+        count, mean, m2 = moments
         if self.count is None:
-            self.count, self.mean, self.m2 = count, mean, variance * count
+            self.count, self.mean, self.m2 = count, mean, m2
             return
-        counts = torch.stack([self.count, count])
-        merged = merge_many(counts, torch.stack([self.mean, mean]),
-                            torch.stack([self.m2, variance * count]))
+        merged = merge_many(torch.stack([self.count, count]), torch.stack([self.mean, mean]),
+                            torch.stack([self.m2, m2]))
         self.count, self.mean, self.m2 = merged[0][0], merged[1], merged[2]
 
 
@@ -69,55 +92,105 @@ def precise_bn(
         model: the model; it is called as ``model(input)``.
         batches: an iterable of model inputs, or of tuples/lists whose first item is the input
             (a DataLoader of (input, target) works as is).
-        num_batches: use at most this many batches (default: all of them).
+        num_batches: draw at most this many batches (default: all of them); a loader that gives
+            fewer makes a ``UserWarning`` saying how many were used.
         progress: show a progress bar.
 
-    Returns the number of batches used. Raises ``ValueError`` when no batch was given; in that
-    case nothing is changed.
+    A batch whose statistics are not finite at some layer (a NaN or inf in the data, an
+    overflow) is skipped as a whole, with a :class:`NonFiniteStatisticsWarning` naming its
+    index (0-based, in the order drawn) and the layer; the layers' own warnings are held back
+    meanwhile.
+
+    Returns the number of batches used. Raises ``ValueError`` when no batch was given, or none
+    was finite; in that case nothing is changed.
     """
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
               and m.track_running_stats and m.running_mean is not None]
     if not layers:
         return 0
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"precise_bn: expected num_batches >= 1 or None, got {num_batches}")
+    if num_batches is not None and (
+        not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1
+    ):
+        raise ValueError(f"precise_bn: expected num_batches >= 1 or None, got {num_batches!r}")
+    names = {module: name or "<root>" for name, module in model.named_modules()}
     accumulators = {layer: _Accumulator() for layer in layers}
-    saved = {layer: (layer.momentum, layer.num_batches_tracked.clone()) for layer in layers}
+    pending: dict[nn.Module, list[Moments]] = {}
+    saved = {
+        layer: (layer.momentum, layer.num_batches_tracked.clone(), layer.running_mean.clone(),
+                layer.running_var.clone(), layer.__dict__.get("warn_on_nonfinite"))
+        for layer in layers
+    }
     was_training = {m: m.training for m in model.modules()}
 
-    def record(layer, args):
-        accumulators[layer].add(args[0])
+    def record(layer, args, kwargs):
+        pending.setdefault(layer, []).append(_layer_moments(args, kwargs))
 
-    handles = [layer.register_forward_pre_hook(record) for layer in layers]
-    used = 0
+    handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+    drawn = used = 0
     try:
         model.train()
         for layer in layers:
             layer.momentum = 0.0  # the moving averages stay put while the batches run
-        iterator = iter(batches)
+            layer.warn_on_nonfinite = False  # a skipped batch is reported here, once
         bar = _progress(num_batches, progress)
-        for batch in iterator:
-            if num_batches is not None and used >= num_batches:
-                break
+        for index, batch in enumerate(itertools.islice(batches, num_batches)):
+            pending.clear()
             model(_first_input(batch))
-            used += 1
+            drawn += 1
             if bar is not None:
                 bar.update(1)
+            bad = next((layer for layer, seen in pending.items()
+                        if not all(map(_finite, seen))), None)
+            if bad is not None:
+                warnings.warn(
+                    f"precise_bn: batch {index} (0-based) gives non-finite statistics at "
+                    f"{names[bad]} ({type(bad).__name__}): a NaN or inf in the data or an "
+                    "overflow; the batch is skipped and the population statistics come from the "
+                    "other batches",
+                    NonFiniteStatisticsWarning,
+                    stacklevel=3,
+                )
+                continue
+            for layer, seen in pending.items():
+                for moments in seen:
+                    accumulators[layer].add(moments)
+            used += 1
         if bar is not None:
             bar.close()
     finally:
         for handle in handles:
             handle.remove()
-        for layer, (momentum, tracked) in saved.items():
+        # Everything the run touched goes back (torch's layers let a NaN batch into their running
+        # statistics even with momentum 0); the new statistics are written below.
+        for layer, (momentum, tracked, mean, var, warn) in saved.items():
             layer.momentum = momentum
             layer.num_batches_tracked.copy_(tracked)
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+            if warn is None:
+                del layer.warn_on_nonfinite
+            else:
+                layer.warn_on_nonfinite = warn
         for module, mode in was_training.items():
             module.train(mode)
-    if used == 0:
+    if drawn == 0:
         raise ValueError("precise_bn: expected at least one batch, got an empty iterable")
+    if used == 0:
+        raise ValueError(
+            f"precise_bn: expected at least one batch with finite statistics, got {drawn} "
+            "batch(es), all skipped; the running statistics are unchanged"
+        )
+    if num_batches is not None and drawn < num_batches:
+        skipped = f" ({drawn - used} skipped as non-finite)" if used < drawn else ""
+        warnings.warn(
+            f"precise_bn: asked for num_batches={num_batches}, but the loader gave only {drawn} "
+            f"batch(es); the statistics come from {used} batch(es){skipped}",
+            UserWarning,
+            stacklevel=3,
+        )
     for layer, acc in accumulators.items():
-        if acc.count is None:
-            continue  # a layer the model did not call on these inputs
+        if acc.count is None or not acc.count > 0:
+            continue  # a layer the model did not call on these inputs, or saw no values of
         count = int(acc.count)
         layer.running_mean.copy_(acc.mean.to(layer.running_mean.dtype))
         variance = acc.m2 / acc.count
