@@ -80,17 +80,20 @@ def backward_train(grad_out, x, weight, eps, mask=None):
     g = np.asarray(grad_out, dtype=np.float64)
     axes = _axes(x)
     mean, var = moments(x, mask)
-    valid = np.ones((x.shape[0], 1, *x.shape[2:])) if mask is None else np.expand_dims(
-        np.asarray(mask, dtype=np.float64), 1
+    valid = np.ones((x.shape[0], 1, *x.shape[2:]), dtype=bool) if mask is None else (
+        np.expand_dims(np.asarray(mask, dtype=bool), 1)
     )
     count = valid.sum()
     invstd = 1.0 / np.sqrt(var + eps)
     x_hat = (x - _per_channel(mean, x.ndim)) * _per_channel(invstd, x.ndim)
     gamma = np.ones_like(mean) if weight is None else np.asarray(weight, dtype=np.float64)
+    # a padded position whose output got no gradient contributes nothing, whatever it holds
+    g_x_hat = np.where(valid | (g != 0), g * np.where(valid | (g != 0), x_hat, 0.0), 0.0)
     mean_g = g.sum(axis=axes, keepdims=True) / count
-    mean_g_xhat = (g * x_hat).sum(axis=axes, keepdims=True) / count
-    dx = _per_channel(gamma * invstd, x.ndim) * (g - valid * (mean_g + x_hat * mean_g_xhat))
-    return dx, (g * x_hat).sum(axis=axes), g.sum(axis=axes)
+    mean_g_xhat = g_x_hat.sum(axis=axes, keepdims=True) / count
+    correction = np.where(valid, mean_g + np.where(valid, x_hat, 0.0) * mean_g_xhat, 0.0)
+    dx = _per_channel(gamma * invstd, x.ndim) * (g - correction)
+    return dx, g_x_hat.sum(axis=axes), g.sum(axis=axes)
 
 
 def backward_eval(grad_out, x, mean, var, weight, eps):

@@ -114,3 +114,46 @@ def test_bad_masks():
         module(x, only_one)
     for key, value in module.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), -float("inf"), 1e30])
+@pytest.mark.parametrize("backend", ["eager", "reference"])
+def test_garbage_in_padding_changes_nothing_valid(garbage, backend):
+    """Padding is selected out, never multiplied away: NaN, inf or huge values held at padded
+    positions leave the valid outputs, the statistics and every gradient exactly as with
+    zeros there (downstream ignores padded outputs: their gradient is zero)."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 6, generator=generator, dtype=torch.float64)
+    mask = torch.rand(4, 6, generator=generator) > 0.4
+    g = torch.where(mask.unsqueeze(1), torch.randn(4, 3, 6, generator=generator,
+                                                    dtype=torch.float64), 0.0)
+    results = []
+    for fill in (0.0, garbage):
+        module = batchnorm.BatchNorm1d(3).double()
+        filled = torch.where(mask.unsqueeze(1), x, fill).requires_grad_(True)
+        with batchnorm.use_backend(backend):
+            y = module(filled, mask)
+            grads = torch.autograd.grad(y, (filled, module.weight, module.bias), g)
+        valid = mask.unsqueeze(1).expand_as(y)
+        results.append((y[valid], grads[0][valid], grads[1], grads[2],
+                        module.running_mean.clone(), module.running_var.clone()))
+    for clean, dirty in zip(*results, strict=True):
+        assert torch.isfinite(dirty).all()
+        torch.testing.assert_close(dirty, clean, rtol=1e-12, atol=1e-12)
+
+
+def test_garbage_in_padding_with_double_backward():
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 2, 5, generator=generator, dtype=torch.float64)
+    mask = torch.rand(3, 5, generator=generator) > 0.3
+    penalties = []
+    for fill in (0.0, float("nan")):
+        filled = torch.where(mask.unsqueeze(1), x, fill).requires_grad_(True)
+        weight = torch.ones(2, dtype=torch.float64, requires_grad=True)
+        y = batchnorm.functional.batch_norm(filled, None, None, weight, training=True, mask=mask)
+        loss = torch.where(mask.unsqueeze(1), y, 0.0).pow(3).sum()
+        (gx,) = torch.autograd.grad(loss, filled, create_graph=True)
+        (gw,) = torch.autograd.grad(torch.where(mask.unsqueeze(1), gx, 0.0).pow(2).sum(), weight)
+        penalties.append(gw)
+    assert torch.isfinite(penalties[1]).all()
+    torch.testing.assert_close(penalties[1], penalties[0], rtol=1e-10, atol=1e-12)

@@ -43,9 +43,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 
-def mask_as_input(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A (N, *spatial) validity mask as (N, 1, *spatial) weights in the accumulation dtype."""
-    return mask.unsqueeze(CHANNEL_AXIS).to(accumulation_dtype(x.dtype))
+def mask_as_input(mask: torch.Tensor) -> torch.Tensor:
+    """A (N, *spatial) validity mask as a (N, 1, *spatial) bool selector against the input.
+
+    Padded positions are excluded by selection (``torch.where``), never by multiplying by the
+    mask: a NaN or inf held in padding times 0 is NaN, and would poison every valid statistic,
+    output and gradient."""
+    return mask.unsqueeze(CHANNEL_AXIS)
 
 
 def valid_per_channel(x: torch.Tensor, mask: torch.Tensor | None) -> int | torch.Tensor:

@@ -52,10 +52,12 @@ def centred_moments(
         centred = x.to(acc) - as_channel(mean, x)
         variance = sum_of_products(centred, centred, dims) / count
         return mean, variance, centred
-    weights = mask_as_input(mask, x)
-    mean = (x * weights).sum(dim=dims, dtype=acc) / count
+    valid = mask_as_input(mask)
+    mean = torch.where(valid, x, 0).sum(dim=dims, dtype=acc) / count
     centred = x.to(acc) - as_channel(mean, x)
-    variance = (centred * centred * weights).sum(dim=dims) / count
+    # padded deviations are selected out as exact zeros (no NaN to differentiate through)
+    valid_centred = torch.where(valid, centred, 0)
+    variance = (valid_centred * valid_centred).sum(dim=dims) / count
     return mean, variance, centred
 
 

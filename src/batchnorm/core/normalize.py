@@ -116,18 +116,29 @@ def apply_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
 
 
 def gradient_sums(
-    grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The per-channel reductions of the backward: ``(centred, sum g, sum g * (x - mean))``.
 
     Synchronized batch norm all-reduces the two sums across processes before
     :func:`input_gradient`; the single-process backward uses them as they are.
+
+    With a mask, a padded position whose output received no gradient adds exactly nothing,
+    even when it holds a NaN or inf (0 * NaN would be NaN); one whose output was used adds its
+    term as any position does.
     """
     acc = accumulation_dtype(x.dtype)
     dims = reduce_dims(x)
     centred = x.to(acc) - as_channel(mean, x)
     sum_grad = grad_out.sum(dim=dims, dtype=acc)
-    sum_grad_centred = sum_of_products(grad_out, centred, dims)
+    if mask is None:
+        sum_grad_centred = sum_of_products(grad_out, centred, dims)
+    else:
+        counted = mask_as_input(mask) | (grad_out != 0)
+        sum_grad_centred = (grad_out * torch.where(counted, centred, 0)).sum(dim=dims)
     return centred, sum_grad, sum_grad_centred
 
 
@@ -147,8 +158,9 @@ def input_gradient(
     per_value = gain * (-1.0 / count)  # -gain / n, shared by both terms (fewer small ops)
     centred_coef = as_channel(per_value * sum_grad_centred * (invstd * invstd), centred)
     offset = as_channel(per_value * sum_grad, centred)
-    if mask is not None:
-        correction = (centred * centred_coef + offset) * mask_as_input(mask, centred)
+    if mask is not None:  # only valid inputs moved the statistics; padding is selected out
+        valid = mask_as_input(mask)
+        correction = torch.where(valid, torch.where(valid, centred, 0) * centred_coef + offset, 0)
         grad_input = correction + grad_out * as_channel(gain, centred)
     elif torch.is_grad_enabled():  # differentiable form, for double backward
         grad_input = centred * centred_coef + offset + grad_out * as_channel(gain, centred)
@@ -169,7 +181,7 @@ def train_backward(
 ) -> Grads:
     """Gradients for input, weight and bias when the statistics came from this batch."""
     need_input, need_weight, need_bias = needs
-    centred, sum_grad, sum_grad_centred = gradient_sums(grad_out, x, mean)
+    centred, sum_grad, sum_grad_centred = gradient_sums(grad_out, x, mean, mask)
     grad_weight = sum_grad_centred * invstd if (need_weight and weight is not None) else None
     grad_bias = sum_grad if need_bias else None
     grad_input = None
