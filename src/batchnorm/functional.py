@@ -247,19 +247,9 @@ def batch_norm_pure(
     return output, new_mean, new_var
 
 
-# The variants' functional forms, importable from here as well (defined with their modules).
-from batchnorm.variants.frozen import frozen_batch_norm  # noqa: E402
-from batchnorm.variants.ghost import ghost_batch_norm  # noqa: E402
-from batchnorm.variants.recurrent import recurrent_batch_norm  # noqa: E402
-from batchnorm.variants.renorm import batch_renorm  # noqa: E402
-
 __all__ = [
     "batch_norm",
     "batch_norm_pure",
-    "batch_renorm",
-    "frozen_batch_norm",
-    "ghost_batch_norm",
-    "recurrent_batch_norm",
     "normalize_with",
     "normalize_with_batch_statistics",
 ]
