@@ -70,3 +70,46 @@ def test_functional_and_bad_virtual_size():
     assert not torch.equal(rm, torch.zeros(2))
     with pytest.raises(ValueError, match="positive integer virtual_batch_size"):
         GhostBatchNorm1d(2, virtual_batch_size=0)
+
+
+@pytest.mark.parametrize("training, batch", [(True, 12), (True, 3), (False, 12)])
+@pytest.mark.parametrize("form", ["module", "functional"])
+def test_arguments_are_validated_once_per_call(monkeypatch, training, batch, form):
+    import batchnorm.functional as functional
+    import batchnorm.modules.batchnorm as modules
+    from batchnorm.variants import ghost
+
+    calls = []
+    original = functional.validate_arguments
+
+    def counted(*args, **kwargs):
+        calls.append(args[8])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "validate_arguments", counted)
+    monkeypatch.setattr(ghost, "validate_arguments", counted)
+    monkeypatch.setattr(modules, "validate_arguments", counted)  # the modules' _validate
+    x = torch.randn(batch, 3)  # 12: three ghosts of 4; 3: one ghost
+    if form == "module":
+        GhostBatchNorm1d(3, virtual_batch_size=4).train(training)(x)
+    else:
+        ghost_batch_norm(x, torch.zeros(3), torch.ones(3), training=training,
+                         virtual_batch_size=4)
+    assert len(calls) == 1, calls
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("form", ["module", "functional"])
+def test_a_bad_buffer_is_named_before_anything_changes(training, form):
+    module = GhostBatchNorm1d(3, virtual_batch_size=4).train(training)
+    module.running_var = torch.ones(2)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    x = torch.randn(12, 3)
+    with pytest.raises(ValueError, match=r"running_var of shape \(3,\).*got shape \(2,\)"):
+        if form == "module":
+            module(x)
+        else:
+            ghost_batch_norm(x, module.running_mean, module.running_var, training=training,
+                             virtual_batch_size=4)
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -122,3 +122,92 @@ def test_bad_arguments():
         module(torch.randn(1, 3, 1, 1))
     for key, value in module.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+BAD_LIMITS = [
+    ({"r_max": 0.5, "d_max": 1.0}, r"finite r_max >= 1, got r_max=0.5"),
+    ({"r_max": float("nan"), "d_max": 1.0}, r"finite r_max >= 1, got r_max=nan"),
+    ({"r_max": float("inf"), "d_max": 1.0}, r"finite r_max >= 1, got r_max=inf"),
+    ({"r_max": 2.0, "d_max": -0.1}, r"finite d_max >= 0, got d_max=-0.1"),
+    ({"r_max": 2.0, "d_max": float("nan")}, r"finite d_max >= 0, got d_max=nan"),
+    ({"r_max": torch.tensor(0.9), "d_max": 1.0}, r"finite r_max >= 1, got r_max=0.9"),
+    ({"r_max": 2.0, "d_max": torch.tensor(float("-inf"))}, r"finite d_max >= 0, got d_max=-inf"),
+]
+
+
+def _state(*tensors):
+    return [t.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("limits, message", BAD_LIMITS)
+@pytest.mark.parametrize("training", [True, False])
+def test_the_functional_form_rejects_bad_limits_before_anything_changes(limits, message,
+                                                                          training):
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    before = _state(rm, rv)
+    with pytest.raises(ValueError, match=message) as caught:
+        batch_renorm(torch.randn(6, 3), rm, rv, training=training, **limits)
+    assert isinstance(caught.value, RuntimeError)  # what code written for torch catches
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+@pytest.mark.parametrize("limits, message", [case for case in BAD_LIMITS
+                                             if not isinstance(case[0]["r_max"], torch.Tensor)
+                                             and not isinstance(case[0]["d_max"], torch.Tensor)])
+def test_the_modules_reject_bad_limits_when_built_and_when_changed(limits, message):
+    with pytest.raises(ValueError, match=message):
+        BatchRenorm1d(3, **limits)
+    module = BatchRenorm1d(3, r_max=2.0, d_max=1.0)
+    module.r_max, module.d_max = limits["r_max"], limits["d_max"]
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        module(torch.randn(6, 3))
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_limits_of_the_wrong_kind_and_a_bad_schedule():
+    rm, rv = torch.zeros(3), torch.ones(3)
+    x = torch.randn(6, 3)
+    with pytest.raises(TypeError, match=r"r_max as a number or a 0-dim real tensor, got a tensor "
+                                        r"of shape \(3,\)"):
+        batch_renorm(x, rm, rv, training=True, r_max=torch.full((3,), 2.0))
+    with pytest.raises(TypeError, match="d_max as a number or a 0-dim tensor, got str"):
+        batch_renorm(x, rm, rv, training=True, d_max="5")
+    with pytest.raises(ValueError, match="d_max on the input's device cpu or the CPU, got d_max "
+                                         "on meta"):
+        batch_renorm(x, rm, rv, training=True, d_max=torch.tensor(1.0, device="meta"))
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    with pytest.raises(ValueError, match="RenormSchedule: expected a finite r_max >= 1"):
+        RenormSchedule(r_max=0.5)
+    with pytest.raises(ValueError, match="RenormSchedule: expected warmup_steps as an integer"):
+        RenormSchedule(warmup_steps=-1)
+    # tensors within the limits are taken, as numbers are
+    y = batch_renorm(x, rm, rv, training=True, r_max=torch.tensor(1.0), d_max=torch.tensor(0))
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("form", ["module", "functional"])
+def test_arguments_are_validated_once_per_call(monkeypatch, training, form):
+    import batchnorm.functional as functional
+    import batchnorm.modules.batchnorm as modules
+    from batchnorm.variants import renorm
+
+    calls = []
+    original = functional.validate_arguments
+
+    def counted(*args, **kwargs):
+        calls.append(args[8])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "validate_arguments", counted)
+    monkeypatch.setattr(renorm, "validate_arguments", counted)
+    monkeypatch.setattr(modules, "validate_arguments", counted)  # the modules' _validate
+    x = torch.randn(6, 3)
+    if form == "module":
+        module = BatchRenorm1d(3, r_max=2.0, d_max=1.0).train(training)
+        module(x)
+    else:
+        batch_renorm(x, torch.zeros(3), torch.ones(3), training=training)
+    assert len(calls) == 1, calls

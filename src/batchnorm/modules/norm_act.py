@@ -188,7 +188,7 @@ class _BatchNormAct(_BatchNorm):
         momentum = self._momentum_now() if updating else 0.0
         validate_arguments(
             input, running_mean, running_var, weight, bias, use_batch_stats, momentum, self.eps,
-            owner, None,
+            owner, None, input_checked=True,  # the module's rule ran above
         )
         stats = (None, None) if use_batch_stats else (running_mean, running_var)
         arguments = (input, residual, weight, bias, *stats, self.eps, self.activation)

@@ -21,9 +21,11 @@ from batchnorm.core.errors import BatchNormValueError
 from batchnorm.functional import batch_norm_core, validate_arguments
 
 
-def _frozen(input, running_mean, running_var, weight, bias, eps, owner) -> torch.Tensor:
-    """Validate once, then normalize with the fixed statistics (nothing receives a gradient but
-    the input)."""
+def _frozen(
+    input, running_mean, running_var, weight, bias, eps, owner, input_checked=False
+) -> torch.Tensor:
+    """Validate once (``input_checked``: a module has applied its own rule to the input), then
+    normalize with the fixed statistics (nothing receives a gradient but the input)."""
     if running_mean is None or running_var is None:
         raise BatchNormValueError(
             f"{owner}: expected running_mean and running_var tensors (the fixed statistics), got "
@@ -31,7 +33,8 @@ def _frozen(input, running_mean, running_var, weight, bias, eps, owner) -> torch
             f"running_var={'None' if running_var is None else 'a tensor'}"
         )
     validate_arguments(
-        input, running_mean, running_var, weight, bias, False, None, eps, owner, None
+        input, running_mean, running_var, weight, bias, False, None, eps, owner, None,
+        input_checked=input_checked,
     )
     weight = None if weight is None else weight.detach()
     bias = None if bias is None else bias.detach()
@@ -102,7 +105,7 @@ class _FrozenBatchNorm(nn.Module):
         buffers = self._buffers
         return _frozen(
             input, buffers["running_mean"], buffers["running_var"], buffers["weight"],
-            buffers["bias"], self.eps, owner,
+            buffers["bias"], self.eps, owner, input_checked=True,
         )
 
     def extra_repr(self) -> str:

@@ -54,16 +54,19 @@ def ghost_batch_norm_core(
     eps: float,
     virtual_batch_size: int,
     owner: str = "ghost_batch_norm",
+    input_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Like ``batch_norm_core``: ``(output, new_running_mean, new_running_var, finite)``.
 
-    Every argument is validated once, here, before anything is computed."""
+    Every argument is validated once, before anything is computed: here, unless
+    ``input_checked`` (the caller, a module, has run ``validate_arguments`` on them)."""
     check_virtual_batch_size(virtual_batch_size, owner)
     use_batch_stats = training or running_mean is None
-    validate_arguments(
-        input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner,
-        None,
-    )
+    if not input_checked:
+        validate_arguments(
+            input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps,
+            owner, None,
+        )
     if not use_batch_stats:
         return batch_norm_core(
             input, running_mean, running_var, weight, bias, False, momentum, eps, owner,
@@ -149,6 +152,7 @@ class _GhostBatchNorm(_BatchNorm):
         return ghost_batch_norm_core(
             input, running_mean, running_var, parameters["weight"], parameters["bias"], training,
             momentum, self.eps, self.virtual_batch_size, owner=type(self).__name__,
+            input_checked=True,  # by the module's _validate
         )
 
     def extra_repr(self) -> str:

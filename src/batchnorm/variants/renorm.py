@@ -78,7 +78,7 @@ def check_limits(
             )
         if not (math.isfinite(value) and value >= lowest):
             raise BatchNormValueError(
-                f"{owner}: expected a finite {name} >= {lowest:g}, got {name}={value!r}"
+                f"{owner}: expected a finite {name} >= {lowest:g}, got {name}={value:g}"
             )
 
 
@@ -145,23 +145,25 @@ def batch_renorm_core(
     r_max: float | torch.Tensor,
     d_max: float | torch.Tensor,
     owner: str = "batch_renorm",
+    input_checked: bool = False,
     limits_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Like ``batch_norm_core``: ``(output, new_running_mean, new_running_var, finite)``.
 
-    Validates every argument once, before anything is computed (``limits_checked``: the limits
-    come from a :class:`RenormSchedule`, valid by construction, and reading them would cost a
-    device synchronisation per step)."""
+    Every argument is validated once, before anything is computed: here, unless
+    ``input_checked`` (the caller, a module, has run ``validate_arguments`` on them), and the
+    limits unless ``limits_checked`` (they come from a :class:`RenormSchedule`, valid by
+    construction, and reading them would cost a device synchronisation per step)."""
     if training and (running_mean is None or running_var is None):
         raise BatchNormValueError(
             f"{owner}: batch renormalization needs running statistics in training, got None "
             "(use track_running_stats=True)"
         )
-    use_batch_stats = training or running_mean is None
-    validate_arguments(
-        input, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, owner,
-        None,
-    )
+    if not input_checked:
+        validate_arguments(
+            input, running_mean, running_var, weight, bias, training or running_mean is None,
+            momentum, eps, owner, None,
+        )
     if not limits_checked:
         check_limits(r_max, d_max, owner, input.device)
     if not training or input.numel() == 0:  # eval, or nothing to correct
@@ -271,7 +273,7 @@ class _BatchRenorm(_BatchNorm):
         parameters = self._parameters
         return batch_renorm_core(
             input, running_mean, running_var, parameters["weight"], parameters["bias"], training,
-            momentum, self.eps, r_max, d_max, owner=type(self).__name__,
+            momentum, self.eps, r_max, d_max, owner=type(self).__name__, input_checked=True,
             limits_checked=self.r_max is None,  # a schedule's limits are valid by construction
         )
 

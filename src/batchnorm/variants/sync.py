@@ -49,7 +49,6 @@ from batchnorm.core.normalize import (
     normalize_centred,
 )
 from batchnorm.core.running import updated_running_stats
-from batchnorm.functional import validate_arguments
 from batchnorm.modules.batchnorm import _BatchNorm
 
 
@@ -195,21 +194,16 @@ class SyncBatchNorm(_BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._synchronizing():
             return super().forward(input)
-        self._check_input_dim(input)
-        owner = type(self).__name__
         parameters, buffers = self._parameters, self._buffers
         weight, bias = parameters["weight"], parameters["bias"]
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         updating = self.track_running_stats and running_mean is not None
-        momentum = self._momentum_now() if updating else 0.0
         # Every argument is checked before the collective (a local batch may hold 0 or 1 values:
         # the batch-size rule applies to the global batch, after the gather).
-        validate_arguments(
-            input, running_mean, running_var, weight, bias, False, momentum, self.eps, owner,
-            None,
-        )
+        self._validate(input, running_mean, running_var, False, None)
+        momentum = self._momentum_now() if updating else 0.0
         output, mean, variance, total = _SyncBatchNormFunction.apply(
-            input, weight, bias, self.eps, self.process_group, self.timeout, owner
+            input, weight, bias, self.eps, self.process_group, self.timeout, type(self).__name__
         )
         if updating:
             new_mean, new_var, finite = updated_running_stats(
