@@ -9,7 +9,8 @@ are available in this installation, and on an explicit override:
 - the environment variable ``BATCHNORM_BACKEND`` sets the default override for a process.
 
 Backends are modules (or objects) with ``name``, ``supports(x)``, ``train_forward``,
-``eval_forward``, ``train_backward`` and ``eval_backward``; see ``batchnorm.backends.eager`` for
+``eval_forward``, ``train_backward``, ``eval_backward`` and ``updated_running_stats``
+(the core's, or a faster twin); see ``batchnorm.backends.eager`` for
 the signatures.
 """
 
@@ -24,7 +25,6 @@ from typing import Protocol
 import torch
 
 from batchnorm.backends import eager, reference
-from batchnorm.core import running
 
 
 class Backend(Protocol):
@@ -35,6 +35,8 @@ class Backend(Protocol):
     def eval_forward(self, x, mean, variance, weight, bias, eps): ...
     def train_backward(self, grad_out, x, mean, variance, weight, eps, needs): ...
     def eval_backward(self, grad_out, x, mean, variance, weight, eps, needs): ...
+    def updated_running_stats(self, running_mean, running_var, batch_mean, batch_var, momentum,
+                              count=None, in_place=False): ...
 
 
 _BACKENDS: dict[str, Backend | ModuleType] = {"eager": eager, "reference": reference}
@@ -92,10 +94,9 @@ def select_backend(x: torch.Tensor, mask: torch.Tensor | None = None) -> Backend
 
 
 def running_stats_updater(x: torch.Tensor, mask: torch.Tensor | None = None):
-    """The running-statistics update to pair with the backend chosen for ``x``: the backend's
-    own ``updated_running_stats`` where it has one, else the core's (same signature)."""
-    backend = select_backend(x, mask)
-    return getattr(backend, "updated_running_stats", running.updated_running_stats)
+    """The running-statistics update of the backend chosen for ``x`` (for variants that
+    normalize in their own way and then update as plain batch norm does)."""
+    return select_backend(x, mask).updated_running_stats
 
 
 @contextlib.contextmanager

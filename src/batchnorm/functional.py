@@ -18,7 +18,7 @@ from batchnorm.autograd import apply_eval, apply_train
 from batchnorm.core import checks, running
 from batchnorm.core.errors import BatchNormValueError
 from batchnorm.core.layout import as_channel, valid_per_channel
-from batchnorm.dispatch import running_stats_updater, select_backend
+from batchnorm.dispatch import select_backend
 
 Momentum = float | torch.Tensor
 
@@ -82,16 +82,19 @@ def normalize_with_batch_statistics(
     bias: torch.Tensor | None,
     eps: float,
     mask: torch.Tensor | None = None,
+    backend=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalize with the batch's own statistics (no checks, no running statistics).
 
     Returns ``(output, mean, biased variance)``; the building block of every batch norm variant.
+    ``backend``: the one the caller's dispatch chose for ``input`` (chosen here when None).
     """
     if _needs_grad(input, weight, bias):
         return apply_train(input, weight, bias, eps, mask)
+    backend = select_backend(input, mask) if backend is None else backend
     if mask is None:
-        return select_backend(input).train_forward(input, weight, bias, eps)
-    return select_backend(input, mask).train_forward(input, weight, bias, eps, mask)
+        return backend.train_forward(input, weight, bias, eps)
+    return backend.train_forward(input, weight, bias, eps, mask)
 
 
 def normalize_with(
@@ -101,11 +104,13 @@ def normalize_with(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
+    backend=None,
 ) -> torch.Tensor:
     """Normalize with given statistics (no checks); they receive no gradient."""
     if _needs_grad(input, weight, bias):
         return apply_eval(input, mean, variance, weight, bias, eps)
-    return select_backend(input).eval_forward(input, mean, variance, weight, bias, eps)
+    backend = select_backend(input) if backend is None else backend
+    return backend.eval_forward(input, mean, variance, weight, bias, eps)
 
 
 def batch_norm_core(
@@ -149,14 +154,16 @@ def batch_norm_core(
         if not training or running_mean is None:
             return output, None, None, None
         return output, running_mean, running_var, True
+    backend = select_backend(input, mask)  # the one dispatch of this call
     if not use_batch_stats:
-        output = normalize_with(input, running_mean, running_var, weight, bias, eps)
+        output = normalize_with(input, running_mean, running_var, weight, bias, eps, backend)
         return output, None, None, None
-    output, mean, variance = normalize_with_batch_statistics(input, weight, bias, eps, mask)
+    output, mean, variance = normalize_with_batch_statistics(
+        input, weight, bias, eps, mask, backend
+    )
     if not training or running_mean is None:
         return output, None, None, None
-    update = running_stats_updater(input, mask)
-    new_mean, new_var, finite = update(
+    new_mean, new_var, finite = backend.updated_running_stats(
         running_mean, running_var, mean, variance, momentum, valid_per_channel(input, mask),
         in_place=in_place,
     )

@@ -9,6 +9,7 @@ import torch
 
 from batchnorm.core import normalize
 from batchnorm.core.moments import centred_moments
+from batchnorm.core.running import updated_running_stats  # noqa: F401 - the interface
 
 name = "eager"
 supports_mask = True

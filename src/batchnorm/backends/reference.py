@@ -8,6 +8,7 @@ import torch
 
 from batchnorm import reference
 from batchnorm.core.layout import accumulation_dtype
+from batchnorm.core.running import updated_running_stats  # noqa: F401 - the interface
 
 name = "reference"
 supports_mask = True
