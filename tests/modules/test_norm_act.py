@@ -135,3 +135,55 @@ def test_relu_on_gradients_the_kernels_prefetch(shape, layout):
     assert torch.Size(shape).numel() * 4 > kernels.PREFETCH_ABOVE_BYTES
     _check(shape, layout, torch.float32, "relu", False, 6, "cpu")
     _check(shape, layout, torch.float32, "relu", True, 7, "cpu")
+
+
+RESIDUAL_CASES = {
+    # a (C - 1,) vector broadcasts against the last axis when W == C - 1: it must not
+    "broadcasting vector": (lambda x: torch.randn(x.shape[1] - 1), ValueError,
+                            r"residual of the input's shape \(4, 6, 5, 5\), got shape \(5,\)"),
+    "other shape": (lambda x: torch.randn(4, 6, 5, 4), ValueError, r"got shape \(4, 6, 5, 4\)"),
+    "integer tensor": (lambda x: torch.ones(x.shape, dtype=torch.int64), TypeError,
+                       "floating tensor of the input's shape .*, got a torch.int64 tensor"),
+    "number": (lambda x: 1.0, TypeError, "floating tensor of the input's shape .*, got float"),
+    "meta device": (lambda x: torch.empty(x.shape, device="meta"), ValueError,
+                    "residual on the input's device cpu, got residual on meta"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESIDUAL_CASES))
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
+def test_a_bad_residual_is_refused_before_anything_changes(case, training, backend):
+    make, error, message = RESIDUAL_CASES[case]
+    layer = batchnorm.BatchNormAct2d(6).train(training)
+    x = torch.randn(4, 6, 5, 5)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with batchnorm.use_backend(backend), pytest.raises(error, match=message) as caught:
+        layer(x, make(x))
+    assert isinstance(caught.value, RuntimeError)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_mask_passed_as_the_residual_is_named():
+    layer = batchnorm.BatchNormAct1d(3)
+    x, mask = torch.randn(4, 3, 7), torch.ones(4, 7, dtype=torch.bool)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(TypeError, match=r"got a torch.bool tensor \(a mask\? this module takes "
+                                        "none: its second argument is the residual"):
+        layer(x, mask)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
+def test_a_residual_of_another_floating_dtype_promotes_as_torch(backend):
+    ours, theirs = _pair(4, 6, "relu", torch.float32, 0)
+    x = make_input((4, 6, 3, 3), torch.float32, "contiguous", seed=1)
+    residual = make_input((4, 6, 3, 3), torch.float64, "contiguous", seed=2)
+    with batchnorm.use_backend(backend):
+        y = ours(x, residual)
+    expected = torch.relu(theirs(x) + residual)
+    assert y.dtype == torch.float64
+    assert_close(y, expected, torch.float32)  # the batch norm itself ran in float32
+    assert_close(ours.running_var, theirs.running_var, torch.float32)
