@@ -89,3 +89,38 @@ def test_report_prints():
     _, report = fold(_trained(_resnet_like()), return_report=True)
     text = str(report)
     assert "folded 9 batch norm(s) (fx)" in text and "left 1 as per-channel affine" in text
+
+
+def test_a_large_eps_is_folded_exactly_in_float64():
+    """eps enters the folded scale gamma / sqrt(var + eps): with eps = 1.0, as large as the
+    variances themselves, any slip (a default eps, eps outside the root) shows far above
+    float64's rounding. One layer has no shift (bias=False)."""
+    torch.manual_seed(0)
+    options = {"eps": 1.0, "dtype": torch.float64}
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, dtype=torch.float64), batchnorm.BatchNorm2d(4, **options), nn.ReLU(),
+        nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2, dtype=torch.float64),
+        nn.BatchNorm2d(4, bias=False, **options), nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 5, dtype=torch.float64), batchnorm.BatchNorm1d(5, **options),
+        nn.Tanh(), batchnorm.BatchNorm1d(5, **options),  # after an activation: left as affine
+    )
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.weight.uniform_(0.5, 1.5)
+                if module.bias is not None:
+                    module.bias.normal_()
+        for _ in range(3):
+            model(torch.randn(16, 3, 6, 6, dtype=torch.float64) * 0.5 + 1)
+    model.eval()
+    folded, report = fold(model, return_report=True)
+    assert len(report.folded) == 3 and report.left == ["9"]
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        assert _relative_error(folded(x), expected) < 1e-12
+        # the same model with torch's default eps differs far beyond that: eps matters here
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eps = 1e-5
+        assert _relative_error(model(x), expected) > 1e-3

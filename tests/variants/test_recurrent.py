@@ -78,3 +78,47 @@ def test_gradcheck_and_the_functional_form():
     torch.testing.assert_close(y, expected)
     torch.testing.assert_close(means, bn.running_mean)
     assert bn.num_batches_tracked.tolist() == [0, 1]
+
+
+def test_steps_beyond_max_steps_share_the_last_row_as_documented():
+    """Steps t >= max_steps use row max_steps - 1: in training each of them updates it (and its
+    count) in turn, at eval they all normalize with it; earlier rows are left alone."""
+    torch.manual_seed(0)
+    bn = RecurrentBatchNorm(3, max_steps=3, momentum=0.25, dtype=torch.float64)
+    last_mean = torch.zeros(3, dtype=torch.float64)
+    last_var = torch.ones(3, dtype=torch.float64)
+    inputs = [torch.randn(6, 3, dtype=torch.float64) * (1 + t) + t for t in range(8)]
+    for t, x in enumerate(inputs):
+        y = bn(x, t)
+        torch.testing.assert_close(y, F.batch_norm(x, None, None, bn.weight, bn.bias,
+                                                   training=True))
+        if t >= 2:  # torch's update of the shared row, one step after another
+            F.batch_norm(x, last_mean, last_var, training=True, momentum=0.25)
+    assert bn.num_batches_tracked.tolist() == [1, 1, 6]
+    torch.testing.assert_close(bn.running_mean[2], last_mean)
+    torch.testing.assert_close(bn.running_var[2], last_var)
+    torch.testing.assert_close(bn.running_mean[0], 0.25 * inputs[0].mean(0))
+    bn.eval()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    expected = F.batch_norm(x, last_mean, last_var, bn.weight, bn.bias)
+    for t in (2, 3, 50):
+        torch.testing.assert_close(bn(x, t), expected)
+    assert bn.num_batches_tracked.tolist() == [1, 1, 6]
+
+
+def test_a_sequence_longer_than_max_steps_runs_on_the_last_row():
+    torch.manual_seed(0)
+    lstm = BNLSTM(3, 4, max_steps=2)
+    out, (h, _) = lstm(torch.randn(7, 5, 3))
+    assert out.shape == (7, 5, 4) and torch.isfinite(out).all()
+    cell = lstm.cells[0]
+    for bn in (cell.bn_ih, cell.bn_hh, cell.bn_c):
+        assert bn.num_batches_tracked.tolist() == [1, 6]
+    lstm.eval()
+    # at eval every step from 1 on normalizes with the same (last) row; step 0 has its own
+    x, state = torch.randn(5, 3), (torch.randn(5, 4), torch.randn(5, 4))
+    with torch.no_grad():
+        first, shared, beyond = (cell(x, state, t) for t in (0, 1, 6))
+    for a, b in zip(shared, beyond, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.allclose(first[0], shared[0])
