@@ -122,3 +122,48 @@ def test_torchrun_example_runs(tmp_path):
     assert "test accuracy" in result.stdout
     state = torch.load(tmp_path / "model.pt")
     assert any(key.endswith("running_var") for key in state)
+
+
+def test_a_bad_buffer_is_refused_on_every_rank_before_the_collective(tmp_path):
+    launch(workers.bad_argument_worker, 2, tmp_path)
+    outcomes = [torch.load(tmp_path / f"bad{rank}.pt") for rank in range(2)]
+    for outcome in outcomes:
+        assert outcome["error"] == "BatchNormValueError", outcome
+        assert "running_var of shape (3,)" in outcome["message"]
+        assert "got shape (2,)" in outcome["message"]
+        assert outcome["runtime_error"] and outcome["unchanged"]
+        assert outcome["elapsed"] < 5.0  # refused at once, not after a collective's timeout
+    # afterwards the ranks synchronize as usual: batch norm of the concatenated batch
+    _, x, _ = workers.global_data("even", 2, 0)
+    module = batchnorm.BatchNorm2d(workers.CHANNELS)
+    workers.initial_state(module)
+    expected = module(x[:8])
+    torch.testing.assert_close(torch.cat([o["after"] for o in outcomes]), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_drop_in_for_torch_sync_batch_norm():
+    """Not a subclass (DistributedDataParallel refuses torch's SyncBatchNorm on the CPU), but the
+    same constructor order, attributes and state dict, and torch's converter takes our
+    modules."""
+    ours = batchnorm.SyncBatchNorm(3, 1e-3, 0.2, True, True, "group", "cpu", torch.float64,
+                                   bias=False)
+    theirs = torch.nn.SyncBatchNorm(3, 1e-3, 0.2, True, True, "group", "cpu", torch.float64,
+                                    bias=False)
+    for name in ("num_features", "eps", "momentum", "affine", "track_running_stats",
+                 "process_group"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.weight.dtype == torch.float64 and ours.timeout is None
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert repr(ours).replace("batchnorm.", "") == repr(theirs)
+    model = torch.nn.Sequential(batchnorm.BatchNorm2d(3), batchnorm.SyncBatchNorm(3, bias=False))
+    model(torch.randn(4, 3, 2, 2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group="group")
+    assert all(type(m) is torch.nn.SyncBatchNorm for m in converted)
+    assert converted[0].process_group == "group" and converted[1].bias is None
+    for key, value in converted.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    batchnorm.convert(converted, sync=True)
+    assert all(type(m) is batchnorm.SyncBatchNorm for m in converted)
+    assert converted[0].process_group == "group"

@@ -104,3 +104,32 @@ def fault_worker(rank: int, world: int, rendezvous: str, out_dir: str, fault: st
     batchnorm.save_checkpoint(module.state_dict(), checkpoint)
     torch.save(outcome, os.path.join(out_dir, "outcome.pt"))
     os._exit(0)
+
+
+def bad_argument_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    """Every rank holds a running_var of the wrong size: each must refuse it before the
+    collective (so no rank waits for another), change nothing, and still synchronize after."""
+    torch.set_num_threads(1)
+    _init(rank, world, rendezvous)
+    module = batchnorm.SyncBatchNorm(CHANNELS, timeout=20.0)
+    initial_state(module)
+    module.running_var = torch.ones(CHANNELS - 1)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    outcome = {}
+    started = time.monotonic()
+    try:
+        module(torch.randn(4, CHANNELS, *SPATIAL))
+    except Exception as error:  # noqa: BLE001 - the test inspects what came
+        outcome = {"error": type(error).__name__, "message": str(error),
+                   "runtime_error": isinstance(error, RuntimeError)}
+    outcome["elapsed"] = time.monotonic() - started
+    outcome["unchanged"] = all(
+        torch.equal(value, before[key]) for key, value in module.state_dict().items()
+    )
+    module.running_var = torch.ones(CHANNELS)
+    _, x, _ = global_data("even", world, 0)
+    local = x[rank * 4 : (rank + 1) * 4]
+    outcome["after"] = module(local).detach()  # the ranks still make the same collectives
+    torch.save(outcome, os.path.join(out_dir, f"bad{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
