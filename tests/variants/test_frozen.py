@@ -65,3 +65,14 @@ def test_functional_form_passes_gradient_to_the_input_only():
     torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, mean, var, weight))
     y.sum().backward()
     assert x.grad is not None and weight.grad is None
+
+
+def test_the_functional_form_needs_the_fixed_statistics():
+    from batchnorm.variants.frozen import frozen_batch_norm
+
+    with pytest.raises(ValueError, match="expected running_mean and running_var tensors .the "
+                                         "fixed statistics., got running_mean=None"):
+        frozen_batch_norm(torch.randn(4, 3), None, None)
+    with pytest.raises(TypeError, match="weight must have a real floating dtype"):
+        frozen_batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3),
+                          torch.ones(3, dtype=torch.int64))

@@ -56,6 +56,7 @@ def _two_layer_model():
 
 def test_a_non_finite_batch_is_skipped_with_a_warning_naming_it():
     model = _two_layer_model()
+    model[1].warn_on_nonfinite = True  # a setting of its own, to be kept
     batches = [torch.randn(6, 3) * 2 + i for i in range(4)]
     poisoned = batches[2].clone()
     poisoned[1, 0] = float("nan")
@@ -70,6 +71,7 @@ def test_a_non_finite_batch_is_skipped_with_a_warning_naming_it():
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())
     # the layers' own warnings were held back, and the setting is restored
     assert "warn_on_nonfinite" not in vars(model[4]) and not model[4]._warned_nonfinite
+    assert model[1].warn_on_nonfinite is True
 
 
 def test_only_non_finite_batches_change_nothing():

@@ -122,3 +122,25 @@ def test_a_sequence_longer_than_max_steps_runs_on_the_last_row():
     for a, b in zip(shared, beyond, strict=True):
         assert torch.equal(a, b)
     assert not torch.allclose(first[0], shared[0])
+
+
+def test_bad_step_statistics_and_time_steps_are_refused_before_anything_changes():
+    from batchnorm.variants.recurrent import recurrent_batch_norm
+
+    x = torch.randn(4, 3)
+    means, variances = torch.zeros(2, 3), torch.ones(3, 3)
+    with pytest.raises(ValueError, match=r"running_mean and running_var of the same shape, got "
+                                         r"\(2, 3\) and \(3, 3\)"):
+        recurrent_batch_norm(x, 0, means, variances, training=True)
+    with pytest.raises(ValueError, match=r"running_mean of shape \(max_steps, 3\).*got shape "
+                                         r"\(3,\)"):
+        recurrent_batch_norm(x, 0, torch.zeros(3), torch.ones(3), training=True)
+    bn = RecurrentBatchNorm(3, max_steps=2)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    for t in (True, 1.0, -1):
+        with pytest.raises(ValueError, match="time step t >= 0 .int., got"):
+            bn(x, t)
+    for key, value in bn.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError, match="max_steps >= 1"):
+        RecurrentBatchNorm(3, max_steps=0)

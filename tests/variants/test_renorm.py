@@ -255,3 +255,22 @@ def test_r_and_d_are_constants_in_backprop_even_when_no_clip_binds():
     # the test tells the two apart: differentiating through r and d gives another gradient
     _, through = formula(detached=False)
     assert (ours[0] - through[0]).abs().max() > 0.1
+
+
+def test_tensor_limits_trace_under_compile():
+    """Under torch.compile the limits' values are not read (a graph break, or an error with
+    fullgraph=True); the same result as without compiling. (The "eager" compile backend traces
+    with dynamo and runs the graph as is, which is all this needs, in seconds.)"""
+
+    def step(x, running_mean, running_var, r_max, d_max):
+        return batch_renorm(x, running_mean, running_var, training=True, r_max=r_max,
+                            d_max=d_max)
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    x = torch.randn(6, 3) * 2 + 1
+    limits = (torch.tensor(1.2), torch.tensor(0.3))
+    rm, rv = torch.full((3,), 0.5), torch.full((3,), 2.0)
+    rm2, rv2 = rm.clone(), rv.clone()
+    torch.testing.assert_close(compiled(x, rm, rv, *limits), step(x, rm2, rv2, *limits))
+    torch.testing.assert_close(rm, rm2)
+    torch.testing.assert_close(rv, rv2)
