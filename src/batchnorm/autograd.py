@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from batchnorm.core import tangents
 from batchnorm.backends import eager
+from batchnorm.core import tangents
 from batchnorm.core.context import is_opaque, transforms_active
 from batchnorm.core.moments import batch_moments
 from batchnorm.dispatch import select_backend

@@ -81,10 +81,16 @@ def check_per_channel(
             f"{owner}: expected {what} of shape ({num_channels},) to match the input's "
             f"{num_channels} channels, got shape {tuple(vector.shape)}"
         )
-    if device is not None and vector.device != device:
+    if device is not None:
+        check_device(vector, device, what, owner)
+
+
+def check_device(tensor: torch.Tensor, device: torch.device, what: str, owner: str) -> None:
+    """``tensor`` lives on the input's ``device``."""
+    if tensor.device != device:
         raise BatchNormValueError(
             f"{owner}: expected {what} on the input's device {device}, got {what} on "
-            f"{vector.device}"
+            f"{tensor.device}"
         )
 
 
@@ -129,37 +135,42 @@ def check_batch_statistics_possible(
         )
 
 
+def scalar_value(
+    value: float | torch.Tensor, what: str, owner: str, device: torch.device | None = None
+) -> float | None:
+    """A hyperparameter given as a number or a 0-dim real tensor (on the input's ``device`` or
+    the CPU), as a float to check; None where its value cannot be read without breaking a
+    compiled graph or a transform (then the caller's own range holds by construction)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise BatchNormTypeError(
+                f"{owner}: expected {what} as a number or a 0-dim real tensor, got a tensor of "
+                f"shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
+        if device is not None and value.device.type != "cpu" and value.device != device:
+            raise BatchNormValueError(
+                f"{owner}: expected {what} on the input's device {device} or the CPU, got "
+                f"{what} on {value.device}"
+            )
+        if torch.compiler.is_compiling() or value.device.type == "meta" or _is_wrapped(value):
+            return None
+        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise BatchNormTypeError(
+        f"{owner}: expected {what} as a number or a 0-dim tensor, got {type(value).__name__}"
+    )
+
+
 def check_momentum(
     momentum: float | torch.Tensor | None, owner: str = "batch_norm", device=None
 ) -> None:
-    """A number in [0, 1], a 0-dim floating tensor holding one (on the input's device when
-    ``device`` is given), or None (the modules' cumulative average)."""
+    """A number in [0, 1], a 0-dim real tensor holding one (on the input's device or the CPU),
+    or None (the modules' cumulative average)."""
     if momentum is None:
         return
-    if isinstance(momentum, torch.Tensor):
-        if momentum.dim() != 0 or not momentum.is_floating_point():
-            raise BatchNormValueError(
-                f"{owner}: expected momentum as a number or a 0-dim floating tensor, got a "
-                f"tensor of shape {tuple(momentum.shape)} and dtype {momentum.dtype}"
-            )
-        if device is not None and momentum.device != device and momentum.device.type != "cpu":
-            raise BatchNormValueError(
-                f"{owner}: expected momentum on the input's device {device}, got "
-                f"{momentum.device}"
-            )
-        if torch.compiler.is_compiling() or momentum.device.type == "meta":
-            return  # reading the value would break the graph (the modules' own are in range)
-        if _is_wrapped(momentum):
-            return  # a batched or gradient-tracking value under a torch.func transform
-        value = float(momentum)
-    elif isinstance(momentum, (int, float)) and not isinstance(momentum, bool):
-        value = float(momentum)
-    else:
-        raise BatchNormTypeError(
-            f"{owner}: expected momentum as a number in [0, 1] or None, got "
-            f"{type(momentum).__name__}"
-        )
-    if not 0.0 <= value <= 1.0:  # NaN fails this too
+    value = scalar_value(momentum, "momentum", owner, device)
+    if value is not None and not 0.0 <= value <= 1.0:  # NaN fails this too
         raise BatchNormValueError(f"{owner}: expected momentum in [0, 1] or None, got {momentum!r}")
 
 

@@ -18,16 +18,15 @@ computed on the device).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
-
-import inspect
 
 from batchnorm.core.checks import check_construction, check_input
 from batchnorm.core.context import transforms_active
 from batchnorm.core.running import commit_running_stats, warn_nonfinite
 from batchnorm.functional import batch_norm_core, validate_arguments
-
 
 # torch added the keyword-only ``bias`` (a weight without a shift) in 2.13; on older versions the
 # modules implement it themselves, with the same state dict (no "bias" key) and repr.
@@ -58,7 +57,9 @@ class _BatchNorm(_TorchBatchNorm):
                 num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
             )
         else:  # torch before the keyword: drop the bias it made
-            super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+            super().__init__(
+                num_features, eps, momentum, affine, track_running_stats, device, dtype
+            )
             if not bias and affine:
                 del self.bias
                 self.register_parameter("bias", None)

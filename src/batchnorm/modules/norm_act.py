@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from batchnorm.core.checks import FLOATING_DTYPES
+from batchnorm.core.checks import FLOATING_DTYPES, check_device
 from batchnorm.core.errors import BatchNormTypeError, BatchNormValueError
 from batchnorm.core.layout import values_per_channel
 from batchnorm.dispatch import running_stats_updater, select_backend
@@ -62,11 +62,7 @@ def check_residual(residual: torch.Tensor | None, input: torch.Tensor, owner: st
             f"{owner}: expected residual of the input's shape {tuple(input.shape)}, got shape "
             f"{tuple(residual.shape)}"
         )
-    if residual.device != input.device:
-        raise BatchNormValueError(
-            f"{owner}: expected residual on the input's device {input.device}, got residual on "
-            f"{residual.device}"
-        )
+    check_device(residual, input.device, "residual", owner)
 
 
 def _composed(x, residual, weight, bias, mean, variance, eps, activation):

@@ -48,11 +48,7 @@ def _check_step_statistics(running_means, running_vars, input, owner) -> None:
                 f"statistics per time step, for the input's {channels} channels), got shape "
                 f"{tuple(rows.shape)}"
             )
-        if rows.device != input.device:
-            raise BatchNormValueError(
-                f"{owner}: expected {what} on the input's device {input.device}, got {what} on "
-                f"{rows.device}"
-            )
+        checks.check_device(rows, input.device, what, owner)
     if running_means.shape != running_vars.shape:
         raise BatchNormValueError(
             f"{owner}: expected running_mean and running_var of the same shape, got "

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from batchnorm.core import checks
 from batchnorm.core.errors import BatchNormTypeError, BatchNormValueError
 from batchnorm.core.layout import values_per_channel
 from batchnorm.core.moments import batch_moments
@@ -55,28 +56,8 @@ def check_limits(
     are empty, and torch.clamp would silently return the upper bound). Numbers, or 0-dim real
     tensors on the input's ``device`` or the CPU."""
     for name, limit, lowest in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
-        if isinstance(limit, torch.Tensor):
-            if limit.dim() != 0 or limit.dtype == torch.bool or limit.is_complex():
-                raise BatchNormTypeError(
-                    f"{owner}: expected {name} as a number or a 0-dim real tensor, got a tensor "
-                    f"of shape {tuple(limit.shape)} and dtype {limit.dtype}"
-                )
-            if device is not None and limit.device != device and limit.device.type != "cpu":
-                raise BatchNormValueError(
-                    f"{owner}: expected {name} on the input's device {device} or the CPU, got "
-                    f"{name} on {limit.device}"
-                )
-            if torch.compiler.is_compiling():
-                continue  # reading the value would break the graph
-            value = float(limit)
-        elif isinstance(limit, (int, float)) and not isinstance(limit, bool):
-            value = float(limit)
-        else:
-            raise BatchNormTypeError(
-                f"{owner}: expected {name} as a number or a 0-dim tensor, got "
-                f"{type(limit).__name__}"
-            )
-        if not (math.isfinite(value) and value >= lowest):
+        value = checks.scalar_value(limit, name, owner, device)
+        if value is not None and not (math.isfinite(value) and value >= lowest):
             raise BatchNormValueError(
                 f"{owner}: expected a finite {name} >= {lowest:g}, got {name}={value:g}"
             )

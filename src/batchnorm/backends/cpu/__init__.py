@@ -21,8 +21,8 @@ from numba.np.ufunc import parallel as numba_parallel
 
 from batchnorm.backends.cpu import kernels
 from batchnorm.core import running
-from batchnorm.core.errors import BatchNormValueError
 from batchnorm.core.context import is_opaque, transforms_active
+from batchnorm.core.errors import BatchNormValueError
 
 name = "cpu"
 
