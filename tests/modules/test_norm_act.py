@@ -187,3 +187,264 @@ def test_a_residual_of_another_floating_dtype_promotes_as_torch(backend):
     assert y.dtype == torch.float64
     assert_close(y, expected, torch.float32)  # the batch norm itself ran in float32
     assert_close(ours.running_var, theirs.running_var, torch.float32)
+
+
+# -- in-place activated batch norm (inplace=True) --------------------------------------------
+
+INVERTIBLE = [("identity", None), ("leaky_relu", None), ("leaky_relu", 0.2), ("leaky_relu", 3.0)]
+
+
+def _torch_activation(activation, slope):
+    if activation == "identity":
+        return lambda t: t
+    return lambda t: F.leaky_relu(t, 0.01 if slope is None else slope)
+
+
+def _in_place_pair(ndim, channels, activation, slope, dtype, weight, bias=None, **flags):
+    """An in-place layer and torch's batch norm with the same state; ``weight`` as given."""
+    kwargs = {} if slope is None else {"negative_slope": slope}
+    ours = OURS[ndim](channels, activation=activation, inplace=True, dtype=dtype, **kwargs,
+                      **flags)
+    theirs = TORCH_BN[ndim](channels, dtype=dtype, **flags)
+    with torch.no_grad():
+        if ours.weight is not None:
+            ours.weight.copy_(weight)
+        if ours.bias is not None:
+            ours.bias.copy_(torch.randn(channels, dtype=dtype) if bias is None else bias)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _in_place_step(module, x, grad, after=None):
+    """Output and gradients of input, weight and bias; the input goes through ``x * 1`` so the
+    in-place layer receives a non-leaf it may overwrite."""
+    leaf = x.detach().clone().requires_grad_(True)
+    y = module(leaf * 1)
+    if after is not None:
+        y = after(y)
+    params = [p for p in (module.weight, module.bias) if p is not None]
+    return (y.detach().clone(), *torch.autograd.grad(y, [leaf, *params], grad))
+
+
+@pytest.mark.parametrize("activation, slope", INVERTIBLE)
+@pytest.mark.parametrize("shape, layout", [((4, 6, 5, 7), "channels_last"),
+                                           ((4, 6, 5, 7), "contiguous"),
+                                           ((5, 6, 9), "strided"), ((9, 6), "contiguous")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
+def test_in_place_matches_torch_batch_norm_then_activation(activation, slope, shape, layout,
+                                                           dtype, backend):
+    """Outputs, gradients and running statistics over two training steps and in eval, against
+    torch's batch norm followed by torch's activation; the weights include a negative one and
+    an exact zero (the channel kept exactly)."""
+    channels = shape[1]
+    weight = torch.tensor([1.5, -0.7, 0.0, 0.3, 2.0, 1.0], dtype=dtype)
+    ours, theirs = _in_place_pair(len(shape), channels, activation, slope, dtype, weight)
+    after = _torch_activation(activation, slope)
+    x = make_input(shape, dtype, layout, seed=3, scale=2.0, offset=0.5)
+    grad = make_input(shape, dtype, "contiguous", seed=4)
+    with batchnorm.use_backend(backend):
+        for training in (True, True, False):
+            ours.train(training)
+            theirs.train(training)
+            mine, expected = _in_place_step(ours, x, grad), _in_place_step(theirs, x, grad, after)
+            for a, b in zip(mine, expected, strict=True):
+                assert_close(a, b, dtype, scale=8)
+            for key, value in theirs.state_dict().items():
+                assert_close(ours.state_dict()[key], value, dtype)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_in_place_writes_the_output_over_the_input(training):
+    layer = batchnorm.BatchNormAct2d(3, activation="leaky_relu", inplace=True).train(training)
+    x = torch.randn(4, 3, 5, 5)
+    expected = F.leaky_relu(nn.BatchNorm2d(3).train(training)(x.clone()))
+    with torch.no_grad():
+        y = layer(x)
+    assert y is x
+    assert_close(x, expected.detach(), torch.float32)
+    source = torch.randn(4, 3, 5, 5, requires_grad=True)
+    inner = source * 2
+    y = layer(inner)
+    assert y.data_ptr() == inner.data_ptr() and inner._version > 0
+
+
+@pytest.mark.parametrize("activation, slope", INVERTIBLE)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("flags", [{}, {"bias": False}, {"affine": False},
+                                   {"track_running_stats": False}])
+def test_in_place_gradcheck(activation, slope, training, flags):
+    """float64 gradcheck of input, weight and bias, with gains of every kind: negative, zero,
+    tiny (kept exactly), ordinary."""
+    kwargs = {} if slope is None else {"negative_slope": slope}
+    layer = batchnorm.BatchNormAct1d(5, activation=activation, inplace=True,
+                                     dtype=torch.float64, **kwargs, **flags).train(training)
+    if layer.running_mean is not None:
+        layer.running_mean.copy_(torch.randn(5, dtype=torch.float64))
+        layer.running_var.copy_(torch.rand(5, dtype=torch.float64) + 0.5)
+    layer.momentum = 0.0  # gradcheck calls the layer many times
+    x = torch.randn(6, 5, 3, dtype=torch.float64, requires_grad=True)
+    params = {}
+    if layer.weight is not None:
+        gains = [1.3, -0.8, 0.0, 1e-12, 0.4]
+        if layer.bias is None and activation == "leaky_relu":
+            # without a shift, a zero gain puts every value on leaky ReLU's kink, where no
+            # gradient exists to check: those gains are checked with identity
+            gains = [1.3, -0.8, 0.7, 0.2, 0.4]
+        params["weight"] = torch.tensor(gains, dtype=torch.float64, requires_grad=True)
+    if layer.bias is not None:
+        params["bias"] = torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+    def run(x, *values):
+        state = dict(zip(params, values, strict=True))
+        return torch.func.functional_call(layer, state, (x * 1,))
+
+    assert torch.autograd.gradcheck(run, (x, *params.values()))
+
+
+def test_in_place_keeps_only_the_output_for_the_backward():
+    """The tensors saved for the backward (all of them, through saved_tensors_hooks) are at most
+    0.6x those of torch's BatchNorm2d followed by LeakyReLU: the output and a few per-channel
+    vectors, against the batch norm's input and the activation's."""
+    x = torch.randn(8, 16, 32, 32)
+    torch_pair = nn.Sequential(nn.BatchNorm2d(16), nn.LeakyReLU())
+    ours = batchnorm.BatchNormAct2d(16, activation="leaky_relu", inplace=True)
+    composed = batchnorm.BatchNormAct2d(16, activation="leaky_relu")
+    theirs = _saved_bytes(torch_pair, x)
+    mine = _saved_bytes(ours, x)
+    assert mine <= 0.6 * theirs
+    assert mine <= x.numel() * 4 + 4 * 16 * 8  # the output and at most four vectors
+    assert _saved_bytes(composed, x) > 0.9 * theirs  # the layer that keeps its input does not
+
+
+def test_channels_below_the_tolerance_keep_their_input_and_only_they():
+    """A weight of zero (or below the tolerance) cannot be inverted: those channels keep their
+    centred input, costing memory for those channels only, and the gradients stay exact."""
+    channels = 16
+    weight = torch.ones(channels)
+    weight[:4] = torch.tensor([0.0, 1e-7, -5e-4, 1.4e-3])  # under t * (1 + |beta|)
+    ours, theirs = _in_place_pair(4, channels, "leaky_relu", None, torch.float32, weight,
+                                  bias=torch.full((channels,), 0.5))
+    x = torch.randn(8, channels, 6, 6) * 3 + 1
+    grad = torch.randn(8, channels, 6, 6)
+    extra = _saved_bytes(ours, x) - _saved_bytes(_in_place_pair(
+        4, channels, "leaky_relu", None, torch.float32, torch.ones(channels))[0], x)
+    assert extra == 4 * x[:, :4].numel() + 8 * 4  # four channels' input, and their indices
+    mine = _in_place_step(ours, x, grad)
+    expected = _in_place_step(theirs, x, grad, lambda t: F.leaky_relu(t))
+    for a, b in zip(mine, expected, strict=True):
+        assert_close(a, b, torch.float32, scale=8)
+
+
+def _saved_bytes(module, x):
+    """Bytes of the distinct storages saved for the backward by one training forward."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    leaf = x.detach().clone().requires_grad_(True)
+    inner = leaf * 1
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        inner = leaf * 1  # the multiplication saves nothing (a constant factor)
+        module(inner)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
+def test_in_place_refuses_activations_it_cannot_invert(activation):
+    with pytest.raises(ValueError, match=f"needs an invertible activation.*got '{activation}'"):
+        batchnorm.BatchNormAct2d(3, activation=activation, inplace=True)
+    if activation == "relu":
+        with pytest.raises(ValueError, match="ReLU maps every negative value to 0"):
+            batchnorm.BatchNormAct2d(3, activation="relu", inplace=True)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"activation": "leaky_relu", "negative_slope": 0.0, "inplace": True}, ValueError,
+     "negative_slope > 0"),
+    ({"activation": "leaky_relu", "negative_slope": -0.1, "inplace": True}, ValueError,
+     "negative_slope > 0"),
+    ({"activation": "leaky_relu", "negative_slope": float("nan")}, ValueError, "finite"),
+    ({"activation": "leaky_relu", "negative_slope": "0.1"}, TypeError, "as a number"),
+    ({"activation": "relu", "negative_slope": 0.1}, ValueError, "leaky_relu' only"),
+    ({"activation": "identity", "inplace": 1}, TypeError, "inplace as a bool"),
+])
+def test_bad_slopes_and_flags_are_refused_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=message) as caught:
+        batchnorm.BatchNormAct2d(3, **kwargs)
+    assert isinstance(caught.value, RuntimeError)
+
+
+def test_leaky_relu_without_inplace_matches_torch_and_any_slope_is_allowed():
+    for slope in (None, 0.0, -0.5, 2.0):
+        kwargs = {} if slope is None else {"negative_slope": slope}
+        ours = batchnorm.BatchNormAct2d(3, activation="leaky_relu", dtype=torch.float64,
+                                        **kwargs)
+        with torch.no_grad():
+            ours.weight.normal_()
+            ours.bias.normal_()
+        theirs = nn.BatchNorm2d(3, dtype=torch.float64)
+        theirs.load_state_dict(ours.state_dict())
+        x, grad = torch.randn(4, 3, 3, 3, dtype=torch.float64), torch.randn(4, 3, 3, 3,
+                                                                            dtype=torch.float64)
+        mine = _step(ours, x, None, grad)
+        expected = _in_place_step(theirs, x, grad, _torch_activation("leaky_relu", slope))
+        for a, b in zip(mine, expected, strict=True):
+            assert_close(a, b, torch.float64)
+    assert "negative_slope=0.01" in repr(batchnorm.BatchNormAct2d(3, activation="leaky_relu"))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: torch.randn(4, 3, 5, 5, requires_grad=True), "leaf tensor that requires grad"),
+    (lambda: torch.randn(8, 3, 5, 5, requires_grad=True)[:4], "leaf tensor that requires grad"),
+])
+def test_in_place_refuses_a_leaf_before_anything_changes(make, message):
+    layer = batchnorm.BatchNormAct2d(3, activation="leaky_relu", inplace=True)
+    x = make()
+    before_x = x.detach().clone()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        layer(x)
+    assert torch.equal(x.detach(), before_x)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_in_place_refuses_a_residual_before_anything_changes():
+    layer = batchnorm.BatchNormAct2d(3, activation="identity", inplace=True)
+    x, residual = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    before_x = x.clone()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="inplace=True takes no residual"):
+        layer(x, residual)
+    assert torch.equal(x, before_x)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_in_place_is_first_order_only():
+    layer = batchnorm.BatchNormAct1d(3, activation="leaky_relu", inplace=True,
+                                     dtype=torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x * 1).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
+def test_overwriting_an_input_another_backward_needs_is_reported_by_autograd():
+    layer = batchnorm.BatchNormAct1d(3, activation="leaky_relu", inplace=True)
+    x = torch.randn(5, 3, requires_grad=True)
+    hidden = torch.sigmoid(x)  # sigmoid's backward reads its output
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        layer(hidden).sum().backward()
+
+
+def test_in_place_empty_batch_and_state_dict():
+    layer = batchnorm.BatchNormAct2d(3, activation="leaky_relu", inplace=True)
+    y = layer(torch.randn(0, 3, 4, 4))
+    assert y.shape == (0, 3, 4, 4) and int(layer.num_batches_tracked) == 1
+    assert list(layer.state_dict()) == list(nn.BatchNorm2d(3).state_dict())
+    assert "negative_slope=0.01, inplace=True" in repr(layer)

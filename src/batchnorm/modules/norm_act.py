@@ -4,7 +4,7 @@ adding a residual before it, in one pass over the data.
 .. math::
     y = f\Big(\gamma\,\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} + \beta
         \;[+\, r]\Big), \qquad f \in \{\mathrm{identity}, \mathrm{relu}, \mathrm{silu},
-        \mathrm{gelu}\}
+        \mathrm{gelu}, \mathrm{leaky\_relu}\}
 
 The modules subclass our ``BatchNorm1d/2d`` base, so parameters, buffers and state-dict keys are
 exactly those of a plain batch norm (a checkpoint moves between the two freely).
@@ -13,20 +13,56 @@ On the CPU kernels, ReLU is applied as the normalized value is written; silu and
 applied in place on the kernel's output by torch's vectorized operators (computing exp or erf
 one value at a time inside the kernel was 4-10x slower than that extra pass). Either way the
 backward recomputes the pre-activation from the saved input instead of storing a second tensor.
-Elsewhere (eager, reference, a forced backend, double backward) the same result is composed
-from the plain batch norm and torch's activation.
+Elsewhere (eager, reference, a forced backend, double backward, leaky ReLU) the same result is
+composed from the plain batch norm and torch's activation.
+
+In-place activated batch norm (``inplace=True``, after Rota Bulo et al. 2018, "In-Place Activated
+BatchNorm"): the output is written over the input and is the only full-size tensor kept for the
+backward, with the per-channel :math:`1/\sqrt{\sigma^2+\epsilon}`, :math:`\gamma` and
+:math:`\beta`. The backward recovers what it needs by inverting the two last steps:
+
+.. math::
+    z = f^{-1}(y), \qquad x - \mu = \frac{z - \beta}{\gamma / \sqrt{\sigma^2 + \epsilon}},
+
+then runs the core's closed-form backward (``batchnorm.core.normalize``) on that centred input,
+with :math:`\partial L/\partial z = f'(z)\,\partial L/\partial y`. Batch norm followed by an
+activation keeps two full tensors for the backward (the batch norm's input and the
+activation's); this keeps one. Only invertible activations qualify: identity, and leaky ReLU
+with a slope > 0 (:math:`f^{-1}(y) = y` for :math:`y > 0`, :math:`y/a` otherwise). ReLU is not
+invertible (every negative input gives 0, so the backward could not tell them apart), nor are
+SiLU and GELU (not one-to-one); ``inplace=True`` refuses them.
+
+A gain :math:`\gamma` of zero cannot be inverted, and one near zero amplifies the rounding of the
+stored output (the recovered value is off by about :math:`u\,(|z| + |\beta|)/|\gamma|`, u the unit
+roundoff of the output's dtype). The rule: a channel with
+:math:`|\gamma| < t\,(1 + |\beta|)` (t = 1e-3 for float32 outputs, 1e-6 for float64, 0.1 for
+float16 and bfloat16; :data:`RECOVERY_TOLERANCE`) keeps an exact copy of its centred input
+instead, so gradients stay exact for every weight, zero included, and the forward is plain batch
+norm's (unlike in-place ABN's :math:`|\gamma| + \epsilon`); only those channels cost memory.
+Recovered channels are off by at most about :math:`2u/t` (1e-4 in float32) in the normalized
+input. Finding those channels reads one bool per layer per step (a host synchronisation on an
+accelerator).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from batchnorm.core.checks import FLOATING_DTYPES, check_device
 from batchnorm.core.errors import BatchNormTypeError, BatchNormValueError
-from batchnorm.core.layout import values_per_channel
+from batchnorm.core.layout import accumulation_dtype, as_channel, values_per_channel
+from batchnorm.core.normalize import eval_backward, inverse_std, train_backward
 from batchnorm.dispatch import running_stats_updater, select_backend
-from batchnorm.functional import batch_norm, validate_arguments
+from batchnorm.functional import (
+    batch_norm,
+    normalize_with,
+    normalize_with_batch_statistics,
+    validate_arguments,
+)
 from batchnorm.modules.batchnorm import _BatchNorm
 
 ACTIVATIONS = {
@@ -34,7 +70,24 @@ ACTIVATIONS = {
     "relu": torch.relu,
     "silu": F.silu,
     "gelu": F.gelu,
+    "leaky_relu": F.leaky_relu,  # with the module's negative_slope (see activate)
 }
+# The activations an in-place layer can invert, to recover its input from its output.
+INVERTIBLE = ("identity", "leaky_relu")
+DEFAULT_NEGATIVE_SLOPE = 0.01  # torch.nn.LeakyReLU's
+# Below t * (1 + |beta|), a channel's gain is not inverted (see the module docstring).
+RECOVERY_TOLERANCE = {
+    torch.float64: 1e-6,
+    torch.float32: 1e-3,
+    torch.float16: 1e-1,
+    torch.bfloat16: 1e-1,
+}
+
+
+def activate(t: torch.Tensor, activation: str, negative_slope: float | None) -> torch.Tensor:
+    if activation == "leaky_relu":
+        return F.leaky_relu(t, negative_slope)
+    return ACTIVATIONS[activation](t)
 
 
 def check_residual(residual: torch.Tensor | None, input: torch.Tensor, owner: str) -> None:
@@ -66,11 +119,153 @@ def check_residual(residual: torch.Tensor | None, input: torch.Tensor, owner: st
 
 
 def _composed(x, residual, weight, bias, mean, variance, eps, activation):
-    """The unfused form: plain batch norm, residual add, activation (differentiable)."""
+    """The unfused form: plain batch norm, residual add, activation (differentiable). Only the
+    backends' activations come here, which take no slope."""
     y = batch_norm(x, mean, variance, weight, bias, training=mean is None, eps=eps)
     if residual is not None:
         y = y + residual
     return ACTIVATIONS[activation](y)
+
+
+def check_activation(activation: str, negative_slope: float | None, inplace: bool,
+                     owner: str) -> None:
+    """The activation is known; a slope goes with leaky ReLU only, and is a finite number (> 0
+    when the layer must invert it); ``inplace=True`` takes invertible activations only."""
+    if activation not in ACTIVATIONS:
+        raise BatchNormValueError(
+            f"{owner}: unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}"
+        )
+    if not isinstance(inplace, bool):
+        raise BatchNormTypeError(f"{owner}: expected inplace as a bool, got {inplace!r}")
+    if negative_slope is not None:
+        if activation != "leaky_relu":
+            raise BatchNormValueError(
+                f"{owner}: negative_slope applies to activation='leaky_relu' only, got "
+                f"negative_slope={negative_slope!r} with activation={activation!r}"
+            )
+        if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):
+            raise BatchNormTypeError(
+                f"{owner}: expected negative_slope as a number, got "
+                f"{type(negative_slope).__name__}"
+            )
+        if not math.isfinite(negative_slope):
+            raise BatchNormValueError(
+                f"{owner}: expected a finite negative_slope, got {negative_slope!r}"
+            )
+    if not inplace:
+        return
+    if activation not in INVERTIBLE:
+        raise BatchNormValueError(
+            f"{owner}: inplace=True needs an invertible activation (the backward recovers the "
+            f"input from the output), got {activation!r}, which is not: "
+            + (
+                "ReLU maps every negative value to 0, so they cannot be told apart. "
+                if activation == "relu"
+                else f"{activation} is not one-to-one. "
+            )
+            + "Use activation='leaky_relu' (negative_slope > 0) or 'identity', or inplace=False"
+        )
+    slope = DEFAULT_NEGATIVE_SLOPE if negative_slope is None else negative_slope
+    if activation == "leaky_relu" and not slope > 0:
+        raise BatchNormValueError(
+            f"{owner}: inplace=True needs negative_slope > 0 (leaky ReLU is invertible only "
+            f"then; a slope of 0 is ReLU), got {negative_slope!r}"
+        )
+
+
+def _unrecoverable_channels(
+    weight: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Indices of the channels whose gain is too small to invert (see the module docstring),
+    or None when there are none."""
+    if weight is None:  # no affine: the gain is 1/std, never small
+        return None
+    bound = RECOVERY_TOLERANCE[dtype]
+    magnitude = weight.detach().abs()
+    if bias is not None:
+        small = magnitude < bound * (1 + bias.detach().abs())
+    else:
+        small = magnitude < bound
+    if not bool(small.any()):
+        return None
+    return small.nonzero().flatten()
+
+
+def _in_place_forward(x, weight, bias, mean, variance, eps, negative_slope, for_backward=True):
+    """``f(BN(x))`` written into ``x``. Returns ``(x, batch mean, batch variance, inverse std,
+    kept channels, their centred input)``; the batch statistics are empty with given ones, and
+    the last three None unless ``for_backward``."""
+    train = mean is None
+    if train:
+        output, mean, variance = normalize_with_batch_statistics(x, weight, bias, eps)
+        batch_mean, batch_var = mean, variance
+    else:
+        output = normalize_with(x, mean, variance, weight, bias, eps)
+        batch_mean = batch_var = x.new_empty(0)
+    invstd = kept_channels = kept = None
+    if for_backward:
+        acc = accumulation_dtype(x.dtype)
+        invstd = inverse_std(variance.to(acc), eps)
+        kept_channels = _unrecoverable_channels(weight, bias, x.dtype)
+    if kept_channels is not None:  # their centred input, before x is overwritten
+        kept = x.index_select(1, kept_channels).to(acc)
+        kept -= as_channel(mean.to(acc).index_select(0, kept_channels), kept)
+    if negative_slope is not None:
+        output = F.leaky_relu_(output, negative_slope)
+    x.copy_(output)
+    return x, batch_mean, batch_var, invstd, kept_channels, kept
+
+
+class _InPlaceBatchNormAct(torch.autograd.Function):
+    """``f(BN(x))`` over ``x``, saving only the output and per-channel tensors; the backward
+    inverts f and the affine map to recover ``x - mean`` (see the module docstring).
+
+    First-order only: double backward (a gradient penalty) needs ``inplace=False``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, variance, eps, negative_slope):
+        ctx.train = mean is None
+        y, batch_mean, batch_var, invstd, kept_channels, kept = _in_place_forward(
+            x, weight, bias, mean, variance, eps, negative_slope
+        )
+        ctx.mark_dirty(x)
+        ctx.mark_non_differentiable(batch_mean, batch_var)
+        ctx.save_for_backward(y, invstd, weight, bias, kept_channels, kept)
+        ctx.negative_slope = negative_slope
+        return y, batch_mean, batch_var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        y, invstd, weight, bias, kept_channels, kept = ctx.saved_tensors
+        slope = ctx.negative_slope
+        acc = invstd.dtype
+        pre_activation = y.to(acc)
+        if slope is not None:  # leaky ReLU: y > 0 exactly where its input was
+            negative = y <= 0
+            pre_activation = torch.where(negative, pre_activation / slope, pre_activation)
+            grad_out = torch.where(negative, grad_out * slope, grad_out)
+        gain = invstd if weight is None else invstd * weight.to(acc)
+        if kept_channels is not None:  # never divide by a gain held below the tolerance
+            gain = gain.index_fill(0, kept_channels, 1.0)
+        offset = 0.0 if bias is None else as_channel(bias.to(acc), y)
+        # a new tensor (never the saved output itself), divided in place
+        centred = torch.sub(pre_activation, offset).div_(as_channel(gain, y))
+        if kept_channels is not None:
+            centred.index_copy_(1, kept_channels, kept)
+        # The core's closed-form backward, given the input with its mean already taken out:
+        # it reads x only through x - mean.
+        zero_mean = invstd.new_zeros(invstd.shape)
+        needs = tuple(ctx.needs_input_grad[:3])
+        backward = train_backward if ctx.train else eval_backward
+        grad_input, grad_weight, grad_bias = backward(
+            grad_out, centred, zero_mean, invstd, weight, needs
+        )
+        grads = tuple(
+            None if g is None or t is None else g.to(t.dtype)
+            for g, t in zip((grad_input, grad_weight, grad_bias), (y, weight, bias), strict=True)
+        )
+        return (*grads, None, None, None, None)
 
 
 class _FusedBatchNormAct(torch.autograd.Function):
@@ -145,19 +340,27 @@ class _BatchNormAct(_BatchNorm):
         dtype=None,
         *,
         bias: bool = True,
+        negative_slope: float | None = None,
+        inplace: bool = False,
     ) -> None:
-        if activation not in ACTIVATIONS:
-            raise BatchNormValueError(
-                f"{type(self).__name__}: unknown activation {activation!r}; "
-                f"expected one of {sorted(ACTIVATIONS)}"
-            )
+        check_activation(activation, negative_slope, inplace, type(self).__name__)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
         self.activation = activation
+        if activation == "leaky_relu" and negative_slope is None:
+            negative_slope = DEFAULT_NEGATIVE_SLOPE
+        self.negative_slope = None if negative_slope is None else float(negative_slope)
+        self.inplace = inplace
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation}"
+        text = f"{super().extra_repr()}, activation={self.activation}"
+        if self.negative_slope is not None:
+            text += f", negative_slope={self.negative_slope}"
+        return text + (", inplace=True" if self.inplace else "")
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        return activate(y, self.activation, self.negative_slope)
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``activation(BN(input) + residual)``; ``residual`` has the input's shape, or is None.
@@ -166,6 +369,8 @@ class _BatchNormAct(_BatchNorm):
         owner = type(self).__name__
         self._check_input_dim(input)
         check_residual(residual, input, owner)
+        if self.inplace:
+            return self._forward_in_place(input, residual)
         backend = select_backend(input)
         # A residual of another floating dtype is added as torch would (promoting), unfused.
         fusable = self.activation in getattr(backend, "ACTIVATIONS", ()) and (
@@ -175,12 +380,14 @@ class _BatchNormAct(_BatchNorm):
             y = super().forward(input)  # plain batch norm validates its own arguments
             if residual is not None:
                 y = y + residual
-            return ACTIVATIONS[self.activation](y)
+            return self._activate(y)
         parameters, buffers = self._parameters, self._buffers
         weight, bias = parameters["weight"], parameters["bias"]
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         updating = self.training and self.track_running_stats and running_mean is not None
         use_batch_stats = self.training or running_mean is None
+        if use_batch_stats and self._single_sample_uses_running(input, None, running_mean):
+            updating = use_batch_stats = False
         momentum = self._momentum_now() if updating else 0.0
         validate_arguments(
             input, running_mean, running_var, weight, bias, use_batch_stats, momentum, self.eps,
@@ -206,6 +413,58 @@ class _BatchNormAct(_BatchNorm):
             self._commit_running_stats(new_mean, new_var, finite)
         return y
 
+    def _forward_in_place(self, input: torch.Tensor, residual: torch.Tensor | None):
+        """``inplace=True``: the output is written over ``input`` (see the module docstring)."""
+        owner = type(self).__name__
+        if residual is not None:
+            raise BatchNormValueError(
+                f"{owner}: inplace=True takes no residual: recovering the normalized input in "
+                "the backward would need the residual kept, which is the memory in-place saves; "
+                "add it after an activation='identity' layer, or use inplace=False"
+            )
+        if input.numel() == 0:  # nothing to overwrite; counted as plain batch norm counts it
+            return self._activate(super().forward(input))
+        parameters, buffers = self._parameters, self._buffers
+        weight, bias = parameters["weight"], parameters["bias"]
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        updating = self.training and self.track_running_stats and running_mean is not None
+        use_batch_stats = self.training or running_mean is None
+        if use_batch_stats and self._single_sample_uses_running(input, None, running_mean):
+            updating = use_batch_stats = False
+        momentum = self._momentum_now() if updating else 0.0
+        validate_arguments(
+            input, running_mean, running_var, weight, bias, use_batch_stats, momentum, self.eps,
+            owner, None, input_checked=True,
+        )
+        if torch.is_grad_enabled() and input.requires_grad:
+            base = input if input._base is None else input._base
+            if base.is_leaf:
+                raise BatchNormValueError(
+                    f"{owner}: inplace=True overwrites its input, which here is a leaf tensor that "
+                    "requires grad (or a view of one); autograd cannot differentiate it after "
+                    "that. Pass the output of a layer (or input.clone()), or use inplace=False"
+                )
+        stats = (None, None) if use_batch_stats else (running_mean, running_var)
+        slope = self.negative_slope if self.activation == "leaky_relu" else None
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, weight, bias)
+        )
+        if needs_grad:
+            y, mean, variance = _InPlaceBatchNormAct.apply(
+                input, weight, bias, *stats, self.eps, slope
+            )
+        else:
+            y, mean, variance, *_ = _in_place_forward(
+                input, weight, bias, *stats, self.eps, slope, for_backward=False
+            )
+        if updating:
+            new_mean, new_var, finite = running_stats_updater(input)(
+                running_mean, running_var, mean, variance, momentum, values_per_channel(input),
+                in_place=True,
+            )
+            self._commit_running_stats(new_mean, new_var, finite)
+        return y
+
 
 class BatchNormAct1d(_BatchNormAct):
     r"""Batch norm over (N, C) or (N, C, L), then an activation (optionally after adding a
@@ -213,9 +472,16 @@ class BatchNormAct1d(_BatchNormAct):
 
     Args:
         num_features, eps, momentum, affine, track_running_stats: as for ``BatchNorm1d``.
-        activation: "relu" (default), "silu", "gelu" or "identity".
+        activation: "relu" (default), "silu", "gelu", "leaky_relu" or "identity".
         bias (keyword-only): learn the shift beta; ``bias=False`` keeps the scale only, with no
             ``bias`` in the state dict (as torch's batch norms). Default: True.
+        negative_slope (keyword-only): leaky ReLU's slope for negative inputs (only with
+            ``activation="leaky_relu"``). Default: 0.01, torch's.
+        inplace (keyword-only): write the output over the input and keep only the output for
+            the backward, about half the memory of batch norm followed by the activation
+            (identity or leaky ReLU with a slope > 0 only; no residual; first-order gradients
+            only). The input must not be a leaf that requires grad, nor be needed by another
+            layer's backward (autograd then reports the overwrite). Default: False.
 
     Shape: input (N, C) or (N, C, L); residual (if given) and output the same. The residual must
     be a floating tensor of exactly the input's shape, on its device (nothing broadcasts); there
@@ -226,6 +492,10 @@ class BatchNormAct1d(_BatchNormAct):
         >>> layer = BatchNormAct1d(16, activation="silu")
         >>> layer(torch.randn(32, 16)).shape
         torch.Size([32, 16])
+        >>> saving = BatchNormAct1d(16, activation="leaky_relu", inplace=True)
+        >>> x = torch.randn(32, 16)
+        >>> saving(x) is x
+        True
     """
 
     _allowed_dims = (2, 3)
