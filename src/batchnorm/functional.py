@@ -47,6 +47,7 @@ def validate_arguments(
     checks.check_per_channel(bias, channels, "bias", owner, device)
     checks.check_momentum(momentum, owner, device)
     checks.check_eps(eps, owner, use_batch_stats)
+    checks.check_no_statistics_tangent(input, running_mean, running_var, owner)
     if use_batch_stats:
         checks.check_batch_statistics_possible(input, owner, mask)
 

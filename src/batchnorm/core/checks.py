@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd import forward_ad
 
 from batchnorm.core.errors import BatchNormTypeError, BatchNormValueError
 from batchnorm.core.layout import values_per_channel
@@ -188,6 +189,23 @@ def check_eps(eps: float, owner: str = "batch_norm", use_batch_stats: bool = Fal
         )
     if not (eps >= 0.0 and math.isfinite(eps)):
         raise BatchNormValueError(f"{owner}: expected a finite eps >= 0, got {eps!r}")
+
+
+def check_no_statistics_tangent(
+    x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+    owner: str = "batch_norm",
+) -> None:
+    """Under forward-mode AD, the running statistics are buffers, not inputs to differentiate:
+    with a tangent on the input, a tangent on either is refused (as torch refuses it), rather
+    than silently dropped."""
+    if forward_ad._current_level < 0 or forward_ad.unpack_dual(x).tangent is None:
+        return
+    for what, tensor in (("running_mean", running_mean), ("running_var", running_var)):
+        if tensor is not None and forward_ad.unpack_dual(tensor).tangent is not None:
+            raise BatchNormValueError(
+                f"{owner}: batch_norm is not differentiable wrt running_mean and running_var, "
+                f"they cannot have forward grad defined (got a tangent on {what})"
+            )
 
 
 def check_construction(eps: float, momentum: float | None, owner: str) -> None:
