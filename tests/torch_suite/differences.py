@@ -20,6 +20,14 @@ DELIBERATE: dict[str, str] = {
         "our error messages are our own (they name what was expected and what came): "
         "'expected a finite eps >= 0, got -1.0' where torch says 'eps must be positive'"
     ),
+    "test_errors[*-eps=-1.0-*]": (
+        "a negative or NaN eps is refused when the module is built, at the line that made it; "
+        "torch builds the module and refuses it at the first forward"
+    ),
+    "test_eps_must_be_positive_in_training[-1.0-*]": (
+        "the same: eps=-1.0 is refused at construction, so the module torch's test builds "
+        "never exists (eps=0.0, valid in eval, is accepted and refused in training as by torch)"
+    ),
     "test_momentum_outside_unit_interval": (
         "momentum must be in [0, 1] or None (a ValueError, also a RuntimeError); torch accepts "
         "any number, e.g. F.batch_norm(..., training=False, momentum=-1.2)"
