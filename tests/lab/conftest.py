@@ -59,8 +59,11 @@ def tiny_configs():
     return make_tiny_configs()
 
 
+TINY_DATA = "digits"  # the tiny suites run every experiment on the bundled digits (fast to load)
+
+
 def make_tiny_configs() -> dict:
-    """Every experiment at a size that runs in a few seconds in total."""
+    """Every experiment at a size that runs in a few seconds in total (on the digits)."""
     from batchnorm.lab.experiments.batch_size import BatchSizeConfig
     from batchnorm.lab.experiments.convergence import ConvergenceConfig
     from batchnorm.lab.experiments.initialization import InitConfig
@@ -69,11 +72,15 @@ def make_tiny_configs() -> dict:
     from batchnorm.lab.experiments.regularization import RegularizationConfig
 
     return {
-        "convergence": ConvergenceConfig(learning_rates=(0.05,), steps=40, eval_every=20,
-                                         width=32, target_accuracy=0.5),
+        "convergence": ConvergenceConfig(tuning_rates=(0.03, 0.1), steps=40, eval_every=20,
+                                         widths=(4, 8, 8), target_accuracy=0.3),
         "learning-rate": LearningRateConfig(learning_rates=(0.01, 1.0), steps=20, width=32),
-        "ioffe-mnist": IoffeConfig(steps=40, eval_every=20, width=20),
-        "batch-size": BatchSizeConfig(batch_sizes=(8, 32), epochs=1, widths=(4, 8, 8)),
-        "init": InitConfig(scales=(0.1, 1.0), steps=20, width=32),
-        "regularization": RegularizationConfig(steps=30, width=32),
+        "ioffe-mnist": IoffeConfig(tuning_rates=(0.1,), steps=40, eval_every=20, width=20),
+        "batch-size": BatchSizeConfig(mlp_norms=("batch", "layer"), cnn_norms=("batch", "group"),
+                                      batch_sizes=(16, 32), tuning_rates=(0.1,), epochs=1,
+                                      width=16, widths=(4, 8, 8)),
+        "init": InitConfig(scales=(0.1, 1.0), tuning_rates=(0.03,), steps=20, eval_every=20,
+                           width=32),
+        "regularization": RegularizationConfig(tuning_rates=(0.03,), steps=30, eval_every=30,
+                                               width=32),
     }

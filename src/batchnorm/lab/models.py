@@ -1,7 +1,8 @@
 """The lab's models: an MLP and a small CNN, each built with a normalization chosen by name.
 
-``NORMS`` maps a name to a factory ``(num_features, spatial) -> nn.Module``; ``spatial`` is True
-for (N, C, H, W) activations. Variants join with :func:`register_norm` (e.g. "renorm", "ghost").
+``NORMS`` maps a name to a factory ``(num_features, layout) -> nn.Module``; ``layout`` is one of
+``LAYOUTS``: "vector" for (N, C) activations, "sequence" for (N, C, L) and "image" for
+(N, C, H, W). Variants join with :func:`register_norm` (e.g. "renorm", "ghost").
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from batchnorm import (
     GhostBatchNorm2d,
 )
 
-NormFactory = Callable[[int, bool], nn.Module]
+NormFactory = Callable[[int, str], nn.Module]
+LAYOUTS = ("vector", "sequence", "image")
 
 CHANNELS_PER_GROUP = 4  # GroupNorm's group size (Wu & He use 32 groups of wide layers)
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -31,21 +33,21 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 PLACEMENTS = ("before", "after")  # the norm before or after the activation
 
 
-def _batch(num_features: int, spatial: bool) -> nn.Module:
-    return BatchNorm2d(num_features) if spatial else BatchNorm1d(num_features)
+def _batch(num_features: int, layout: str) -> nn.Module:
+    return BatchNorm2d(num_features) if layout == "image" else BatchNorm1d(num_features)
 
 
-def _group(num_features: int, spatial: bool) -> nn.Module:
+def _group(num_features: int, layout: str) -> nn.Module:
     groups = max(1, num_features // CHANNELS_PER_GROUP)
     return nn.GroupNorm(groups, num_features)
 
 
-def _layer(num_features: int, spatial: bool) -> nn.Module:
-    # Over (C, H, W) for images, as in the GroupNorm paper's LayerNorm; over C for vectors.
-    return nn.GroupNorm(1, num_features) if spatial else nn.LayerNorm(num_features)
+def _layer(num_features: int, layout: str) -> nn.Module:
+    # Over (C, H, W) or (C, L), as in the GroupNorm paper's LayerNorm; over C for vectors.
+    return nn.LayerNorm(num_features) if layout == "vector" else nn.GroupNorm(1, num_features)
 
 
-def _none(num_features: int, spatial: bool) -> nn.Module:
+def _none(num_features: int, layout: str) -> nn.Module:
     return nn.Identity()
 
 
@@ -56,13 +58,13 @@ RENORM_LIMITS = {"r_max": 1.5, "d_max": 0.5}
 GHOST_BATCH = 16  # ghost batch norm's virtual batch size
 
 
-def _renorm(num_features: int, spatial: bool) -> nn.Module:
-    cls = BatchRenorm2d if spatial else BatchRenorm1d
+def _renorm(num_features: int, layout: str) -> nn.Module:
+    cls = BatchRenorm2d if layout == "image" else BatchRenorm1d
     return cls(num_features, momentum=0.1, **RENORM_LIMITS)
 
 
-def _ghost(num_features: int, spatial: bool) -> nn.Module:
-    cls = GhostBatchNorm2d if spatial else GhostBatchNorm1d
+def _ghost(num_features: int, layout: str) -> nn.Module:
+    cls = GhostBatchNorm2d if layout == "image" else GhostBatchNorm1d
     return cls(num_features, virtual_batch_size=GHOST_BATCH)
 
 
@@ -81,10 +83,11 @@ def register_norm(name: str, factory: NormFactory) -> None:
     NORMS[name] = factory
 
 
-def make_norm(name: str, num_features: int, spatial: bool) -> nn.Module:
+def make_norm(name: str, num_features: int, layout: str) -> nn.Module:
     if name not in NORMS:
         raise ValueError(f"unknown norm '{name}': expected one of {', '.join(NORMS)}")
-    return NORMS[name](num_features, spatial)
+    _check_choice("layout", layout, LAYOUTS)
+    return NORMS[name](num_features, layout)
 
 
 def _check_choice(kind: str, value: str, choices) -> None:
@@ -129,7 +132,7 @@ class MLP(nn.Module):
         for _ in range(depth):
             linear = nn.Linear(size, width)
             block = _NormActBlock(
-                linear, make_norm(norm, width, False), ACTIVATIONS[activation](), placement
+                linear, make_norm(norm, width, "vector"), ACTIVATIONS[activation](), placement
             )
             blocks.append(block)
             if dropout > 0:
@@ -150,7 +153,11 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """Three 3x3 convolution blocks (strides 1, 2, 2), global average pooling, a classifier."""
+    """Convolution blocks of kernel 3 (strides 1, 2, 2, ...), global average pooling, a classifier.
+
+    Images of height 1 (signals such as MNIST-1D's, shape (N, C, 1, L)) get 1-D convolutions and
+    the norms' sequence form; other images get 3x3 convolutions.
+    """
 
     def __init__(
         self,
@@ -160,28 +167,35 @@ class CNN(nn.Module):
         activation: str = "relu",
         norm: str = "none",
         placement: str = "before",
+        one_dimensional: bool = False,
     ) -> None:
         super().__init__()
         _check_choice("activation", activation, ACTIVATIONS)
+        convolution = nn.Conv1d if one_dimensional else nn.Conv2d
+        layout = "sequence" if one_dimensional else "image"
         blocks: list[nn.Module] = []
         channels = in_channels
         for index, width in enumerate(widths):
-            conv = nn.Conv2d(channels, width, 3, stride=1 if index == 0 else 2, padding=1)
-            norm_module = make_norm(norm, width, True)
+            conv = convolution(channels, width, 3, stride=1 if index == 0 else 2, padding=1)
+            norm_module = make_norm(norm, width, layout)
             blocks.append(_NormActBlock(conv, norm_module, ACTIVATIONS[activation](), placement))
             channels = width
         self.features = nn.Sequential(*blocks)
         self.classifier = nn.Linear(channels, classes)
+        self.one_dimensional = one_dimensional
         init_weights(self, activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).mean(dim=(2, 3)))
+        if self.one_dimensional:
+            x = x.flatten(2)  # (N, C, 1, L) -> (N, C, L)
+        features = self.features(x)
+        return self.classifier(features.mean(dim=tuple(range(2, features.dim()))))
 
 
 def init_weights(model: nn.Module, activation: str, scale: float = 1.0) -> None:
     """Standard scale (He for ReLU, Glorot for tanh/sigmoid) times ``scale``; zero biases."""
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             if activation == "relu":
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
             else:

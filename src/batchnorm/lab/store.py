@@ -16,7 +16,7 @@ from typing import Any
 
 FORMAT = 1
 # Bumped when a change to the training code changes results, so old files are not reused.
-LAB_CODE_VERSION = 1
+LAB_CODE_VERSION = 2
 
 
 def canonical_json(value: Any) -> str:

@@ -2,6 +2,8 @@
 
 A run is deterministic for a given seed: the seed fixes the initial weights, the batch order and
 dropout. Training stops early when the loss stops being finite (recorded as ``nonfinite``).
+Checkpoints score the validation part; the test part is scored once, after training
+(``experiments.base.fit``), so nothing a run decides can depend on it.
 """
 
 from __future__ import annotations
@@ -40,16 +42,23 @@ def batch_indices(size: int, batch_size: int, generator: torch.Generator):
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Accuracy in eval mode (population statistics), in chunks to bound memory."""
+def correct_predictions(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor):
+    """Which examples the model classifies correctly, in eval mode (population statistics),
+    in chunks to bound memory. A model whose outputs are not finite gets none right."""
     was_training = model.training
     model.eval()
-    correct = 0
+    parts = []
     for start in range(0, len(labels), 2048):
         logits = model(inputs[start : start + 2048])
-        correct += int((logits.argmax(dim=1) == labels[start : start + 2048]).sum())
+        right = logits.argmax(dim=1) == labels[start : start + 2048]
+        parts.append(right & torch.isfinite(logits).all(dim=1))
     model.train(was_training)
-    return correct / len(labels)
+    return torch.cat(parts).cpu()
+
+
+def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Accuracy (a fraction) in eval mode."""
+    return float(correct_predictions(model, inputs, labels).float().mean())
 
 
 @dataclass
@@ -57,7 +66,7 @@ class TrainResult:
     """What a training run leaves: the checkpoints and the final state."""
 
     steps: list[int] = field(default_factory=list)  # the steps at which checkpoints were taken
-    test_accuracy: list[float] = field(default_factory=list)
+    validation_accuracy: list[float] = field(default_factory=list)
     nonfinite: bool = False
     steps_done: int = 0
     final_loss: float = math.nan
@@ -67,8 +76,8 @@ def train(
     model: nn.Module,
     train_inputs: torch.Tensor,
     train_labels: torch.Tensor,
-    test_inputs: torch.Tensor,
-    test_labels: torch.Tensor,
+    validation_inputs: torch.Tensor,
+    validation_labels: torch.Tensor,
     *,
     steps: int,
     batch_size: int,
@@ -77,14 +86,15 @@ def train(
     eval_every: int = 0,
     on_checkpoint: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` for ``steps`` SGD steps; checkpoint at step 0 and every ``eval_every``."""
+    """Train ``model`` for ``steps`` SGD steps; score the validation part at step 0 and every
+    ``eval_every`` steps (no checkpoints when 0)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=MOMENTUM)
     result = TrainResult()
     batches = batch_indices(len(train_labels), batch_size, generator)
 
     def checkpoint(step: int) -> None:
         result.steps.append(step)
-        result.test_accuracy.append(accuracy(model, test_inputs, test_labels))
+        result.validation_accuracy.append(accuracy(model, validation_inputs, validation_labels))
         if on_checkpoint is not None:
             on_checkpoint(step, model)
 

@@ -22,6 +22,14 @@ def render_png(figure: Figure) -> bytes:
     for axis, panel in zip(axes[0], figure.panels, strict=True):
         for series in panel.series:
             dashed = series.style == "--"
+            banded = series.low is not None and series.high is not None
+            if banded and "-" not in series.style:
+                # Markers without a line (categories): the 95% interval as error bars.
+                below = [max(0.0, y - low) for y, low in zip(series.y, series.low, strict=True)]
+                above = [max(0.0, high - y) for y, high in zip(series.y, series.high, strict=True)]
+                axis.errorbar(series.x, series.y, yerr=[below, above], fmt=series.style,
+                              label=series.label, capsize=4, markersize=5)
+                continue
             (line,) = axis.plot(
                 series.x,
                 series.y,
@@ -31,7 +39,7 @@ def render_png(figure: Figure) -> bytes:
                 linewidth=1 if dashed else 1.6,
                 markersize=4,
             )
-            if series.low is not None and series.high is not None:
+            if banded:
                 axis.fill_between(series.x, series.low, series.high, alpha=0.2,
                                   color=line.get_color(), linewidth=0)
         axis.set_title(panel.title, fontsize=9, wrap=True)

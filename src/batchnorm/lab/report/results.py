@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchnorm.lab.experiments import get_experiment
-from batchnorm.lab.experiments.base import Analysis, Experiment
+from batchnorm.lab.experiments.base import Analysis, Experiment, Table
 
 RESULTS_FILE = "results.json"
-FORMAT = 1
+# 2: a validation split, tuning runs, per-example test outcomes and the data per experiment.
+FORMAT = 2
 
 
 class ResultsError(ValueError):
@@ -23,6 +24,8 @@ class AnalyzedExperiment:
     config: object
     runs: list[dict]
     analysis: Analysis
+    data: dict  # spec, description and sizes of the data set it ran on
+    tuning: Table | None  # how its tuned value was chosen, when it tunes
 
 
 def write_results(folder: Path, document: dict) -> Path:
@@ -49,11 +52,17 @@ def read_results(folder: Path) -> dict:
 
 
 def analyze_results(document: dict) -> list[AnalyzedExperiment]:
-    """Re-run every experiment's analysis on the saved runs."""
+    """Re-run every experiment's analysis (and the tuning tables) on the saved runs."""
     analyzed = []
     for entry in document["experiments"]:
         experiment = get_experiment(entry["name"])
         config = experiment.config_from_dict(entry["config"])
         analysis = experiment.analyze(config, entry["runs"])
-        analyzed.append(AnalyzedExperiment(experiment, config, entry["runs"], analysis))
+        tuning = None
+        if experiment.tuning is not None and "tuning" in entry:
+            runs = entry["tuning"]["runs"]
+            tuning = experiment.tuning.table(config, runs, experiment.tuning.choose(config, runs))
+        analyzed.append(
+            AnalyzedExperiment(experiment, config, entry["runs"], analysis, entry["data"], tuning)
+        )
     return analyzed
