@@ -167,3 +167,69 @@ def test_a_drop_in_for_torch_sync_batch_norm():
     batchnorm.convert(converted, sync=True)
     assert all(type(m) is batchnorm.SyncBatchNorm for m in converted)
     assert converted[0].process_group == "group"
+
+
+def test_masked_sync_equals_masked_batch_norm_on_the_concatenated_batch(tmp_path):
+    """Three ranks, padded sequences with NaN in the padding, uneven batches, a rank without
+    samples and a rank without a valid position: outputs (valid positions), input gradients,
+    summed parameter gradients and running statistics as one masked batch norm over the whole
+    batch. Then a global batch of one value."""
+    world = 3
+    launch(workers.masked_worker, world, tmp_path)
+    ranks = [torch.load(tmp_path / f"masked{r}.pt") for r in range(world)]
+    close = {"rtol": 1e-5, "atol": 1e-5}
+    for scenario in workers.MASKED_SCENARIOS:
+        reference = batchnorm.BatchNorm1d(workers.CHANNELS, momentum=0.3)
+        workers.initial_state(reference)
+        for step in range(workers.STEPS):
+            _, x, mask, g = workers.masked_global_data(scenario, step)
+            x = x.clone().requires_grad_(True)
+            reference.weight.grad = reference.bias.grad = None
+            y = reference(x, mask)
+            y.backward(g)
+            per_rank = [ranks[r][scenario]["steps"][step] for r in range(world)]
+            valid = mask[:, None].expand_as(y)
+            torch.testing.assert_close(torch.cat([s["y"] for s in per_rank])[valid],
+                                       y.detach()[valid], **close)
+            torch.testing.assert_close(torch.cat([s["dx"] for s in per_rank]), x.grad, **close)
+            assert torch.isfinite(torch.cat([s["dx"] for s in per_rank])).all()
+            torch.testing.assert_close(sum(s["dw"] for s in per_rank), reference.weight.grad,
+                                       **close)
+            torch.testing.assert_close(sum(s["db"] for s in per_rank), reference.bias.grad,
+                                       **close)
+        for r in range(world):
+            result = ranks[r][scenario]
+            torch.testing.assert_close(result["running_mean"], reference.running_mean, **close)
+            torch.testing.assert_close(result["running_var"], reference.running_var, **close)
+            assert result["tracked"] == workers.STEPS
+    # The same processes then ran a global batch of one value per channel (rank 0 holds it):
+    # refused on every rank by default; with single_sample="running", normalized with the
+    # running statistics (as in eval) on every rank, which stay as they are.
+    for rank in range(world):
+        outcome = ranks[rank]["single value"]
+        name, message = outcome["error"]
+        assert name == "BatchNormValueError"
+        assert "more than 1 value per channel across all ranks" in message and "got 1" in message
+        assert outcome["unchanged"]
+        torch.testing.assert_close(outcome["y"], outcome["eval"])
+        assert outcome["y"].shape == outcome["x"].shape
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_precise_bn_under_ddp_gives_every_rank_the_statistics_of_all_data(world, tmp_path):
+    """Different data per rank (and none on the third rank): every rank ends with identical
+    buffers, equal to one process that saw every rank's batches."""
+    launch(workers.precise_worker, world, tmp_path)
+    ranks = [torch.load(tmp_path / f"precise{r}.pt") for r in range(world)]
+    single = workers.precise_model()
+    everything = [b for r in range(world) for b in workers.precise_batches(world, r)]
+    assert batchnorm.precise_bn(single, everything, progress=False) == len(everything)
+    for outcome in ranks:
+        assert outcome["used"] == len(everything)
+        for key, value in outcome["state"].items():
+            assert torch.equal(value, ranks[0]["state"][key]), key  # identical on every rank
+            torch.testing.assert_close(value, single.state_dict()[key], rtol=1e-6, atol=1e-7)
+    # and the ranks' own data alone would have given other statistics
+    alone = workers.precise_model()
+    batchnorm.precise_bn(alone, workers.precise_batches(world, 0), progress=False)
+    assert not torch.allclose(alone[1].running_mean, single[1].running_mean)

@@ -25,6 +25,8 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from batchnorm.core.checks import check_construction, check_input
 from batchnorm.core.context import transforms_active
+from batchnorm.core.errors import BatchNormValueError
+from batchnorm.core.layout import values_per_channel
 from batchnorm.core.running import commit_running_stats, warn_nonfinite
 from batchnorm.functional import batch_norm_core, validate_arguments
 
@@ -38,6 +40,10 @@ class _BatchNorm(_TorchBatchNorm):
 
     _allowed_dims: tuple[int, ...] = ()
     warn_on_nonfinite: bool = True
+    # What a training batch with a single value per channel does (the last batch of a loader):
+    # "error" (torch's refusal, the default) or "running" (normalize it with the running
+    # statistics, as eval does, and leave them and num_batches_tracked unchanged).
+    single_sample: str = "error"
 
     def __init__(
         self,
@@ -121,6 +127,8 @@ class _BatchNorm(_TorchBatchNorm):
         running_mean = running_mean if use_running else None
         running_var = running_var if use_running else None
         use_batch_stats = training or running_mean is None
+        if use_batch_stats and self._single_sample_uses_running(input, mask, running_mean):
+            updating = use_batch_stats = False
         self._validate(input, running_mean, running_var, use_batch_stats, mask)
         options = {} if mask is None else {"mask": mask}
         output, new_mean, new_var, finite = self._core(
@@ -134,6 +142,27 @@ class _BatchNorm(_TorchBatchNorm):
         if updating:
             self._commit_running_stats(new_mean, new_var, finite)
         return output
+
+    def _single_sample_uses_running(self, input, mask, running_mean) -> bool:
+        """Whether ``single_sample="running"`` applies to this training call: running
+        statistics exist and the batch has the one value per channel (or, with a mask, at most
+        one valid value) that batch statistics refuse."""
+        if self.single_sample == "error":
+            return False
+        if self.single_sample != "running":
+            raise BatchNormValueError(
+                f"{type(self).__name__}: expected single_sample 'error' or 'running', got "
+                f"{self.single_sample!r}"
+            )
+        if running_mean is None or torch.compiler.is_compiling():
+            return False
+        if not isinstance(input, torch.Tensor) or input.dim() < 2:
+            return False  # refused by the validation that follows
+        if mask is None:
+            return values_per_channel(input) == 1
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            return False  # refused by the validation that follows
+        return input.numel() > 0 and int(mask.sum()) <= 1
 
     def _commit_running_stats(self, new_mean, new_var, finite) -> None:
         buffers = self._buffers

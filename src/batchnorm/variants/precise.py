@@ -14,6 +14,12 @@ what batch norm would have recorded had the whole data been one batch.
 The model runs in training mode, so each layer normalizes with batch statistics exactly as in
 training, and the statistics of later layers see their inputs as in training. Momentum, training
 mode and ``num_batches_tracked`` are restored afterwards.
+
+Under ``torch.distributed`` (initialized, more than one process in the group), every rank
+passes its own batches, then one ``all_gather`` shares each rank's count, mean and M2 per layer
+and every rank merges them in the same order: all ranks end with identical statistics, those of
+one process that saw every rank's batches. Every rank must call ``precise_bn`` (a rank with no
+batches too: it receives the others' statistics).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from batchnorm.core.layout import valid_per_channel
@@ -77,6 +84,46 @@ class _Accumulator:
                             torch.stack([self.m2, m2]))
         self.count, self.mean, self.m2 = merged[0][0], merged[1], merged[2]
 
+    def flat(self, channels: int, device: torch.device) -> torch.Tensor:
+        """``[count, mean..., M2...]`` in float64; zeros (neutral in a merge) when empty."""
+        if self.count is None:
+            return torch.zeros(1 + 2 * channels, dtype=torch.float64, device=device)
+        return torch.cat([self.count.reshape(1), self.mean, self.m2]).to(device)
+
+
+def _distributed(group) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _merge_across_ranks(
+    accumulators: dict[nn.Module, _Accumulator], drawn: int, used: int, group
+) -> tuple[int, int]:
+    """Replace every layer's accumulated moments by those of all ranks together (one
+    all_gather, merged identically on every rank); returns the batches drawn and used by all
+    ranks."""
+    layers = list(accumulators)
+    device = layers[0].running_mean.device
+    counters = torch.tensor([float(drawn), float(used)], dtype=torch.float64, device=device)
+    local = torch.cat([counters] + [
+        accumulators[layer].flat(layer.running_mean.numel(), device) for layer in layers
+    ])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    table = torch.stack(gathered)  # (ranks, 2 + sum over layers of 1 + 2C)
+    start = 2
+    for layer in layers:
+        channels = layer.running_mean.numel()
+        counts = table[:, start]
+        means = table[:, start + 1 : start + 1 + channels]
+        m2s = table[:, start + 1 + channels : start + 1 + 2 * channels]
+        start += 1 + 2 * channels
+        accumulator = accumulators[layer]
+        if counts.sum() > 0:
+            total, mean, m2 = merge_many(counts, means, m2s)
+            accumulator.count, accumulator.mean, accumulator.m2 = total[0], mean, m2
+    totals = table[:, :2].sum(dim=0)
+    return int(totals[0]), int(totals[1])
+
 
 @torch.no_grad()
 def precise_bn(
@@ -84,6 +131,8 @@ def precise_bn(
     batches: Iterable[Any],
     num_batches: int | None = None,
     progress: bool = True,
+    *,
+    process_group=None,
 ) -> int:
     """Recompute the running statistics of every batch norm in ``model`` (torch.nn's and ours)
     as exact population statistics over ``batches``.
@@ -95,14 +144,18 @@ def precise_bn(
         num_batches: draw at most this many batches (default: all of them); a loader that gives
             fewer makes a ``UserWarning`` saying how many were used.
         progress: show a progress bar.
+        process_group (keyword-only): under ``torch.distributed``, the ranks whose statistics
+            are merged (default: the whole world). Each rank's own batches are passed; every
+            rank of the group must call this.
 
     A batch whose statistics are not finite at some layer (a NaN or inf in the data, an
     overflow) is skipped as a whole, with a :class:`NonFiniteStatisticsWarning` naming its
     index (0-based, in the order drawn) and the layer; the layers' own warnings are held back
     meanwhile.
 
-    Returns the number of batches used. Raises ``ValueError`` when no batch was given, or none
-    was finite; in that case nothing is changed.
+    Returns the number of batches used (by all ranks together, under ``torch.distributed``).
+    Raises ``ValueError`` when no batch was given, or none was finite (on any rank); in that case
+    nothing is changed.
     """
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
               and m.track_running_stats and m.running_mean is not None]
@@ -173,6 +226,9 @@ def precise_bn(
                 layer.warn_on_nonfinite = warn
         for module, mode in was_training.items():
             module.train(mode)
+    local_drawn = drawn
+    if _distributed(process_group):  # every rank reaches this, whatever its batches were
+        drawn, used = _merge_across_ranks(accumulators, drawn, used, process_group)
     if drawn == 0:
         raise ValueError("precise_bn: expected at least one batch, got an empty iterable")
     if used == 0:
@@ -180,11 +236,11 @@ def precise_bn(
             f"precise_bn: expected at least one batch with finite statistics, got {drawn} "
             "batch(es), all skipped; the running statistics are unchanged"
         )
-    if num_batches is not None and drawn < num_batches:
+    if num_batches is not None and local_drawn < num_batches:
         skipped = f" ({drawn - used} skipped as non-finite)" if used < drawn else ""
         warnings.warn(
-            f"precise_bn: asked for num_batches={num_batches}, but the loader gave only {drawn} "
-            f"batch(es); the statistics come from {used} batch(es){skipped}",
+            f"precise_bn: asked for num_batches={num_batches}, but the loader gave only "
+            f"{local_drawn} batch(es); the statistics come from {used} batch(es){skipped}",
             UserWarning,
             stacklevel=3,
         )

@@ -14,8 +14,19 @@ concatenation of all ranks' batches. Weight and bias gradients stay per rank, as
 DistributedDataParallel expects: it sums them (it averages, and the loss scaling is the
 user's), and their sum over ranks is the whole-batch gradient.
 
+Padded sequences: ``module(x, mask)`` with a bool ``mask`` (the input's shape without the channel
+axis, as for the other batch norms) restricts the statistics to the valid positions of every rank:
+the counts gathered are the valid counts, and the backward's sums follow the masked batch norm's
+rule (``batchnorm.core.normalize``), so the result equals masked batch norm on the concatenated
+batch, with ranks holding no valid position (or no sample) included.
+
 In eval mode, without an initialized process group, or with a group of one process, it is plain
 batch norm and runs no collective.
+
+A global batch of one value per channel (one valid value with a mask, or none) is refused on
+every rank, as plain batch norm refuses it; with ``single_sample = "running"`` every rank
+normalizes it with its running statistics instead, unchanged (the total is the same everywhere,
+so the ranks agree).
 
 Why not a subclass of ``torch.nn.SyncBatchNorm``: DistributedDataParallel refuses any module that
 is an instance of it on the CPU ("SyncBatchNorm layers only work with GPU modules", checked with
@@ -40,8 +51,8 @@ import torch.distributed as dist
 
 from batchnorm.core import checks
 from batchnorm.core.errors import BatchNormValueError
-from batchnorm.core.layout import as_channel, values_per_channel
-from batchnorm.core.moments import centred_moments, merge_many, unbiased
+from batchnorm.core.layout import accumulation_dtype, as_channel, valid_per_channel
+from batchnorm.core.moments import batch_moments, merge_many, unbiased
 from batchnorm.core.normalize import (
     gradient_sums,
     input_gradient,
@@ -86,47 +97,40 @@ def _all_reduce(tensor: torch.Tensor, group, timeout: float | None) -> torch.Ten
 
 
 def global_moments(
-    x: torch.Tensor, group, timeout: float | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(global mean, global biased variance, global count, local centred)`` of ``x``."""
+    x: torch.Tensor, group, timeout: float | None, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(global mean, global biased variance, global count)`` of ``x`` over every rank (of the
+    valid positions only, with a ``mask``); not differentiable."""
     channels = x.shape[1]
-    count = values_per_channel(x)
+    count = float(valid_per_channel(x, mask))
     if count > 0:
-        mean, variance, _ = centred_moments(x)
-    else:  # an empty local batch contributes nothing, and no 0/0
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        mean = variance = torch.zeros(channels, dtype=acc, device=x.device)
-    local = torch.cat([mean.new_tensor([float(count)]), mean, variance * count])
+        mean, variance = batch_moments(x.detach(), mask)
+    else:  # an empty local batch (or one with nothing valid) contributes nothing, and no 0/0
+        mean = variance = torch.zeros(channels, dtype=accumulation_dtype(x.dtype), device=x.device)
+    local = torch.cat([mean.new_tensor([count]), mean, variance * count])
     gathered = _all_gather(local, group, timeout)
     counts, means, m2s = gathered[:, 0], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
     total, global_mean, m2 = merge_many(counts, means, m2s)
     total_count = total[0]
-    global_variance = m2 / torch.clamp(total_count, min=1)
-    centred = x.to(global_mean.dtype) - as_channel(global_mean, x)
-    return global_mean, global_variance, total_count, centred
+    return global_mean, m2 / torch.clamp(total_count, min=1), total_count
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, group, timeout, owner):
-        mean, variance, total, centred = global_moments(x, group, timeout)
-        if int(total) <= 1:  # every rank sees the same total, so every rank raises
-            raise BatchNormValueError(
-                f"{owner}: expected more than 1 value per channel across all ranks to compute "
-                f"batch statistics in training, got {int(total)}. Ways out: call .eval(), or "
-                "use larger batches."
-            )
-        invstd = inverse_std(variance, eps)
-        output = normalize_centred(centred, invstd, weight, bias, x.dtype)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.total, ctx.group, ctx.timeout = total, group, timeout
-        ctx.mark_non_differentiable(mean, variance)
-        return output, mean, variance, total
+    """Normalize with the global statistics; the backward all-reduces the gradient sums."""
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_total):
-        x, weight, mean, invstd = ctx.saved_tensors
-        centred, sum_grad, sum_grad_centred = gradient_sums(grad_out, x, mean)
+    def forward(ctx, x, weight, bias, mean, variance, total, eps, group, timeout, mask):
+        invstd = inverse_std(variance, eps)
+        centred = x.to(mean.dtype) - as_channel(mean, x)
+        output = normalize_centred(centred, invstd, weight, bias, x.dtype)
+        ctx.save_for_backward(x, weight, mean, invstd, mask)
+        ctx.total, ctx.group, ctx.timeout = total, group, timeout
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mean, invstd, mask = ctx.saved_tensors
+        centred, sum_grad, sum_grad_centred = gradient_sums(grad_out, x, mean, mask)
         grad_weight = sum_grad_centred * invstd if weight is not None else None
         grad_bias = sum_grad.clone() if ctx.needs_input_grad[2] else None
         # Every rank joins the all-reduce, even one whose input needs no gradient, so that the
@@ -137,13 +141,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             channels = x.shape[1]
             grad_input = input_gradient(
                 grad_out, centred, invstd, weight, sums[:channels], sums[channels:], ctx.total,
-                x.dtype,
+                x.dtype, mask,
             )
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(weight.dtype if weight is not None else grad_bias.dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -191,19 +195,25 @@ class SyncBatchNorm(_BatchNorm):
             and dist.get_world_size(self.process_group) > 1
         )
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Batch norm over the global batch; ``mask`` (bool, the input's shape without the
+        channel axis) restricts the statistics to the valid positions of every rank."""
         if not self._synchronizing():
-            return super().forward(input)
+            return super().forward(input, mask)
         parameters, buffers = self._parameters, self._buffers
         weight, bias = parameters["weight"], parameters["bias"]
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         updating = self.track_running_stats and running_mean is not None
         # Every argument is checked before the collective (a local batch may hold 0 or 1 values:
         # the batch-size rule applies to the global batch, after the gather).
-        self._validate(input, running_mean, running_var, False, None)
+        self._validate(input, running_mean, running_var, False, mask)
+        mean, variance, total = global_moments(input, self.process_group, self.timeout, mask)
+        if int(total) <= 1:
+            return self._global_batch_too_small(input, mask, int(total))
         momentum = self._momentum_now() if updating else 0.0
-        output, mean, variance, total = _SyncBatchNormFunction.apply(
-            input, weight, bias, self.eps, self.process_group, self.timeout, type(self).__name__
+        output = _SyncBatchNormFunction.apply(
+            input, weight, bias, mean, variance, total, self.eps, self.process_group,
+            self.timeout, mask,
         )
         if updating:
             new_mean, new_var, finite = updated_running_stats(
@@ -211,6 +221,22 @@ class SyncBatchNorm(_BatchNorm):
             )
             self._commit_running_stats(new_mean, new_var, finite)
         return output
+
+    def _global_batch_too_small(self, input, mask, total: int) -> torch.Tensor:
+        """Every rank sees the same total, so every rank takes the same way out: the running
+        statistics (``single_sample = "running"``), or the batch-size refusal."""
+        owner = type(self).__name__
+        running_mean, running_var = self._buffers["running_mean"], self._buffers["running_var"]
+        if self.single_sample == "running" and running_mean is not None:
+            output, *_ = self._core(input, running_mean, running_var, training=False,
+                                    momentum=0.0)
+            return output
+        what = "value" if mask is None else "valid (unmasked) value"
+        raise BatchNormValueError(
+            f"{owner}: expected more than 1 {what} per channel across all ranks to compute "
+            f"batch statistics in training, got {total}. Ways out: call .eval(), use larger "
+            "batches, or set single_sample = 'running'."
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", timeout={self.timeout}" if self.timeout else "")
