@@ -30,9 +30,9 @@ def test_digits_fixed_stratified_split():
 @pytest.mark.parametrize("layout", ["flat", "torchvision"])
 def test_idx_folders_read_back(tmp_path, gzipped, layout):
     folder = tmp_path if layout == "flat" else tmp_path / "FashionMNIST" / "raw"
-    arrays = make_idx_folder(folder, gzipped)
+    arrays = make_idx_folder(folder, gzipped, shape=(28, 28))
     data = load_data(f"fashion-mnist:{tmp_path}")
-    assert data.image_shape == (1, 6, 5)
+    assert data.image_shape == (1, 28, 28) and data.classes == 10
     assert data.train_labels.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
     assert data.test_labels.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
     raw = arrays["train-images-idx3-ubyte"].astype(np.float64)
@@ -41,8 +41,40 @@ def test_idx_folders_read_back(tmp_path, gzipped, layout):
 
 
 def test_mnist_torchvision_layout(tmp_path):
-    make_idx_folder(tmp_path / "MNIST" / "raw", gzipped=True)
+    make_idx_folder(tmp_path / "MNIST" / "raw", gzipped=True, shape=(28, 28))
     assert load_data(f"mnist:{tmp_path}").classes == 10
+
+
+def test_idx_images_must_be_28x28(tmp_path):
+    make_idx_folder(tmp_path, gzipped=False, shape=(6, 5))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: expected 28x28 images"):
+        load_data(f"mnist:{tmp_path}")
+
+
+def test_classes_are_ten_even_when_the_last_is_absent(tmp_path):
+    make_idx_folder(tmp_path, gzipped=False, shape=(28, 28))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(
+        bytes([0, 0, 8, 1, 0, 0, 0, 20]) + bytes((np.arange(20) % 3).tolist())
+    )
+    assert load_data(f"mnist:{tmp_path}").classes == 10
+
+
+def test_a_training_set_must_hold_one_batch(tmp_path):
+    make_idx_folder(tmp_path, gzipped=True, train=20, shape=(28, 28))
+    assert len(load_data(f"mnist:{tmp_path}", min_train=20).train_labels) == 20
+    with pytest.raises(DataError, match="20 training images, fewer than one batch of 21"):
+        load_data(f"mnist:{tmp_path}", min_train=21)
+    with pytest.raises(DataError, match="^digits: 1257 training images"):
+        load_data("digits", min_train=5000)
+
+
+def test_largest_batch_size_of_the_experiment_configs():
+    from batchnorm.lab.data import largest_batch_size
+    from batchnorm.lab.experiments import EXPERIMENTS
+
+    assert largest_batch_size(e.config(quick=True) for e in EXPERIMENTS.values()) == 60
+    assert largest_batch_size(e.config() for e in EXPERIMENTS.values()) == 128
+    assert largest_batch_size([]) == 1
 
 
 def test_idx_errors_say_what_was_expected(tmp_path):

@@ -65,3 +65,33 @@ def test_a_dict_of_the_wrong_shape_is_a_data_error(tmp_path):
     (tmp_path / "test_batch").write_bytes(pickle.dumps(wrong))
     with pytest.raises(DataError, match=r"expected b'data' of shape \(N, 3072\)"):
         load_data(f"cifar10:{tmp_path}")
+
+
+class _CallsWith:
+    def __init__(self, function, *arguments):
+        self.function, self.arguments = function, arguments
+
+    def __reduce__(self):
+        return (self.function, self.arguments)
+
+
+def test_an_empty_array_loads_in_protocol_2():
+    loaded = restricted_loads(pickle.dumps({b"data": np.zeros((0, 3072), np.uint8)}, protocol=2))
+    assert loaded[b"data"].shape == (0, 3072) and loaded[b"data"].dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    "payload, refused",
+    [
+        (_CallsWith(np.ndarray, (2**40,), "u1"), r"numpy\.ndarray\(\(1099511627776,\)"),
+        (_CallsWith(np.zeros(1).__reduce__()[0], np.ndarray, (2**40,), b"B"), "_reconstruct"),
+        (_CallsWith(bytes, 2**40), r"bytes\(1099511627776"),
+    ],
+    ids=["ndarray(shape)", "_reconstruct(shape)", "bytes(n)"],
+)
+def test_a_few_bytes_of_pickle_cannot_allocate_a_terabyte(payload, refused):
+    data = pickle.dumps(payload, protocol=2)
+    assert len(data) < 200
+    with pytest.raises(UnsafePickleError, match=refused) as error:
+        restricted_loads(data, source="batch")
+    assert str(error.value).startswith("batch: refused")

@@ -10,7 +10,14 @@ from pathlib import Path
 
 from batchnorm.lab.data.dataset import DataError, Dataset
 
-__all__ = ["DATA_SPECS", "DataError", "Dataset", "describe_spec", "load_data"]
+__all__ = [
+    "DATA_SPECS",
+    "DataError",
+    "Dataset",
+    "describe_spec",
+    "largest_batch_size",
+    "load_data",
+]
 
 # Name -> what its PATH must hold (for --help and error messages).
 DATA_SPECS = {
@@ -39,7 +46,13 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
 def describe_spec(spec: str) -> dict:
     """The identity of a data spec, as stored with every run (name and absolute path)."""
     name, path = _split_spec(spec)
-    return {"name": name, "path": None if path is None else str(Path(path).expanduser().resolve())}
+    if path is None:
+        return {"name": name, "path": None}
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop
+        raise DataError(f"{name}: '{path}' cannot be resolved ({error})") from None
+    return {"name": name, "path": str(resolved)}
 
 
 # The experiments are sized for thousands of examples; larger sets are cut to a fixed subset so
@@ -48,19 +61,35 @@ TRAIN_LIMIT = 10_000
 TEST_LIMIT = 2_000
 
 
-def load_data(spec: str = "digits") -> Dataset:
-    """Read the data named by ``spec``; a bad spec or folder raises ``DataError``."""
+def largest_batch_size(configs) -> int:
+    """The largest mini-batch any of the experiment ``configs`` trains on (their ``batch_size``
+    or ``batch_sizes``), so that a training set can be checked to hold one before any run."""
+    sizes = [1]
+    for config in configs:
+        sizes.append(getattr(config, "batch_size", 1))
+        sizes.extend(getattr(config, "batch_sizes", ()))
+    return max(sizes)
+
+
+def load_data(spec: str = "digits", min_train: int = 1) -> Dataset:
+    """Read the data named by ``spec``; a bad spec or folder raises ``DataError``.
+
+    The training set must hold at least ``min_train`` images: one batch of the experiments.
+    """
     name, path = _split_spec(spec)
     if name == "digits":
+        from batchnorm.lab.data.dataset import check_training_size
         from batchnorm.lab.data.digits import load_digits
 
-        return load_digits()
+        dataset = load_digits()
+        check_training_size(len(dataset.train_labels), min_train, "digits")
+        return dataset
     if name in ("mnist", "fashion-mnist"):
         from batchnorm.lab.data.idx import load_idx_dataset
 
-        dataset = load_idx_dataset(name, Path(path).expanduser())
+        dataset = load_idx_dataset(name, Path(path).expanduser(), min_train)
     else:
         from batchnorm.lab.data.cifar import load_cifar10
 
-        dataset = load_cifar10(Path(path).expanduser())
+        dataset = load_cifar10(Path(path).expanduser(), min_train)
     return dataset.subset(TRAIN_LIMIT, TEST_LIMIT)

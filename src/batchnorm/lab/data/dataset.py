@@ -9,7 +9,45 @@ import torch
 
 
 class DataError(ValueError):
-    """A data spec, folder or file that is not what the lab expects."""
+    """A data spec, folder or file that is not what the lab expects.
+
+    Its message is one line that starts with the file (or folder) at fault, then the problem.
+    """
+
+
+def check_labels(labels: object, source: str, classes: int) -> np.ndarray:
+    """``labels`` as an int64 array, if they are a flat sequence of integers in 0..classes-1.
+
+    Floats, strings, bools and integers too large for int64 are refused rather than converted:
+    a file that holds them is not the data set it claims to be.
+    """
+    try:
+        array = np.asarray(labels)
+    except (ValueError, TypeError) as error:  # ragged nesting
+        raise DataError(f"{source}: labels are not a flat list of integers ({error})") from None
+    if array.ndim != 1:
+        raise DataError(f"{source}: expected labels of shape (N,), got shape {array.shape}")
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if array.dtype.kind not in "iu":
+        raise DataError(f"{source}: expected integer labels, got {array.dtype} values")
+    outside = np.flatnonzero((array < 0) | (array >= classes))
+    if outside.size:
+        index = int(outside[0])
+        raise DataError(
+            f"{source}: label {array[index]} at position {index} is outside 0..{classes - 1} "
+            f"({outside.size} of the {array.size} labels are)"
+        )
+    return array.astype(np.int64)
+
+
+def check_training_size(count: int, min_train: int, source: str) -> None:
+    """Refuse a training set that cannot fill one batch of ``min_train`` images."""
+    if count < min_train:
+        raise DataError(
+            f"{source}: {count} training images, fewer than one batch of {min_train} "
+            "(the largest batch the chosen experiments train on)"
+        )
 
 
 @dataclass(frozen=True)
@@ -73,10 +111,12 @@ def make_dataset(
     train_labels: np.ndarray,
     test_images: np.ndarray,
     test_labels: np.ndarray,
+    classes: int | None = None,
 ) -> Dataset:
     """Standardize per channel with the training set's mean and deviation, then wrap as tensors.
 
-    Images come in as (N, C, H, W) arrays of any numeric type; labels as integer arrays.
+    Images come in as (N, C, H, W) arrays of any numeric type; labels as integer arrays in
+    0..classes-1 (``classes`` defaults to the largest label plus one).
     """
     train = train_images.astype(np.float64)
     axes = (0, 2, 3)
@@ -86,7 +126,8 @@ def make_dataset(
     def standardize(images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(((images.astype(np.float64) - mean) / deviation).astype(np.float32))
 
-    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    if classes is None:
+        classes = int(max(train_labels.max(), test_labels.max())) + 1
     return Dataset(
         name=name,
         train_images=standardize(train_images),

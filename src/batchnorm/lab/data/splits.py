@@ -131,7 +131,7 @@ def load_splits(spec: str, min_train: int = 1) -> Splits:
     else:
         from batchnorm.lab.data import load_data
 
-        dataset = load_data(spec)
+        dataset = load_data(spec, min_train)  # a set too small is refused before it is read
     splits = split_validation(dataset)
     if len(splits.train) < min_train:
         raise DataError(
