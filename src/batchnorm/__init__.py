@@ -12,6 +12,12 @@ from batchnorm.core.running import NonFiniteStatisticsWarning
 from batchnorm.dispatch import available_backends, select_backend, use_backend
 from batchnorm.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from batchnorm.modules.norm_act import BatchNormAct1d, BatchNormAct2d
+from batchnorm.variants.cross_iteration import (
+    CrossIterationBatchNorm1d,
+    CrossIterationBatchNorm2d,
+    CrossIterationBatchNorm3d,
+    link_preceding,
+)
 from batchnorm.variants.fold import ChannelAffine, FoldReport, fold
 from batchnorm.variants.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from batchnorm.variants.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
@@ -29,6 +35,9 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "ChannelAffine",
+    "CrossIterationBatchNorm1d",
+    "CrossIterationBatchNorm2d",
+    "CrossIterationBatchNorm3d",
     "FoldReport",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
@@ -42,6 +51,7 @@ __all__ = [
     "SyncTimeoutError",
     "fold",
     "freeze",
+    "link_preceding",
     "precise_bn",
     "save_checkpoint",
     "unfreeze",

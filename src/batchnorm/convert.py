@@ -37,6 +37,11 @@ import torch
 from torch import nn
 
 from batchnorm.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.variants.cross_iteration import (
+    CrossIterationBatchNorm1d,
+    CrossIterationBatchNorm2d,
+    CrossIterationBatchNorm3d,
+)
 from batchnorm.variants.frozen import (
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
@@ -53,6 +58,9 @@ FAMILIES: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = 
     "renorm": (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d),
     "ghost": (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d),
     "frozen": (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d),
+    "cross_iteration": (
+        CrossIterationBatchNorm1d, CrossIterationBatchNorm2d, CrossIterationBatchNorm3d
+    ),
     # Synchronized forms take any number of dimensions: one class serves all three.
     "sync": (SyncBatchNorm,) * 3,
     "torch_sync": (nn.SyncBatchNorm,) * 3,
@@ -61,6 +69,7 @@ FAMILIES: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = 
 _OPTIONS = {
     "renorm": ("r_max", "d_max", "schedule"),
     "ghost": ("virtual_batch_size",),
+    "cross_iteration": ("window", "burn_in"),
     "sync": ("process_group", "timeout"),
     "torch_sync": ("process_group",),
 }

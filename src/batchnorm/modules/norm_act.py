@@ -381,19 +381,7 @@ class _BatchNormAct(_BatchNorm):
             if residual is not None:
                 y = y + residual
             return self._activate(y)
-        parameters, buffers = self._parameters, self._buffers
-        weight, bias = parameters["weight"], parameters["bias"]
-        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        updating = self.training and self.track_running_stats and running_mean is not None
-        use_batch_stats = self.training or running_mean is None
-        if use_batch_stats and self._single_sample_uses_running(input, None, running_mean):
-            updating = use_batch_stats = False
-        momentum = self._momentum_now() if updating else 0.0
-        validate_arguments(
-            input, running_mean, running_var, weight, bias, use_batch_stats, momentum, self.eps,
-            owner, None, input_checked=True,  # the module's rule ran above
-        )
-        stats = (None, None) if use_batch_stats else (running_mean, running_var)
+        weight, bias, stats, momentum = self._plan(input)
         arguments = (input, residual, weight, bias, *stats, self.eps, self.activation)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in arguments[:4]
@@ -405,13 +393,37 @@ class _BatchNormAct(_BatchNorm):
                 input, weight, bias, self.eps, mean=stats[0], variance=stats[1],
                 activation=self.activation, residual=residual,
             )
-        if updating:
-            new_mean, new_var, finite = running_stats_updater(input)(
-                running_mean, running_var, mean, variance, momentum, values_per_channel(input),
-                in_place=True,
-            )
-            self._commit_running_stats(new_mean, new_var, finite)
+        self._update_running_stats(input, mean, variance, momentum)
         return y
+
+    def _plan(self, input: torch.Tensor):
+        """What a fused or in-place call uses, every argument validated once (the input's own
+        rule has run): ``(weight, bias, (mean, variance) given or (None, None) for batch
+        statistics, momentum or None when the running statistics are not updated)``."""
+        parameters, buffers = self._parameters, self._buffers
+        weight, bias = parameters["weight"], parameters["bias"]
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        updating = self.training and self.track_running_stats and running_mean is not None
+        use_batch_stats = self.training or running_mean is None
+        if use_batch_stats and self._single_sample_uses_running(input, None, running_mean):
+            updating = use_batch_stats = False
+        momentum = self._momentum_now() if updating else 0.0
+        validate_arguments(
+            input, running_mean, running_var, weight, bias, use_batch_stats, momentum, self.eps,
+            type(self).__name__, None, input_checked=True,
+        )
+        stats = (None, None) if use_batch_stats else (running_mean, running_var)
+        return weight, bias, stats, momentum if updating else None
+
+    def _update_running_stats(self, input, mean, variance, momentum) -> None:
+        if momentum is None:
+            return
+        buffers = self._buffers
+        new_mean, new_var, finite = running_stats_updater(input)(
+            buffers["running_mean"], buffers["running_var"], mean, variance, momentum,
+            values_per_channel(input), in_place=True,
+        )
+        self._commit_running_stats(new_mean, new_var, finite)
 
     def _forward_in_place(self, input: torch.Tensor, residual: torch.Tensor | None):
         """``inplace=True``: the output is written over ``input`` (see the module docstring)."""
@@ -424,18 +436,7 @@ class _BatchNormAct(_BatchNorm):
             )
         if input.numel() == 0:  # nothing to overwrite; counted as plain batch norm counts it
             return self._activate(super().forward(input))
-        parameters, buffers = self._parameters, self._buffers
-        weight, bias = parameters["weight"], parameters["bias"]
-        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        updating = self.training and self.track_running_stats and running_mean is not None
-        use_batch_stats = self.training or running_mean is None
-        if use_batch_stats and self._single_sample_uses_running(input, None, running_mean):
-            updating = use_batch_stats = False
-        momentum = self._momentum_now() if updating else 0.0
-        validate_arguments(
-            input, running_mean, running_var, weight, bias, use_batch_stats, momentum, self.eps,
-            owner, None, input_checked=True,
-        )
+        weight, bias, stats, momentum = self._plan(input)
         if torch.is_grad_enabled() and input.requires_grad:
             base = input if input._base is None else input._base
             if base.is_leaf:
@@ -444,7 +445,6 @@ class _BatchNormAct(_BatchNorm):
                     "requires grad (or a view of one); autograd cannot differentiate it after "
                     "that. Pass the output of a layer (or input.clone()), or use inplace=False"
                 )
-        stats = (None, None) if use_batch_stats else (running_mean, running_var)
         slope = self.negative_slope if self.activation == "leaky_relu" else None
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, weight, bias)
@@ -457,12 +457,7 @@ class _BatchNormAct(_BatchNorm):
             y, mean, variance, *_ = _in_place_forward(
                 input, weight, bias, *stats, self.eps, slope, for_backward=False
             )
-        if updating:
-            new_mean, new_var, finite = running_stats_updater(input)(
-                running_mean, running_var, mean, variance, momentum, values_per_channel(input),
-                in_place=True,
-            )
-            self._commit_running_stats(new_mean, new_var, finite)
+        self._update_running_stats(input, mean, variance, momentum)
         return y
 
 
