@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from batchnorm.cli import main
@@ -14,6 +16,7 @@ def test_list_names_every_experiment_and_its_claims(capsys):
                  "regularization"):
         assert name in printed
     assert "C15:" in printed
+    assert "[data: mnist1d]" in printed and "[data: digits]" in printed
 
 
 @pytest.mark.parametrize(
@@ -34,14 +37,31 @@ def test_bad_input_fails_clearly_without_writing(arguments, message, tmp_path, c
 
 def test_one_small_experiment_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
-    arguments = ["lab", "init", "--quick", "--seeds", "2", "--jobs", "1", "--no-progress",
+    arguments = ["lab", "init", "--quick", "--data", "digits", "--jobs", "1", "--no-progress",
                  "--out", str(out)]
     assert main(arguments) == 0
     printed = capsys.readouterr().out
+    assert "2 tuning + 18 evaluation runs over 3 seeds" in printed  # --quick: 3 seeds
     assert "C6" in printed and str(out / "report.html") in printed
-    assert "12 runs trained, 0 reused" in printed
+    assert "20 runs trained, 0 reused" in printed
     assert main(arguments) == 0
-    assert "0 runs trained, 12 reused" in capsys.readouterr().out
+    assert "0 runs trained, 20 reused" in capsys.readouterr().out
+    command = json.loads((out / "results.json").read_text())["command"]
+    assert command == (f"batchnorm lab init --quick --seeds 3 --data digits --out {out} "
+                       "--jobs 1")
+
+
+def test_default_seeds_are_five(tmp_path, capsys, monkeypatch):
+    import batchnorm.lab.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "run_lab", lambda configs, seeds, *rest: seen.setdefault("s", seeds)
+                        and 0)
+    assert main(["lab", "init", "--data", "digits", "--out", str(tmp_path / "o")]) == 0
+    assert seen["s"] == [0, 1, 2, 3, 4]
+    seen.clear()
+    assert main(["lab", "init", "--seeds", "7", "--data", "digits"]) == 0
+    assert seen["s"] == list(range(7))
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
@@ -54,7 +74,7 @@ def test_experiments_run_on_other_data(dataset, tmp_path, capsys):
         experiment = "init"  # an MLP on 784 inputs
     else:
         make_cifar_folder(folder / "cifar-10-batches-py", per_batch=20)
-        experiment = "batch-size"  # a CNN on 3x32x32 images
+        experiment = "batch-size"  # an MLP and a 2-D CNN on 3x32x32 images
     out = tmp_path / "out"
     arguments = ["lab", experiment, "--quick", "--seeds", "2", "--jobs", "1", "--no-progress",
                  "--data", f"{dataset}:{folder}", "--out", str(out)]

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from batchnorm.lab.experiments import EXPERIMENTS, get_experiment
-from batchnorm.lab.experiments.base import config_to_dict
-from batchnorm.lab.experiments.convergence import best_runs, steps_to_target
-from batchnorm.lab.experiments.learning_rate import LearningRateConfig, largest_stable_rate
+from batchnorm.lab.experiments.base import TUNING_SEEDS, config_to_dict
+from batchnorm.lab.experiments.convergence import steps_to_target
+from batchnorm.lab.experiments.learning_rate import largest_tolerated_rate
 
 
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
@@ -23,6 +23,11 @@ def test_configs_round_trip_through_json(name, quick):
     assert len(plan) == len({json.dumps(p, sort_keys=True) for p in plan})  # no duplicate runs
     assert {p["seed"] for p in plan} == {0, 1}
     assert experiment.setup(config) and experiment.question and experiment.published
+    assert experiment.data in ("mnist1d", "digits") and experiment.data_reason
+    if experiment.tuning is not None:
+        tuning = experiment.tuning.plan(config, quick)
+        assert tuning and not {p["seed"] for p in tuning} & {0, 1, 2, 3, 4}  # own seeds
+        assert {p["seed"] for p in tuning} <= set(TUNING_SEEDS)
 
 
 def test_unknown_config_fields_and_experiments_are_refused():
@@ -32,25 +37,52 @@ def test_unknown_config_fields_and_experiments_are_refused():
         get_experiment("dropout")
 
 
-def test_steps_to_target_and_best_rate():
+def test_steps_to_target():
     assert steps_to_target([0, 10, 20], [0.1, 0.96, 0.99], 0.95) == 10
     assert steps_to_target([0, 10], [0.1, 0.5], 0.95) is None
 
-    def run(rate, reached, final):
-        result = {"steps_to_target": reached, "test_accuracy": [0.1, final]}
-        return {"params": {"norm": "batch", "seed": 0, "learning_rate": rate}, "result": result}
 
-    runs = [run(0.01, None, 0.99), run(0.1, 50, 0.97), run(0.3, 50, 0.98)]
-    best = best_runs(runs)
-    assert best[("batch", 0)]["params"]["learning_rate"] == 0.3  # tie on steps: higher accuracy
+def test_tuning_chooses_on_validation_and_feeds_the_main_runs():
+    experiment = get_experiment("init")
+    config = experiment.config()
+    tuning = experiment.tuning.plan(config, False)
+    assert {p["scale"] for p in tuning} == {1.0}  # tuned at the standard scale only
+
+    def score(params):  # BN best at 0.1, none best at 0.03 (and a tie at 0.01 for none)
+        best = {"batch": 0.1, "none": 0.03}[params["norm"]]
+        return 0.9 if params["learning_rate"] == best else 0.5
+
+    runs = [{"params": p, "result": {"validation_accuracy": [0.1, score(p)],
+                                     "test_accuracy": 0.0}} for p in tuning]
+    choice = experiment.tuning.choose(config, runs)
+    assert choice == {"learning_rate": {"none": 0.03, "batch": 0.1}}
+    # The test accuracy plays no part in the choice.
+    for run in runs:
+        run["result"]["test_accuracy"] = 1.0 if run["params"]["learning_rate"] == 0.01 else 0.0
+    assert experiment.tuning.choose(config, runs) == choice
+    main = experiment.tuning.apply(choice, {"norm": "batch", "scale": 10.0, "seed": 0})
+    assert main["learning_rate"] == 0.1
+    table = experiment.tuning.table(config, runs, choice)
+    assert table.rows and "validation" in table.title
 
 
-def test_largest_stable_rate_bounds_when_nothing_is_stable():
-    config = LearningRateConfig(learning_rates=(0.1, 1.0))
+def test_tuning_ties_go_to_the_smaller_rate():
+    experiment = get_experiment("regularization")
+    config = experiment.config()
+    runs = [{"params": p, "result": {"validation_accuracy": [0.7]}}
+            for p in experiment.tuning.plan(config, False)]
+    choice = experiment.tuning.choose(config, runs)["learning_rate"]
+    assert set(choice) == {"none/0.0", "none/0.3", "batch/0.0", "batch/0.3"}
+    assert set(choice.values()) == {min(config.tuning_rates)}
 
-    def run(rate, accuracy, nonfinite=False):
-        result = {"final_test_accuracy": accuracy, "nonfinite": nonfinite}
-        return {"params": {"learning_rate": rate}, "result": result}
 
-    assert largest_stable_rate(config, [run(0.1, 0.9), run(1.0, 0.95, nonfinite=True)]) == 0.1
-    assert largest_stable_rate(config, [run(0.1, 0.2), run(1.0, 0.1)]) == 0.05
+def test_largest_tolerated_rate_interpolates_on_the_log_axis():
+    rates = [0.01, 0.02, 0.04, 0.08]
+    # Best 0.6, level 0.3: the accuracy falls from 0.5 at 0.02 to 0.1 at 0.04, crossing 0.3
+    # halfway, so the edge is sqrt(0.02 * 0.04) on the log axis.
+    rate, censored = largest_tolerated_rate(rates, [0.6, 0.5, 0.1, 0.1], 0.5)
+    assert rate == pytest.approx((0.02 * 0.04) ** 0.5) and not censored
+    rate, censored = largest_tolerated_rate(rates, [0.6, 0.6, 0.6, 0.5], 0.5)
+    assert rate == 0.08 and censored  # tolerated at the top: a lower bound
+    rate, _ = largest_tolerated_rate(rates, [0.6, 0.0, 0.0, 0.0], 0.5)
+    assert 0.01 < rate < 0.02

@@ -15,6 +15,7 @@ def test_every_norm_builds_and_trains_a_step(norm):
     for model, x in [
         (MLP(64, 10, depth=2, width=16, norm=norm), torch.randn(8, 64)),
         (CNN(1, 10, widths=(4, 8, 8), norm=norm), torch.randn(8, 1, 8, 8)),
+        (CNN(1, 10, widths=(4, 8, 8), norm=norm, one_dimensional=True), torch.randn(8, 1, 1, 40)),
     ]:
         loss = nn.functional.cross_entropy(model(x), torch.randint(0, 10, (8,)))
         loss.backward()
@@ -22,8 +23,9 @@ def test_every_norm_builds_and_trains_a_step(norm):
 
 
 def test_batch_norm_is_ours():
-    assert type(make_norm("batch", 8, False)) is BatchNorm1d
-    assert type(make_norm("batch", 8, True)) is BatchNorm2d
+    assert type(make_norm("batch", 8, "vector")) is BatchNorm1d
+    assert type(make_norm("batch", 8, "sequence")) is BatchNorm1d
+    assert type(make_norm("batch", 8, "image")) is BatchNorm2d
     assert any(isinstance(m, BatchNorm1d) for m in MLP(4, 2, norm="batch").modules())
 
 
@@ -54,7 +56,9 @@ def test_init_scale_multiplies_the_standard_weights():
 
 def test_unknown_choices_name_the_options():
     with pytest.raises(ValueError, match="unknown norm 'ghosts': expected one of none, batch"):
-        make_norm("ghosts", 4, False)
+        make_norm("ghosts", 4, "vector")
+    with pytest.raises(ValueError, match="unknown layout 'volume'"):
+        make_norm("batch", 4, "volume")
     with pytest.raises(ValueError, match="unknown activation 'gelu'"):
         MLP(4, 2, activation="gelu")
     with pytest.raises(ValueError, match="unknown placement 'middle'"):
@@ -62,7 +66,7 @@ def test_unknown_choices_name_the_options():
 
 
 def test_registered_norm_is_usable_by_name():
-    register_norm("test-identity", lambda features, spatial: nn.Identity())
+    register_norm("test-identity", lambda features, layout: nn.Identity())
     try:
         assert MLP(4, 2, norm="test-identity")(torch.randn(3, 4)).shape == (3, 2)
     finally:
@@ -72,7 +76,16 @@ def test_registered_norm_is_usable_by_name():
 def test_variants_are_ours_with_the_lab_settings():
     from batchnorm import BatchRenorm2d, GhostBatchNorm1d
 
-    renorm = make_norm("renorm", 8, True)
+    renorm = make_norm("renorm", 8, "image")
     assert type(renorm) is BatchRenorm2d and (renorm.r_max, renorm.d_max) == (1.5, 0.5)
-    ghost = make_norm("ghost", 8, False)
+    ghost = make_norm("ghost", 8, "vector")
     assert type(ghost) is GhostBatchNorm1d and ghost.virtual_batch_size == 16
+
+
+def test_one_dimensional_cnn_convolves_the_signal_with_the_sequence_norms():
+    model = CNN(1, 10, widths=(4, 8, 8), norm="layer", one_dimensional=True)
+    convolutions = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    assert convolutions and all(isinstance(m, nn.Conv1d) for m in convolutions)
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert [m.num_groups for m in norms] == [1, 1, 1]  # LayerNorm over (C, L)
+    assert model(torch.randn(5, 1, 1, 40)).shape == (5, 10)

@@ -10,18 +10,23 @@ import pytest
 
 from batchnorm.lab.claims import CLAIMS
 from batchnorm.lab.experiments import EXPERIMENTS
-from batchnorm.lab.runner import plan_tasks
+from batchnorm.lab.runner import choices, plan_tasks, tuning_tasks
 from batchnorm.lab.store import ResultStore
 from batchnorm.lab.suite import run_suite
 from batchnorm.lab.verdict import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
-from tests.lab.conftest import make_tiny_configs
+from tests.lab.conftest import TINY_DATA, make_tiny_configs
 
 SEEDS = (0, 1)
 
 
 def _suite(configs, out: Path, **options):
-    return run_suite(configs, SEEDS, data="digits", data_description="digits", out=out,
-                     store=out / "runs", progress=False, **options)
+    return run_suite(configs, SEEDS, data=TINY_DATA, out=out, store=out / "runs",
+                     progress=False, **options)
+
+
+def _run_count(configs) -> int:
+    tuning = tuning_tasks(configs, TINY_DATA, "cpu", Path("unused"), quick=False)
+    return len(tuning) + sum(len(EXPERIMENTS[n].plan(c, SEEDS)) for n, c in configs.items())
 
 
 def _runs_by_key(out: Path) -> dict:
@@ -38,14 +43,14 @@ def finished_suite(tmp_path_factory):
 
 def test_every_experiment_and_claim_gets_a_stated_verdict(finished_suite):
     configs, out, report = finished_suite
-    assert report.outcome.ran == sum(len(EXPERIMENTS[n].plan(c, SEEDS)) for n, c in configs.items())
+    assert report.outcome.ran == _run_count(configs)
     claims = {finding.claim for finding in report.findings}
     assert claims == {claim for e in EXPERIMENTS.values() for claim in e.claims}
     assert claims <= set(CLAIMS)
     for finding in report.findings:
         assert finding.verdict in (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE)
         assert finding.seeds == len(SEEDS) and len(finding.per_seed) == len(SEEDS)
-        assert "95% CI" in finding.rule
+        assert "95% CI" in finding.rule and finding.why
     for name in ("report.html", "report.md", "results.json", "convergence.png", "batch-size.png"):
         assert (out / name).stat().st_size > 0
 
@@ -61,8 +66,9 @@ def test_same_seed_and_config_give_identical_numbers(finished_suite, tmp_path):
 
 def test_processes_give_the_same_numbers_as_one_process(finished_suite, tmp_path):
     configs, out, _ = finished_suite
-    report = _suite({"learning-rate": configs["learning-rate"]}, tmp_path, jobs=2)
-    assert report.outcome.ran == 8
+    subset = {"learning-rate": configs["learning-rate"]}
+    report = _suite(subset, tmp_path, jobs=2)
+    assert report.outcome.ran == _run_count(subset) == 8
     first = _runs_by_key(out)
     assert all(first[key] == value for key, value in _runs_by_key(tmp_path).items())
 
@@ -71,28 +77,33 @@ def test_resume_reruns_only_missing_truncated_and_corrupt_runs(tiny_configs, tmp
     configs = {"init": tiny_configs["init"], "regularization": tiny_configs["regularization"]}
     # An interrupted run: only the first experiment finished, and a write was cut off.
     first = _suite({"init": configs["init"]}, tmp_path)
-    assert (first.outcome.ran, first.outcome.reused) == (8, 0)
+    assert (first.outcome.ran, first.outcome.reused) == (4 + 8, 0)  # tuning, then evaluation
     store = ResultStore(tmp_path / "runs")
-    tasks = plan_tasks(configs, SEEDS, "digits", "cpu", tmp_path / "runs")
+    tuning = tuning_tasks(configs, TINY_DATA, "cpu", tmp_path / "runs", quick=False)
+    chosen = choices(configs, tuning, {task.key: store.load(task.key) for task in tuning
+                                       if task.experiment == "init"} | {
+        task.key: {"validation_accuracy": [0.5]} for task in tuning
+        if task.experiment != "init"})
+    tasks = plan_tasks(configs, SEEDS, TINY_DATA, "cpu", tmp_path / "runs", chosen)
     init_keys = [task.key for task in tasks if task.experiment == "init"]
     truncated, corrupt = store.path(init_keys[0]), store.path(init_keys[1])
     original = json.loads(truncated.read_text())["result"]
     truncated.write_text(truncated.read_text()[:40])
-    field = '"final_test_accuracy":'
+    field = '"test_accuracy":'
     corrupt.write_text(corrupt.read_text().replace(field, field + "9"))
     (tmp_path / "runs" / f".{init_keys[2]}.123.tmp").write_text("{half")  # killed mid-write
     modified_before = {key: os.stat(store.path(key)).st_mtime_ns for key in init_keys[2:]}
 
     second = _suite(configs, tmp_path)
 
-    assert second.outcome.reused == 6  # the intact init runs
-    assert second.outcome.ran == 2 + 8  # the two damaged ones and all of regularization
+    assert second.outcome.reused == 4 + 6  # init's tuning runs and its intact runs
+    assert second.outcome.ran == 2 + 8 + 8  # the two damaged ones, regularization's tuning+runs
     assert store.load(init_keys[0]) == original  # re-run, same numbers
     assert store.load(init_keys[1]) is not None
     for key, stamp in modified_before.items():
         assert os.stat(store.path(key)).st_mtime_ns == stamp  # intact files untouched
     third = _suite(configs, tmp_path)
-    assert (third.outcome.ran, third.outcome.reused) == (0, 16)
+    assert (third.outcome.ran, third.outcome.reused) == (0, 4 + 8 + 8 + 8)
 
 
 def test_a_changed_config_is_a_different_run(tiny_configs, tmp_path):
@@ -100,28 +111,51 @@ def test_a_changed_config_is_a_different_run(tiny_configs, tmp_path):
 
     _suite({"init": tiny_configs["init"]}, tmp_path)
     changed = _suite({"init": replace(tiny_configs["init"], steps=21)}, tmp_path)
-    assert (changed.outcome.ran, changed.outcome.reused) == (8, 0)
+    assert (changed.outcome.ran, changed.outcome.reused) == (4 + 8, 0)
 
 
-def test_killed_lab_leaves_only_whole_results(tmp_path):
+def _lab_command(out: Path) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "batchnorm", "lab", "init", "--quick",
+            "--seeds", "3", "--data", TINY_DATA, "--jobs", "1", "--no-progress",
+            "--out", str(out)]
+
+
+def _saved_runs(out: Path) -> dict:
+    document = json.loads((out / "results.json").read_text())
+    return {
+        entry["name"]: (entry["runs"], entry.get("tuning"))
+        for entry in document["experiments"]
+    }, document["claims"]
+
+
+def test_killed_lab_resumes_to_the_same_numbers(tmp_path):
     import signal
     import subprocess
-    import sys
     import time
 
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "batchnorm", "lab", "learning-rate", "--seeds", "2",
-               "--jobs", "1", "--no-progress", "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    process = subprocess.Popen(_lab_command(killed), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
     try:
-        while len(list((out / "runs").glob("*.json"))) < 3 and time.monotonic() < deadline:
+        while len(list((killed / "runs").glob("*.json"))) < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    saved = list((out / "runs").glob("*.json"))
-    assert len(saved) >= 3
-    assert not (out / "results.json").exists()  # the suite did not finish
-    store = ResultStore(out / "runs")
-    assert all(store.load(path.stem) is not None for path in saved)
+    saved = list((killed / "runs").glob("*.json"))
+    assert len(saved) >= 5  # the tuning runs and some evaluation runs
+    assert not (killed / "results.json").exists()  # the suite did not finish
+    store = ResultStore(killed / "runs")
+    assert all(store.load(path.stem) is not None for path in saved)  # only whole results
+    stamps = {path.name: path.stat().st_mtime_ns for path in saved}
+
+    subprocess.run(_lab_command(killed), check=True, capture_output=True)
+    subprocess.run(_lab_command(whole), check=True, capture_output=True)
+    for path in saved:
+        assert path.stat().st_mtime_ns == stamps[path.name]  # finished runs were not redone
+    resumed_runs, resumed_claims = _saved_runs(killed)
+    whole_runs, whole_claims = _saved_runs(whole)
+    assert resumed_runs == whole_runs and resumed_claims == whole_claims

@@ -99,9 +99,9 @@ def tuning_score(config: ConvergenceConfig, result: dict) -> float:
 
 
 def _score_text(value: float) -> str:
-    # A whole number when every tuning seed reached the target; "+" when some did not (they
-    # count as the budget, plus how far they stayed below the target).
-    return f"{-value:.0f}" + ("" if value == math.floor(value) else "+")
+    # Mean steps when every tuning seed reached the target; a seed that did not scores the
+    # budget plus how far it stayed below the target, which is not a number of steps.
+    return f"{-value:.0f} steps" if value == math.floor(value) else "not reached by every seed"
 
 
 TUNING = rate_tuning(
