@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-DEFAULT_SEEDS = 3
+DEFAULT_SEEDS = 5
+QUICK_SEEDS = 3
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -26,10 +28,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                      help="experiments to run (default: all; see --list)")
     lab.add_argument("--quick", action="store_true",
                      help="the whole suite at reduced size (about a minute on 2 cores)")
-    lab.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
-                     help=f"seeds per setting (default {DEFAULT_SEEDS}; a verdict needs 2)")
-    lab.add_argument("--data", default="digits",
-                     help="; ".join(f"{name}: {text}" for name, text in DATA_SPECS.items()))
+    lab.add_argument("--seeds", type=int, default=None,
+                     help=f"evaluation seeds per setting (default {DEFAULT_SEEDS}, or "
+                     f"{QUICK_SEEDS} with --quick; a verdict needs 3 distinct values)")
+    specs = {"mnist1d": "MNIST-1D, generated on this machine (no path)", **DATA_SPECS}
+    lab.add_argument("--data", default=None,
+                     help="run every experiment on this data instead of its own (see --list): "
+                     + "; ".join(f"{name}: {text}" for name, text in specs.items()))
     lab.add_argument("--out", type=Path,
                      help="output folder (default runs/<timestamp>); finished runs are kept in "
                      "OUT/runs, or in runs/store without --out, and reused when run again")
@@ -59,7 +64,7 @@ def _list() -> int:
     from batchnorm.lab.experiments import EXPERIMENTS
 
     for name, experiment in EXPERIMENTS.items():
-        print(f"{name:16s}{experiment.question}")
+        print(f"{name:16s}{experiment.question} [data: {experiment.data}]")
         for claim in experiment.claims:
             print(f"{'':16s}  {claim}: {CLAIMS.get(claim, '')}")
     return 0
@@ -68,8 +73,10 @@ def _list() -> int:
 def _lab(args: argparse.Namespace) -> int:
     if args.list:
         return _list()
-    from batchnorm.lab.data import DataError, describe_spec, load_data
+    from batchnorm.lab.data import DataError, largest_batch_size
+    from batchnorm.lab.data.splits import load_splits
     from batchnorm.lab.experiments import EXPERIMENTS
+    from batchnorm.lab.runner import data_spec
 
     unknown = [name for name in args.experiments if name not in EXPERIMENTS]
     if unknown:
@@ -77,8 +84,9 @@ def _lab(args: argparse.Namespace) -> int:
             f"unknown experiment {', '.join(repr(n) for n in unknown)}: expected one of "
             f"{', '.join(EXPERIMENTS)}"
         )
-    if args.seeds < 1:
-        return _error(f"--seeds must be at least 1, got {args.seeds}")
+    seeds = args.seeds if args.seeds is not None else QUICK_SEEDS if args.quick else DEFAULT_SEEDS
+    if seeds < 1:
+        return _error(f"--seeds must be at least 1, got {seeds}")
     if args.jobs < 1 or args.threads < 1:
         return _error(f"--jobs and --threads must be at least 1, got {args.jobs}, {args.threads}")
     try:
@@ -87,35 +95,41 @@ def _lab(args: argparse.Namespace) -> int:
         torch.empty(0, device=args.device)
     except (RuntimeError, ValueError) as error:
         return _error(f"--device '{args.device}' is not usable here ({error})")
-    try:
-        describe_spec(args.data)
-        dataset = load_data(args.data)  # read once up front, so a bad folder fails before any run
-    except DataError as error:
-        return _error(str(error))
-    if args.seeds < 2:
-        print("note: with one seed every verdict is inconclusive (a CI needs 2 seeds)")
     names = args.experiments or list(EXPERIMENTS)
     configs = {name: EXPERIMENTS[name].config(args.quick) for name in names}
+    try:
+        # Read every data set once up front, so a bad folder fails before any run, and require
+        # one full batch of the largest size the chosen experiments train on.
+        min_train = largest_batch_size(configs.values())
+        for spec in sorted({data_spec(name, args.data) for name in names}):
+            load_splits(spec, min_train)
+    except DataError as error:
+        return _error(str(error))
+    if seeds < 3:
+        print("note: with fewer than 3 seeds every verdict is inconclusive (a verdict needs 3 "
+              "distinct per-seed values)")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = args.out if args.out is not None else Path("runs") / stamp
     store = out / "runs" if args.out is not None else Path("runs") / "store"
-    return run_lab(configs, list(range(args.seeds)), args, dataset.describe(), out, store)
+    return run_lab(configs, list(range(seeds)), args, out, store, min_train)
 
 
-def run_lab(configs, seeds, args, data_description, out: Path, store: Path) -> int:
+def run_lab(configs, seeds, args, out: Path, store: Path, min_train: int = 1) -> int:
+    from batchnorm.lab.experiments import get_experiment
     from batchnorm.lab.report import summary_text
+    from batchnorm.lab.runner import tuning_tasks
     from batchnorm.lab.suite import run_suite
 
-    runs = sum(len(get_plan(name, config, seeds)) for name, config in configs.items())
-    print(f"batchnorm lab: {len(configs)} experiments, {runs} runs on {data_description}; "
-          f"{args.jobs} process(es); report in {out}", flush=True)
+    tuning = len(tuning_tasks(configs, args.data, args.device, store, args.quick))
+    main = sum(len(get_experiment(name).plan(config, seeds)) for name, config in configs.items())
+    print(f"batchnorm lab: {len(configs)} experiments, {tuning} tuning + {main} evaluation runs "
+          f"over {len(seeds)} seeds; {args.jobs} process(es); report in {out}", flush=True)
     started = time.perf_counter()
     try:
         report = run_suite(
             configs,
             seeds,
             data=args.data,
-            data_description=data_description,
             out=out,
             store=store,
             device=args.device,
@@ -123,6 +137,8 @@ def run_lab(configs, seeds, args, data_description, out: Path, store: Path) -> i
             threads=args.threads,
             quick=args.quick,
             progress=not args.no_progress,
+            command=command_line(args, len(seeds)),
+            min_train=min_train,
         )
     except KeyboardInterrupt:
         again = "" if args.out is None else " (same --out)"
@@ -136,10 +152,23 @@ def run_lab(configs, seeds, args, data_description, out: Path, store: Path) -> i
     return 0
 
 
-def get_plan(name: str, config, seeds) -> list[dict]:
-    from batchnorm.lab.experiments import get_experiment
-
-    return get_experiment(name).plan(config, seeds)
+def command_line(args: argparse.Namespace, seeds: int) -> str:
+    """The command that reproduces this run, written out from the parsed arguments (so it is
+    the same however the lab was started: the script, ``python -m batchnorm`` or a test)."""
+    words = ["batchnorm", "lab", *args.experiments]
+    if args.quick:
+        words.append("--quick")
+    words += ["--seeds", str(seeds)]
+    if args.data is not None:
+        words += ["--data", args.data]
+    if args.out is not None:
+        words += ["--out", str(args.out)]
+    words += ["--jobs", str(args.jobs)]
+    if args.threads != 1:
+        words += ["--threads", str(args.threads)]
+    if args.device != "cpu":
+        words += ["--device", args.device]
+    return shlex.join(words)
 
 
 def _report(args: argparse.Namespace) -> int:
