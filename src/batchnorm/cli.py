@@ -14,6 +14,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        return _bench_cuda(args)
     if args.suite == "fold":
         from batchnorm.bench.fold import format_fold, run_fold
 
@@ -54,6 +56,37 @@ def _bench(args: argparse.Namespace) -> int:
     return _emit(first_line + "\n\n" + runner.format_table(rows), args.markdown)
 
 
+def _bench_cuda(args: argparse.Namespace) -> int:
+    """Ours against torch's batch norm on the GPU, with shares of the copy bandwidth."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"batchnorm bench --device cuda: no CUDA device here (torch {torch.__version__}, "
+              "torch.cuda.is_available() is False)", file=sys.stderr)
+        return 1
+    from batchnorm.bench import cuda
+
+    cases = cuda.quick_cases() if args.quick else cuda.default_cases()
+    if args.mode:
+        cases = [case for case in cases if case.mode == args.mode]
+    if args.layout:
+        cases = [case for case in cases if case.layout == args.layout]
+    if args.shapes:
+        cases = [case for case in cases if any(part in case.name for part in args.shapes)]
+
+    def progress(row) -> None:
+        case = row.case
+        print(f"{case.name:18s} {str(case.dtype):14s} {case.layout:13s} {case.mode:10s} "
+              f"torch/ours {row.speedup:.2f} ours {row.share(row.ours_s):.0%} of copy",
+              flush=True)
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    description, rows = cuda.run(cases, device, rounds=args.rounds, progress=progress)
+    print()
+    return _emit(f"# batchnorm bench --device cuda on {description}\n\n"
+                 + cuda.format_table(rows), args.markdown)
+
+
 def _emit(table: str, markdown: str | None) -> int:
     print(table)
     if markdown:
@@ -74,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="layer",
         help="layer: ours vs torch.nn per shape (default); fold: eval latency folded vs "
         "unfolded; sync: SyncBatchNorm vs local batch norm per step with 2 processes",
+    )
+    bench.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu",
+        help="cuda: the GPU table (ours vs torch, %% of copy bandwidth); exits 1 without CUDA",
     )
     bench.add_argument("--quick", action="store_true", help="two small shapes, for a smoke run")
     bench.add_argument(

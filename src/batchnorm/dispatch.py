@@ -52,6 +52,18 @@ def register_backend(backend: Backend | ModuleType, *, preferred: bool = False) 
         _PREFERENCE.insert(0, backend.name)
 
 
+# The Triton kernels, preferred for the CUDA inputs they support. Registered before the CPU
+# kernels, which so come first for CPU inputs (Triton takes those only under its interpreter,
+# TRITON_INTERPRET=1). Without the triton package the import fails; Triton itself is imported at
+# the first CUDA input, and a failure there (or a Triton older than 3.4) makes the backend
+# decline every input. Either way the eager path serves.
+try:
+    from batchnorm.backends import triton as _triton_kernels
+except Exception:  # noqa: BLE001 - any failure to load the kernels means "not available"
+    _triton_kernels = None
+else:
+    register_backend(_triton_kernels, preferred=True)
+
 # The Numba CPU kernels, preferred for the CPU inputs they support. Without a working Numba the
 # import fails and the eager path serves every input.
 try:
