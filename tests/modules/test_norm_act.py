@@ -448,3 +448,43 @@ def test_in_place_empty_batch_and_state_dict():
     assert y.shape == (0, 3, 4, 4) and int(layer.num_batches_tracked) == 1
     assert list(layer.state_dict()) == list(nn.BatchNorm2d(3).state_dict())
     assert "negative_slope=0.01, inplace=True" in repr(layer)
+
+
+def test_the_memory_benchmark_confirms_the_largest_batch_by_measuring(monkeypatch):
+    """The linear fit of two probes only proposes a batch (here 12 for a budget of 1200 bytes):
+    the measured bytes decide, downward and upward."""
+    from batchnorm.bench import memory
+
+    for beyond_probes, expected in ((1000, 4), (50, 11), (-300, 15)):
+        def measured(model, batch, extra=beyond_probes):
+            return 100 * batch + (extra if batch > 4 or (extra < 0 and batch > 2) else 0)
+
+        monkeypatch.setattr(memory, "saved_bytes", measured)
+        assert memory.largest_batch(None, 1200, probes=(1, 2))[2] == expected
+
+
+def test_the_memory_benchmark_compares_the_same_network():
+    """``batchnorm.bench.memory``: the three forms of its ResNet compute the same outputs and
+    gradients; ours keeps at most 0.55x the bytes of torch's batch norm + LeakyReLU per image;
+    the largest batch it reports fits the budget and one more does not."""
+    from batchnorm.bench import memory
+
+    x = torch.randn(2, *memory.IMAGE)
+    results = []
+    for form in memory.FORMS:
+        model = memory.resnet(form)
+        leaf = x.clone().requires_grad_(True)
+        y = model(leaf)
+        (grad,) = torch.autograd.grad(y.square().sum(), leaf)
+        results.append((y.detach(), grad))
+    for y, grad in results[1:]:
+        assert_close(y, results[0][0], torch.float32, scale=10)
+        assert_close(grad, results[0][1], torch.float32, scale=10)
+    theirs, ours = memory.resnet("torch"), memory.resnet("ours, in-place")
+    per_image = [memory.saved_bytes(m, 2) - memory.saved_bytes(m, 1) for m in (theirs, ours)]
+    assert per_image[1] <= 0.55 * per_image[0]
+    budget = 16 * 2**20
+    _, _, batch = memory.largest_batch(ours, budget, probes=(1, 2))
+    assert memory.saved_bytes(ours, batch) <= budget < memory.saved_bytes(ours, batch + 1)
+    table = memory.format_memory(memory.run_memory(budget_mib=16))
+    assert "| ours, in-place |" in table and "0.50 |" in table
