@@ -38,7 +38,7 @@ from batchnorm.core.layout import (
     reduce_dims,
     valid_per_channel,
 )
-from batchnorm.core.moments import sum_of_products
+from batchnorm.core.moments import channel_sums, sum_of_products
 
 Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
@@ -133,7 +133,7 @@ def gradient_sums(
     acc = accumulation_dtype(x.dtype)
     dims = reduce_dims(x)
     centred = x.to(acc) - as_channel(mean, x)
-    sum_grad = grad_out.sum(dim=dims, dtype=acc)
+    sum_grad = channel_sums(grad_out, dims)
     if mask is None:
         sum_grad_centred = sum_of_products(grad_out, centred, dims)
     else:
@@ -211,8 +211,8 @@ def eval_backward(
         grad_input = (grad_out * as_channel(gain.to(acc), x)).to(x.dtype)
     if need_weight and weight is not None:
         centred = x.to(acc) - as_channel(mean.to(acc), x)
-        grad_weight = (grad_out * centred).sum(dim=dims) * invstd.to(acc)
+        grad_weight = sum_of_products(grad_out, centred, dims) * invstd.to(acc)
     if need_bias:
-        grad_bias = grad_out.sum(dim=dims, dtype=acc)
+        grad_bias = channel_sums(grad_out, dims)
     return grad_input, grad_weight, grad_bias
 
