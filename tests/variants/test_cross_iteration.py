@@ -266,7 +266,7 @@ def test_link_preceding_finds_layers_in_any_graph_and_names_what_it_cannot():
             return self.plain(self.after_sum(y + self.shortcut(x)))
 
     block = Block().train()
-    with pytest.raises(ValueError, match="direct input of after_sum"):
+    with pytest.raises(ValueError, match="is the input of after_sum"):
         link_preceding(block, torch.randn(2, 4, 5, 5))
     assert block.norm.preceding is None  # nothing linked when one cannot be
     assert block.training and block.norm.training  # modes restored
@@ -342,3 +342,28 @@ def test_a_compensated_variance_below_zero_is_clamped_to_zero():
     joined = torch.cat([x.detach(), past])
     expected = (x.detach() - joined.mean(0)) / torch.sqrt(joined.var(0, unbiased=False) + norm.eps)
     torch.testing.assert_close(y.detach(), expected)
+
+
+def test_through_channel_wise_modules_the_jacobians_are_the_full_ones():
+    """Linear, Tanh, then the norm (the norm after the activation): link_preceding looks
+    through the activation, and the recorded Jacobians are the per-channel blocks of the full
+    Jacobians of the batch mean and variance in the weight (jacrev through tanh)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 3, bias=False, dtype=F64), nn.Tanh(), nn.Dropout(0.0),
+                          CrossIterationBatchNorm1d(3, window=2, dtype=F64))
+    assert link_preceding(model, torch.randn(2, 5, dtype=F64)) == {"3": "0"}
+    u = torch.randn(6, 5, dtype=F64)
+    model(u).sum().backward()
+    norm, weight = model[3], model[0].weight.detach()
+
+    def moments(w):
+        x = torch.tanh(u @ w.T)
+        return x.mean(0), x.var(0, unbiased=False)
+
+    full_mean, full_var = torch.func.jacrev(moments)(weight)  # (C, C, in)
+    channels = torch.arange(3)
+    torch.testing.assert_close(norm.history_mean_jacobian[0], full_mean[channels, channels])
+    torch.testing.assert_close(norm.history_var_jacobian[0], full_var[channels, channels])
+    # a channel's statistics depend on its own row only: the blocks off the diagonal are zero
+    off_diagonal = ~torch.eye(3, dtype=torch.bool)
+    assert full_mean[off_diagonal].abs().max() == 0 and full_var[off_diagonal].abs().max() == 0

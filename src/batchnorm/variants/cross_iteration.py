@@ -77,6 +77,14 @@ from batchnorm.dispatch import running_stats_updater
 from batchnorm.modules.batchnorm import _BatchNorm
 
 PRECEDING = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Modules that act on each channel alone: a norm may follow its layer through them (the
+# Jacobians are differentiated through them), and link_preceding looks through them.
+CHANNEL_WISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+)
 # The per-iteration history, in the state dict; the last three are shaped like the weight.
 _PER_CHANNEL = ("history_mean", "history_var")
 _WEIGHT_SHAPED = ("history_weight", "history_mean_jacobian", "history_var_jacobian")
@@ -341,13 +349,15 @@ class CrossIterationBatchNorm3d(_CrossIterationBatchNorm):
 @torch.no_grad()
 def link_preceding(model: nn.Module, *example_args, **example_kwargs) -> dict[str, str]:
     """Link every cross-iteration batch norm in ``model`` with ``window > 1`` and no link yet to
-    the ``Linear``/``Conv`` layer whose output it receives, found by running ``model`` once on
-    the example input in eval mode without gradients (nothing is updated; training modes are
-    restored). Returns ``{batch norm name: layer name}`` for the layers it linked.
+    the ``Linear``/``Conv`` layer whose output it receives, directly or through channel-wise
+    modules (:data:`CHANNEL_WISE`: activations, dropout, pooling), found by running ``model``
+    once on the example input in eval mode without gradients (nothing is updated; training
+    modes are restored). Returns ``{batch norm name: layer name}`` for the layers it linked.
 
-    Raises ``ValueError``, linking none, naming the batch norms whose input is not the direct
-    output of such a layer, or that the example did not reach: link those with
-    ``norm.link(layer)`` first (layers already linked are kept), then call this again.
+    Raises ``ValueError``, linking none, naming the batch norms whose input is not such an
+    output (a sum of two branches, a functional call the hooks cannot see), or that the example
+    did not reach: link those with ``norm.link(layer)`` first (layers already linked are kept),
+    then call this again.
     """
     names = {module: name or "<root>" for name, module in model.named_modules()}
     norms = [m for m in model.modules() if isinstance(m, _CrossIterationBatchNorm)
@@ -361,11 +371,19 @@ def link_preceding(model: nn.Module, *example_args, **example_kwargs) -> dict[st
             producers[id(output)] = layer
             keep_alive.append(output)
 
+    def passed_on(module, args, output):
+        layer = producers.get(id(args[0])) if args else None
+        if layer is not None and isinstance(output, torch.Tensor):
+            producers[id(output)] = layer
+            keep_alive.append(output)
+
     def received(norm, args):
         found[norm] = producers.get(id(args[0])) if args else None
 
     handles = [m.register_forward_hook(produced) for m in model.modules()
                if isinstance(m, PRECEDING)]
+    handles += [m.register_forward_hook(passed_on) for m in model.modules()
+                if isinstance(m, CHANNEL_WISE)]
     handles += [norm.register_forward_pre_hook(received) for norm in norms]
     modes = {m: m.training for m in model.modules()}
     try:
@@ -379,7 +397,8 @@ def link_preceding(model: nn.Module, *example_args, **example_kwargs) -> dict[st
     unlinked = [names[norm] for norm in norms if found.get(norm) is None]
     if unlinked:
         raise ValueError(
-            "link_preceding: no Linear or Conv layer's output is the direct input of "
+            "link_preceding: no Linear or Conv layer's output (directly or through channel-wise "
+            "modules) is the input of "
             f"{', '.join(unlinked)} (or the example did not reach them); link them with "
             "norm.link(layer)"
         )
