@@ -15,6 +15,7 @@ import torch
 from torch.autograd import forward_ad
 
 from batchnorm.autograd import apply_eval, apply_train
+from batchnorm.backends import traceable
 from batchnorm.core import checks, running
 from batchnorm.core.errors import BatchNormValueError
 from batchnorm.core.layout import as_channel, valid_per_channel
@@ -58,10 +59,24 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
 
     Without either, the backend is called directly: autograd.Function costs tens of
     microseconds per call, which dominates small inputs in inference. (Under torch.func
-    transforms the eager path runs, whose operations the transforms differentiate.)"""
+    transforms the eager path runs, whose operations the transforms differentiate.)
+
+    Never while a graph is captured (``torch.export``, ``torch.jit.trace``): the traceable
+    backend's operations are recorded instead, and autograd differentiates the recorded graph
+    (``torch.export`` would inline a Function's forward and drop its backward)."""
+    if traceable.capturing():
+        return False
     if forward_ad._current_level >= 0:
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _backend_for(input: torch.Tensor, mask: torch.Tensor | None = None):
+    """``dispatch.select_backend``, except while a graph is captured: then the traceable
+    backend, whose operations the graph can record (the kernels run outside torch)."""
+    if traceable.capturing():
+        return traceable
+    return select_backend(input, mask)
 
 
 def _empty_batch_output(
@@ -92,7 +107,7 @@ def normalize_with_batch_statistics(
     """
     if _needs_grad(input, weight, bias):
         return apply_train(input, weight, bias, eps, mask)
-    backend = select_backend(input, mask) if backend is None else backend
+    backend = _backend_for(input, mask) if backend is None else backend
     if mask is None:
         return backend.train_forward(input, weight, bias, eps)
     return backend.train_forward(input, weight, bias, eps, mask)
@@ -110,7 +125,7 @@ def normalize_with(
     """Normalize with given statistics (no checks); they receive no gradient."""
     if _needs_grad(input, weight, bias):
         return apply_eval(input, mean, variance, weight, bias, eps)
-    backend = select_backend(input) if backend is None else backend
+    backend = _backend_for(input) if backend is None else backend
     return backend.eval_forward(input, mean, variance, weight, bias, eps)
 
 
@@ -155,7 +170,7 @@ def batch_norm_core(
         if not training or running_mean is None:
             return output, None, None, None
         return output, running_mean, running_var, True
-    backend = select_backend(input, mask)  # the one dispatch of this call
+    backend = _backend_for(input, mask)  # the one dispatch of this call
     if not use_batch_stats:
         output = normalize_with(input, running_mean, running_var, weight, bias, eps, backend)
         return output, None, None, None
@@ -176,7 +191,9 @@ def commit_running_stats(running_mean, running_var, new_mean, new_var, finite, o
     if new_mean is None:
         return
     running.commit_running_stats(running_mean, running_var, new_mean, new_var)
-    if not torch.compiler.is_compiling() and not bool(finite):
+    # (a captured graph keeps the protection, a torch.where; reading the flag would freeze one
+    # batch's answer into it)
+    if not torch.compiler.is_compiling() and not traceable.capturing() and not bool(finite):
         running.warn_nonfinite(owner)
 
 

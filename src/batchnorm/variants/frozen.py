@@ -9,6 +9,13 @@ so a checkpoint moves between frozen and trainable forms unchanged.
 
 Whole models are frozen and unfrozen by ``batchnorm.freeze`` and ``batchnorm.unfreeze``
 (``batchnorm.convert``, which imports this module, never the other way round).
+
+Checkpoints of the model zoos' frozen layers (torchvision's ``FrozenBatchNorm2d``, timm's
+``FrozenBatchNormAct2d``) have no ``num_batches_tracked``: one loads here with ``strict=True``
+(the count starts at 0), and a layer converted from those holds none, so its keys stay theirs.
+
+:class:`FrozenBatchNormWithAct2d` adds an activation and a drop layer as children, the layout of
+timm's ``FrozenBatchNormAct2d``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from torch import nn
 from batchnorm.core.checks import check_construction, check_input
 from batchnorm.core.errors import BatchNormValueError
 from batchnorm.functional import batch_norm_core, validate_arguments
+from batchnorm.tracing import RefusesScripting, is_proxy, record_as_leaf
 
 
 def _frozen(
@@ -58,7 +66,7 @@ def frozen_batch_norm(
     return _frozen(input, running_mean, running_var, weight, bias, eps, "frozen_batch_norm")
 
 
-class _FrozenBatchNorm(nn.Module):
+class _FrozenBatchNorm(RefusesScripting, nn.Module):
     """Fixed statistics and affine, held as buffers. Arguments as for ``torch.nn.BatchNorm*d``
     (``momentum`` and ``track_running_stats`` are kept only for unfreezing), including the
     keyword-only ``bias``: with ``bias=False`` an affine frozen batch norm has a scale but no
@@ -98,6 +106,8 @@ class _FrozenBatchNorm(nn.Module):
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if is_proxy(input):  # torch.fx: one call_module node, as torch's batch norms
+            return record_as_leaf(self, input)
         owner = type(self).__name__
         check_input(
             input, allowed_dims=self._allowed_dims, num_features=self.num_features, owner=owner
@@ -106,6 +116,21 @@ class _FrozenBatchNorm(nn.Module):
         return _frozen(
             input, buffers["running_mean"], buffers["running_var"], buffers["weight"],
             buffers["bias"], self.eps, owner, input_checked=True,
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ) -> None:
+        # A zoo's frozen checkpoint has no count (ours starts at 0); a layer converted from a
+        # zoo's frozen class holds none, and ignores one, as that class does.
+        key = prefix + "num_batches_tracked"
+        if self._buffers.get("num_batches_tracked") is None:
+            state_dict.pop(key, None)
+        elif key not in state_dict:
+            state_dict[key] = torch.zeros_like(self._buffers["num_batches_tracked"])
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     def extra_repr(self) -> str:
@@ -129,3 +154,34 @@ class FrozenBatchNorm3d(_FrozenBatchNorm):
     """Frozen batch norm over (N, C, D, H, W) input."""
 
     _allowed_dims = (5,)
+
+
+class FrozenBatchNormWithAct2d(FrozenBatchNorm2d):
+    """Frozen batch norm over (N, C, H, W), then ``drop`` and ``act`` (child modules, default
+    ``nn.Identity()``): ``act(drop(frozen(x)))``, the layout of timm's ``FrozenBatchNormAct2d``
+    and the frozen form of ``batchnorm.modules.with_act.BatchNormWithAct2d``."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        act: nn.Module | None = None,
+        drop: nn.Module | None = None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+        self.drop = nn.Identity() if drop is None else drop
+        self.act = nn.Identity() if act is None else act
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if is_proxy(input):  # one node for the whole layer, activation included
+            return record_as_leaf(self, input)
+        return self.act(self.drop(super().forward(input)))
