@@ -186,7 +186,8 @@ def setup(config: InitConfig) -> str:
         f"{' vs '.join(config.norms)}. All weights start at {scales} the He scale. SGD (momentum "
         f"{MOMENTUM}), batch {config.batch_size}, {config.steps} steps, at one learning rate per "
         f"norm chosen from {rates} on the validation part at the standard scale and held fixed "
-        "across the sweep."
+        "across the sweep. A run whose loss became non-finite scores 0% (its outputs are not "
+        "numbers)."
     )
 
 

@@ -197,8 +197,9 @@ def setup(config: LearningRateConfig) -> str:
         f"{' vs '.join(config.norms)}. SGD (momentum {MOMENTUM}), batch {config.batch_size}, "
         f"{config.steps} steps at each of {len(config.learning_rates)} rates from {low:g} to "
         f"{high:g}. Tolerated: final test accuracy at least "
-        f"{percent(config.tolerated_fraction)} of the network's best over the grid. Nothing is "
-        "tuned: the sweep is the measurement."
+        f"{percent(config.tolerated_fraction)} of the network's best over the grid; a run whose "
+        "loss became non-finite scores 0% (its outputs are not numbers). Nothing is tuned: the "
+        "sweep is the measurement."
     )
 
 
