@@ -3,10 +3,38 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+
+def _import_triton_interpreted() -> bool:
+    """Import Triton first in interpreter mode on a machine without CUDA.
+
+    A process holds either compiled or interpreted Triton kernels, fixed when Triton is first
+    imported, and other tests (torch.compile's, whose inductor imports Triton when present) may
+    import it before tests/backends/test_triton.py runs. Importing it here, with
+    ``TRITON_INTERPRET=1`` for the import only, fixes the mode for the session. True when Triton
+    is imported in that mode."""
+    if torch.cuda.is_available() or "triton" in sys.modules:
+        return False
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return True
+
+
+TRITON_INTERPRETED = _import_triton_interpreted()
 
 settings.register_profile(
     "default",

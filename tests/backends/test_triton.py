@@ -24,8 +24,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
+from tests.conftest import TRITON_INTERPRETED  # noqa: E402
+
 _INTERPRET = not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
-if _INTERPRET and "triton" in sys.modules and "TRITON_INTERPRET" not in os.environ:
+if (
+    _INTERPRET and "triton" in sys.modules and "TRITON_INTERPRET" not in os.environ
+    and not TRITON_INTERPRETED
+):
     pytest.skip("triton was imported before TRITON_INTERPRET could be set; run this module "
                 "with TRITON_INTERPRET=1", allow_module_level=True)
 _saved = os.environ.get("TRITON_INTERPRET")

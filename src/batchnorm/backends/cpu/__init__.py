@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from numba.np.ufunc import parallel as numba_parallel
 
+from batchnorm.backends import smooth
 from batchnorm.backends.cpu import kernels
 from batchnorm.core import running
 from batchnorm.core.context import is_opaque, transforms_active
@@ -27,18 +28,8 @@ from batchnorm.core.errors import BatchNormValueError
 name = "cpu"
 
 # Activations the kernels fuse (a select per value), and smooth ones applied by torch's
-# vectorized operators around the kernels: in place on the output in the forward, and on the
-# pre-activation recomputed from the input in the backward, so no second tensor is stored.
-# Computed inside the kernels, one exp or erf at a time, silu and gelu made the layer 4-10x
-# slower than torch's batch norm followed by the activation; this way 0.6-1.5x (training step,
-# ``compare`` with 9 rounds, shapes from 256x1024 to 8x64x56x56).
-_SMOOTH = {
-    "silu": (lambda z: torch.nn.functional.silu(z, inplace=True),
-             lambda grad, z: torch.ops.aten.silu_backward.grad_input(grad, z, grad_input=z)),
-    "gelu": (torch.ops.aten.gelu_,
-             lambda grad, z: torch.ops.aten.gelu_backward.grad_input(grad, z, grad_input=z)),
-}
-ACTIVATIONS = (*kernels.ACTIVATIONS, *_SMOOTH)
+# vectorized operators around the kernels (``batchnorm.backends.smooth``).
+ACTIVATIONS = (*kernels.ACTIVATIONS, *smooth.ACTIVATIONS)
 _COMPUTE_DTYPE = {
     torch.float16: torch.float32,
     torch.bfloat16: torch.float32,
@@ -221,11 +212,8 @@ def forward(
 
     Returns ``(y, batch_mean, batch_biased_variance)``; the statistics are None in eval.
     """
-    if activation in _SMOOTH:
-        z, batch_mean, batch_var = forward(x, weight, bias, eps, mean=mean, variance=variance,
-                                           residual=residual, compute_dtype=True)
-        _SMOOTH[activation][0](z)
-        return _in_dtype(z, x.dtype), batch_mean, batch_var
+    if activation in smooth.ACTIVATIONS:
+        return smooth.forward(forward, x, weight, bias, eps, activation, mean, variance, residual)
     xc, layout = _prepare(x)
     out = torch.empty_like(xc)
     batch, channels, size, planes = _geometry(xc, layout)
@@ -274,16 +262,9 @@ def backward(
 
     ``train``: the statistics were the batch's own (they depend on x) or fixed ones.
     """
-    if activation in _SMOOTH:
-        # d = g f'(z), with z = BN(x) [+ r] recomputed; then the gradients of plain batch norm
-        z = forward(x, weight, bias, eps, mean=mean, variance=variance, residual=residual,
-                    compute_dtype=True)[0]
-        grad = _SMOOTH[activation][1](_conformed(grad_out, z, _layout(z)), z)
-        grad_input, grad_weight, grad_bias, _ = backward(
-            grad, x, mean, variance, weight, bias, eps, needs, train=train
-        )
-        return grad_input, grad_weight, grad_bias, _in_dtype(grad, x.dtype) if need_residual \
-            else None
+    if activation in smooth.ACTIVATIONS:
+        return smooth.backward(forward, backward, grad_out, x, mean, variance, weight, bias, eps,
+                               needs, train, activation, residual, need_residual)
     need_input, need_weight, need_bias = needs
     xc, layout = _prepare(x)
     batch, channels, size, planes = _geometry(xc, layout)

@@ -28,6 +28,7 @@ from types import ModuleType
 
 import torch
 
+from batchnorm.backends import smooth
 from batchnorm.core.context import is_opaque, transforms_active
 from batchnorm.core.errors import BatchNormValueError
 from batchnorm.core.running import updated_running_stats  # noqa: F401 - the interface
@@ -40,13 +41,7 @@ MINIMUM_TRITON = (3, 4)  # triton.knobs, through which the kernels follow triton
 
 # silu and gelu as torch's operators around the kernels: in place on the float32 output in the
 # forward, and on the pre-activation recomputed from the input in the backward.
-_SMOOTH = {
-    "silu": (lambda z: torch.nn.functional.silu(z, inplace=True),
-             lambda grad, z: torch.ops.aten.silu_backward.grad_input(grad, z, grad_input=z)),
-    "gelu": (torch.ops.aten.gelu_,
-             lambda grad, z: torch.ops.aten.gelu_backward.grad_input(grad, z, grad_input=z)),
-}
-ACTIVATIONS = ("identity", "relu", *_SMOOTH)
+ACTIVATIONS = ("identity", "relu", *smooth.ACTIVATIONS)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRET_VALUES = ("1", "true", "on", "yes", "y")
 
@@ -357,11 +352,8 @@ def forward(
     Returns ``(y, batch_mean, batch_biased_variance)``; the statistics are None in eval.
     ``compute_dtype``: return y in float32 whatever x's dtype.
     """
-    if activation in _SMOOTH:
-        z, batch_mean, batch_var = forward(x, weight, bias, eps, mean=mean, variance=variance,
-                                           residual=residual, compute_dtype=True)
-        _SMOOTH[activation][0](z)
-        return _in_dtype(z, x.dtype), batch_mean, batch_var
+    if activation in smooth.ACTIVATIONS:
+        return smooth.forward(forward, x, weight, bias, eps, activation, mean, variance, residual)
     code = load_kernels()
     xc, layout, shape = _prepare(x)
     out = torch.empty_like(xc, dtype=torch.float32 if compute_dtype else xc.dtype)
@@ -404,16 +396,9 @@ def backward(
 
     ``train``: the statistics were the batch's own (they depend on x) or fixed ones.
     """
-    if activation in _SMOOTH:
-        # g f'(z), with z = BN(x) [+ r] recomputed; then the gradients of plain batch norm
-        z = forward(x, weight, bias, eps, mean=mean, variance=variance, residual=residual,
-                    compute_dtype=True)[0]
-        grad = _SMOOTH[activation][1](_conformed(grad_out, z, _layout(z)), z)
-        grad_input, grad_weight, grad_bias, _ = backward(
-            grad, x, mean, variance, weight, bias, eps, needs, train=train
-        )
-        return grad_input, grad_weight, grad_bias, _in_dtype(grad, x.dtype) if need_residual \
-            else None
+    if activation in smooth.ACTIVATIONS:
+        return smooth.backward(forward, backward, grad_out, x, mean, variance, weight, bias, eps,
+                               needs, train, activation, residual, need_residual)
     need_input, need_weight, need_bias = needs
     need_weight = need_weight and weight is not None
     code = load_kernels()
