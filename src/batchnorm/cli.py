@@ -24,6 +24,10 @@ def _bench(args: argparse.Namespace) -> int:
         from batchnorm.bench.sync import format_sync, run_sync
 
         return _emit(format_sync(run_sync(rounds=args.rounds)), args.markdown)
+    if args.suite == "memory":
+        from batchnorm.bench.memory import format_memory, run_memory
+
+        return _emit(format_memory(run_memory()), args.markdown)
     shape_list = shapes.QUICK if args.quick else shapes.default_shapes()
     modes = [args.mode] if args.mode else list(runner.MODES)
     if args.shapes:
@@ -103,10 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="time ours against torch.nn (interleaved)")
     bench.add_argument(
         "--suite",
-        choices=["layer", "fold", "sync"],
+        choices=["layer", "fold", "sync", "memory"],
         default="layer",
         help="layer: ours vs torch.nn per shape (default); fold: eval latency folded vs "
-        "unfolded; sync: SyncBatchNorm vs local batch norm per step with 2 processes",
+        "unfolded; sync: SyncBatchNorm vs local batch norm per step with 2 processes; memory: "
+        "bytes kept for backward, in-place BN+activation vs torch's",
     )
     bench.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu",
