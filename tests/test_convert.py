@@ -1,9 +1,13 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import batchnorm
 from batchnorm.convert import FAMILIES
+from batchnorm.modules.with_act import BatchNormWithAct2d
+from batchnorm.variants.frozen import FrozenBatchNormWithAct2d
 
 
 def _model():
@@ -139,3 +143,221 @@ def test_bias_false_reaches_a_form_without_the_keyword(monkeypatch):
         assert type(converted) is cls and converted.bias is None
         assert converted.state_dict().keys() == source.state_dict().keys()
         assert torch.equal(converted.weight, source.weight)
+
+
+# Model zoos' classes: timm's norm + activation layers and the frozen layers of timm and
+# torchvision, in small models (tests/zoo_models converts whole architectures).
+
+
+def _moved(model: nn.Module, shape=(8, 3, 6, 6)) -> nn.Module:
+    """Statistics and affine away from their initial values (frozen layers' buffers too)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            for name in ("weight", "running_var"):
+                tensor = getattr(module, name, None)
+                if isinstance(tensor, torch.Tensor) and tensor.dim() == 1:
+                    tensor.uniform_(0.5, 1.5)
+            for name in ("bias", "running_mean"):
+                tensor = getattr(module, name, None)
+                if isinstance(tensor, torch.Tensor) and tensor.dim() == 1:
+                    tensor.normal_(0, 0.5)
+        model.train()
+        model(torch.randn(*shape))
+    return model
+
+
+def _timm_model(timm, act_layer, frozen=False):
+    from timm.layers import BatchNormAct2d, freeze_batch_norm_2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),
+                          BatchNormAct2d(4, act_layer=act_layer, momentum=0.3))
+    model = _moved(model)
+    return freeze_batch_norm_2d(model) if frozen else model
+
+
+def _train_step(model, x):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    y = model(x)
+    (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
+    return y.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}
+
+
+ACTIVATIONS = {  # timm act_layer -> whether our kernel computes it
+    "silu": (nn.SiLU, True),
+    "relu": (nn.ReLU, True),
+    "identity": (nn.Identity, True),
+    "hardswish": (nn.Hardswish, False),
+    "prelu": (nn.PReLU, False),  # an activation with a parameter: key act.weight
+}
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_timm_batch_norm_act_converts_both_ways(activation):
+    from tests.zoo import import_timm
+
+    timm = import_timm()
+    from timm.layers import BatchNormAct2d as TimmBatchNormAct2d
+
+    act_layer, fused = ACTIVATIONS[activation]
+    original = _timm_model(timm, act_layer)
+    act, drop = original[1].act, original[1].drop
+    reference = copy.deepcopy(original)
+    keys = list(original.state_dict())
+    state = {k: v.clone() for k, v in original.state_dict().items()}
+
+    ours = batchnorm.convert(original)
+    layer = ours[1]
+    assert type(layer) is BatchNormWithAct2d and layer.fused is fused
+    assert layer.act is act and layer.drop is drop and layer.momentum == 0.3
+    assert list(ours.state_dict()) == keys
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+    back = batchnorm.convert(copy.deepcopy(ours), to="torch")
+    assert type(back[1]) is TimmBatchNormAct2d and back[1].training
+    assert type(back[1].act) is type(act) and type(back[1].drop) is type(drop)
+    assert list(back.state_dict()) == keys
+    x = torch.randn(8, 3, 6, 6)
+    for model in (back, reference):
+        model.eval()
+    with torch.no_grad():  # timm's own layer again: its own outputs, to the bit
+        assert torch.equal(back(x), reference(x))
+
+    for mode in ("train", "eval"):  # outputs, gradients and running statistics
+        ours.train(mode == "train")
+        reference.train(mode == "train")
+        got, expected = _train_step(ours, x), _train_step(reference, x)
+        for a, b in zip(got[:2], expected[:2], strict=True):
+            torch.testing.assert_close(a, b)
+        for name, grad in expected[2].items():
+            if name == "0.bias" and mode == "train":
+                # zero through batch statistics, up to the rounding of sums over a channel's
+                # n = 288 values with |dL/dy| <= 1 (about n * eps each)
+                bound = 4 * 288 * torch.finfo(torch.float32).eps
+                assert grad.abs().max() < bound and got[2][name].abs().max() < bound
+                continue
+            torch.testing.assert_close(got[2][name], grad, msg=name)
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
+
+
+def test_fused_layer_follows_children_replaced_later():
+    layer = BatchNormWithAct2d(3, act=nn.ReLU()).eval()
+    x = torch.randn(4, 3, 2, 2)
+    assert layer.activation == "relu" and bool((layer(x) >= 0).all())
+    layer.act = nn.Tanh()
+    torch.testing.assert_close(layer(x), torch.tanh(nn.functional.batch_norm(
+        x, layer.running_mean, layer.running_var, layer.weight, layer.bias)))
+    assert not layer.fused and layer.activation == "identity"
+    layer.act, layer.drop = nn.SiLU(), nn.Dropout(0.0)
+    assert layer(x).min() < 0 and not layer.fused  # dropout between: not our fused SiLU
+
+
+@pytest.mark.parametrize("activation", ["silu", "hardswish"])
+def test_timm_frozen_layers_convert_both_ways_with_their_keys(activation):
+    from tests.zoo import import_timm
+
+    timm = import_timm()
+    from timm.layers import FrozenBatchNormAct2d
+
+    act_layer, _ = ACTIVATIONS[activation]
+    original = _timm_model(timm, act_layer, frozen=True).eval()
+    assert type(original[1]) is FrozenBatchNormAct2d
+    reference = copy.deepcopy(original)
+    keys = list(original.state_dict())
+    assert "1.num_batches_tracked" not in keys
+    ours = batchnorm.convert(original)
+    assert type(ours[1]) is FrozenBatchNormWithAct2d and type(ours[1].act) is act_layer
+    assert list(ours.state_dict()) == keys
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.train()(x), reference(x))  # frozen in training too
+    back = batchnorm.convert(ours, to="torch")
+    assert type(back[1]) is FrozenBatchNormAct2d
+    assert back[1].num_features == 4 and back[1].affine  # set by timm's freeze, kept
+    with torch.no_grad():
+        assert torch.equal(back(x), reference(x))
+
+
+def test_torchvision_frozen_layer_converts_both_ways_with_its_keys():
+    from tests.zoo import import_torchvision
+
+    import_torchvision()
+    from torchvision.ops.misc import FrozenBatchNorm2d as VisionFrozen
+
+    original = _moved(nn.Sequential(nn.Conv2d(3, 4, 3), VisionFrozen(4, eps=1e-3))).eval()
+    reference = copy.deepcopy(original)
+    keys = list(original.state_dict())
+    ours = batchnorm.convert(original)
+    assert type(ours[1]) is batchnorm.FrozenBatchNorm2d and ours[1].eps == 1e-3
+    assert list(ours.state_dict()) == keys  # no num_batches_tracked, as torchvision's
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.train()(x), reference(x))
+    back = batchnorm.convert(ours, to="torch")
+    assert type(back[1]) is VisionFrozen and back[1].eps == 1e-3
+    with torch.no_grad():
+        assert torch.equal(back(x), reference(x))
+    # unfrozen it is torch's trainable class (torchvision has none), frozen again torchvision's
+    batchnorm.unfreeze(back)
+    assert type(back[1]) is batchnorm.BatchNorm2d and back[1].weight.requires_grad
+    assert type(batchnorm.convert(copy.deepcopy(back), to="torch")[1]) is nn.BatchNorm2d
+    batchnorm.freeze(back)
+    assert type(batchnorm.convert(back, to="torch")[1]) is VisionFrozen
+
+
+def test_freezing_and_unfreezing_timm_layers_moves_between_timm_classes():
+    from tests.zoo import import_timm
+
+    timm = import_timm()
+    from timm.layers import BatchNormAct2d as TimmBatchNormAct2d
+    from timm.layers import FrozenBatchNormAct2d
+
+    model = _timm_model(timm, nn.SiLU).eval()
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    batchnorm.freeze(model)
+    assert type(model[1]) is FrozenBatchNormWithAct2d and type(model[1].act) is nn.SiLU
+    assert type(copy.deepcopy(batchnorm.convert(copy.deepcopy(model), to="torch"))[1]) is (
+        FrozenBatchNormAct2d
+    )
+    batchnorm.unfreeze(model)
+    assert type(model[1]) is BatchNormWithAct2d and model[1].fused
+    assert type(batchnorm.convert(model, to="torch")[1]) is TimmBatchNormAct2d
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_to_batchnorm_keeps_frozen_layers_frozen():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.FrozenBatchNorm2d(4), nn.BatchNorm2d(4))
+    batchnorm.convert(model)
+    assert type(model[1]) is batchnorm.FrozenBatchNorm2d
+    assert type(model[2]) is batchnorm.BatchNorm2d
+    batchnorm.unfreeze(model)
+    assert type(model[1]) is batchnorm.BatchNorm2d
+
+
+@pytest.mark.parametrize("to", ["renorm", "ghost", "sync", "torch_sync", "torch"])
+def test_a_layer_with_an_activation_is_left_where_the_form_has_none(to):
+    model = nn.Sequential(BatchNormWithAct2d(3, act=nn.ReLU()), nn.BatchNorm2d(3))
+    options = {"virtual_batch_size": 2} if to == "ghost" else {}
+    reason = "torch has no batch norm" if to == "torch" else f"to='{to}' has no form"
+    with pytest.warns(UserWarning, match=rf"{reason}.*: 0 \(BatchNormWithAct2d\)"):
+        batchnorm.convert(model, to=to, **options)
+    assert type(model[0]) is BatchNormWithAct2d and type(model[1]) is FAMILIES[to][1]
+
+
+def test_frozen_layers_load_zoo_checkpoints_without_a_count():
+    zoo_state = {k: v for k, v in batchnorm.FrozenBatchNorm2d(3).state_dict().items()
+                 if k != "num_batches_tracked"}
+    frozen = batchnorm.FrozenBatchNorm2d(3)
+    frozen.num_batches_tracked.fill_(7)
+    frozen.load_state_dict(zoo_state, strict=True)
+    assert frozen.num_batches_tracked == 0
+    without = batchnorm.FrozenBatchNorm2d(3)
+    without.register_buffer("num_batches_tracked", None)  # as converted from a zoo's layer
+    without.load_state_dict(batchnorm.FrozenBatchNorm2d(3).state_dict(), strict=True)
+    assert "num_batches_tracked" not in without.state_dict()
