@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from batchnorm.lab.data import describe_spec
 from batchnorm.lab.data.dataset import DataError, Dataset
-from batchnorm.lab.data.splits import load_splits, spec_identity, split_validation
+from batchnorm.lab.data.splits import load_splits, split_validation
 
 
 def _dataset(train: int, test: int, classes: int = 4) -> Dataset:
@@ -52,7 +53,7 @@ def test_too_few_training_examples_is_a_data_error():
 def test_digits_splits():
     splits = load_splits("digits")
     assert splits.sizes() == {"train": 1007, "validation": 250, "test": 540}
-    assert spec_identity("digits") == {"name": "digits", "path": None}
+    assert describe_spec("digits") == {"name": "digits", "path": None}
 
 
 def test_mnist1d_is_generated_offline_with_its_published_sizes(monkeypatch):
@@ -76,7 +77,9 @@ def test_mnist1d_is_generated_offline_with_its_published_sizes(monkeypatch):
     assert sorted(torch.bincount(dataset.test_labels).tolist())[0] > 80  # all ten classes
     splits = load_splits("mnist1d")
     assert splits.sizes() == {"train": 3200, "validation": 800, "test": 1000}
-    assert spec_identity("mnist1d") == {"name": "mnist1d", "path": None}
+    assert describe_spec("mnist1d") == {"name": "mnist1d", "path": None}
+    with pytest.raises(DataError, match="data 'mnist1d' takes no path"):
+        load_splits("mnist1d:/somewhere")
     # Deterministic: the same arrays every time.
     load_mnist1d.cache_clear()
     assert torch.equal(load_mnist1d().train_images, dataset.train_images)

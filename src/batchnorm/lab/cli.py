@@ -31,10 +31,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     lab.add_argument("--seeds", type=int, default=None,
                      help=f"evaluation seeds per setting (default {DEFAULT_SEEDS}, or "
                      f"{QUICK_SEEDS} with --quick; a verdict needs 3 distinct values)")
-    specs = {"mnist1d": "MNIST-1D, generated on this machine (no path)", **DATA_SPECS}
     lab.add_argument("--data", default=None,
                      help="run every experiment on this data instead of its own (see --list): "
-                     + "; ".join(f"{name}: {text}" for name, text in specs.items()))
+                     + "; ".join(f"{name}: {text}" for name, text in DATA_SPECS.items()))
     lab.add_argument("--out", type=Path,
                      help="output folder (default runs/<timestamp>); finished runs are kept in "
                      "OUT/runs, or in runs/store without --out, and reused when run again")

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 import batchnorm
-from batchnorm.lab.data.splits import Splits, load_splits, spec_identity
+from batchnorm.lab.data import describe_spec
+from batchnorm.lab.data.splits import Splits, load_splits
 from batchnorm.lab.experiments import get_experiment
 from batchnorm.lab.experiments.base import config_to_dict
 from batchnorm.lab.store import ResultStore, run_key
@@ -45,7 +46,7 @@ class Task:
             "experiment": self.experiment,
             "config": self.config,
             "params": self.params,
-            "data": spec_identity(self.data),
+            "data": describe_spec(self.data),
             "device": self.device,
             # Another torch or batchnorm version may give other numbers: do not reuse across them.
             "versions": {"torch": torch.__version__, "batchnorm": batchnorm.__version__},

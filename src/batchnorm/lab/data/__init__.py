@@ -1,7 +1,8 @@
 """The lab's data: a ``Dataset`` of train/test tensors; ``load_data`` reads a ``--data`` spec.
 
-Specs: ``digits`` (default, bundled with scikit-learn, no download), ``mnist:PATH``,
-``fashion-mnist:PATH`` (idx files, gzipped or not) and ``cifar10:PATH`` (the python batches).
+Specs: ``digits`` (default, bundled with scikit-learn, no download), ``mnist1d`` (generated on
+this machine by the mnist1d package), ``mnist:PATH``, ``fashion-mnist:PATH`` (idx files, gzipped
+or not) and ``cifar10:PATH`` (the python batches).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ __all__ = [
 ]
 
 # Name -> what its PATH must hold (for --help and error messages).
+PATHLESS = ("digits", "mnist1d")  # bundled or generated: no folder to read
 DATA_SPECS = {
     "digits": "no path: scikit-learn's bundled 8x8 handwritten digits",
+    "mnist1d": "no path: MNIST-1D, generated on this machine from the mnist1d package's defaults",
     "mnist": "mnist:PATH, a folder with the four MNIST idx files (or a torchvision root)",
     "fashion-mnist": "fashion-mnist:PATH, a folder with the four idx files (or a torchvision root)",
     "cifar10": "cifar10:PATH, the folder cifar-10-batches-py (or its parent)",
@@ -34,9 +37,9 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
     if name not in DATA_SPECS:
         expected = ", ".join(DATA_SPECS)
         raise DataError(f"unknown data '{spec}': expected one of {expected}")
-    if name == "digits":
+    if name in PATHLESS:
         if sep:
-            raise DataError(f"data 'digits' takes no path, got '{spec}'")
+            raise DataError(f"data '{name}' takes no path, got '{spec}'")
         return name, None
     if not path:
         raise DataError(f"data '{name}' needs a folder: expected {DATA_SPECS[name]}, got '{spec}'")
@@ -83,6 +86,13 @@ def load_data(spec: str = "digits", min_train: int = 1) -> Dataset:
 
         dataset = load_digits()
         check_training_size(len(dataset.train_labels), min_train, "digits")
+        return dataset
+    if name == "mnist1d":
+        from batchnorm.lab.data.dataset import check_training_size
+        from batchnorm.lab.data.mnist1d import load_mnist1d
+
+        dataset = load_mnist1d()
+        check_training_size(len(dataset.train_labels), min_train, "mnist1d")
         return dataset
     if name in ("mnist", "fashion-mnist"):
         from batchnorm.lab.data.idx import load_idx_dataset

@@ -99,9 +99,11 @@ def tuning_score(config: ConvergenceConfig, result: dict) -> float:
 
 
 def _score_text(value: float) -> str:
-    # Mean steps when every tuning seed reached the target; a seed that did not scores the
-    # budget plus how far it stayed below the target, which is not a number of steps.
-    return f"{-value:.0f} steps" if value == math.floor(value) else "not reached by every seed"
+    # Mean steps when every tuning seed reached the target; a seed that did not counts as the
+    # budget (plus how far it stayed below the target), so the mean is then a lower bound.
+    if value == math.floor(value):
+        return f"{-value:.0f} steps"
+    return f"over {-math.ceil(value):.0f} steps (a seed missed the target)"
 
 
 TUNING = rate_tuning(
