@@ -160,3 +160,16 @@ def test_report_rejects_a_folder_without_results(tmp_path, capsys):
         from batchnorm.lab.report import render_report
 
         render_report(tmp_path)
+
+
+def test_report_refuses_runs_trained_at_another_choice_than_their_tuning_runs_make(
+    results_only, tmp_path
+):
+    document = json.loads((results_only / "results.json").read_text())
+    entry = next(e for e in document["experiments"] if e["name"] == "init")
+    entry["tuning"]["chosen"] = {"learning_rate": {"none": 9.0, "batch": 9.0}}
+    (tmp_path / "results.json").write_text(json.dumps(document))
+    from batchnorm.lab.report import render_report
+
+    with pytest.raises(ResultsError, match="init: its tuning runs now choose"):
+        render_report(tmp_path)

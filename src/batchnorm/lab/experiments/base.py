@@ -309,7 +309,7 @@ def rate_tuning(
     score_name: str,
     *,
     fixed: Callable[[Any], dict] | None = None,
-    score_text: Callable[[float], str] = percent,
+    score_text: Callable[[Any, float], str] | None = None,
 ) -> Tuning:
     """A ``Tuning`` of the learning rate for each group of runs (a norm, or a model and a norm).
 
@@ -317,8 +317,12 @@ def rate_tuning(
     ``{"norm": "batch"}``); ``rates(config)`` the candidate rates; ``score(config, result)`` the
     validation score of a tuning run (higher is better); ``fixed(config)`` any fixed parameters of
     the tuning runs (the standard initial scale, the reference batch). The chosen rate has the
-    best mean score over the tuning seeds, ties going to the smaller rate.
+    best mean score over the tuning seeds, ties going to the smaller rate. ``score_text(config,
+    mean score)`` writes a cell of the table (default: the score as a percentage).
     """
+
+    def text(config, value: float) -> str:
+        return percent(value) if score_text is None else score_text(config, value)
 
     def name(params: dict) -> str:
         return "/".join(str(params[key]) for key in keys)
@@ -360,7 +364,7 @@ def rate_tuning(
         candidates = list(rates(config))
         rows = [
             [group,
-             *(score_text(by_rate[rate]) if rate in by_rate else "-" for rate in candidates),
+             *(text(config, by_rate[rate]) if rate in by_rate else "-" for rate in candidates),
              f"{choice['learning_rate'][group]:g}"]
             for group, by_rate in scores.items()
         ]

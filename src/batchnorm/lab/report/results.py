@@ -61,7 +61,15 @@ def analyze_results(document: dict) -> list[AnalyzedExperiment]:
         tuning = None
         if experiment.tuning is not None and "tuning" in entry:
             runs = entry["tuning"]["runs"]
-            tuning = experiment.tuning.table(config, runs, experiment.tuning.choose(config, runs))
+            chosen = experiment.tuning.choose(config, runs)
+            if chosen != entry["tuning"]["chosen"]:
+                # The analysis code changed how it chooses: the saved runs were trained at
+                # another choice, so their report would not describe them.
+                raise ResultsError(
+                    f"{entry['name']}: its tuning runs now choose {chosen}, but its runs were "
+                    f"trained at {entry['tuning']['chosen']}; run the lab again"
+                )
+            tuning = experiment.tuning.table(config, runs, chosen)
         analyzed.append(
             AnalyzedExperiment(experiment, config, entry["runs"], analysis, entry["data"], tuning)
         )
