@@ -66,9 +66,9 @@ def test_same_seed_and_config_give_identical_numbers(finished_suite, tmp_path):
 
 def test_processes_give_the_same_numbers_as_one_process(finished_suite, tmp_path):
     configs, out, _ = finished_suite
-    subset = {"learning-rate": configs["learning-rate"]}
+    subset = {"init": configs["init"]}  # both stages (tuning, then evaluation) in the workers
     report = _suite(subset, tmp_path, jobs=2)
-    assert report.outcome.ran == _run_count(subset) == 8
+    assert report.outcome.ran == _run_count(subset) == 4 + 8
     first = _runs_by_key(out)
     assert all(first[key] == value for key, value in _runs_by_key(tmp_path).items())
 

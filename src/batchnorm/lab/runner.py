@@ -212,6 +212,37 @@ class Progress:
         self.bar.close()
 
 
+class Workers:
+    """Worker processes for a suite's runs: started on first use and kept for every stage (the
+    tuning and the main runs), so that each worker imports torch and receives the data once."""
+
+    def __init__(self, jobs: int, threads: int, datasets: dict[str, Splits]) -> None:
+        self.jobs, self.threads, self.datasets = jobs, threads, datasets
+        self._pool = None
+
+    def pool(self):
+        if self._pool is None:
+            # spawn, not fork: a forked child of a process that already used torch's thread
+            # pool can hang.
+            context = multiprocessing.get_context("spawn")
+            self._pool = context.Pool(self.jobs, initializer=_worker_setup,
+                                      initargs=(self.threads, self.datasets))
+        return self._pool
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if self._pool is None:
+            return
+        if kind is None:
+            self._pool.close()
+        else:
+            self._pool.terminate()  # on Ctrl-C or an error, stop the runs in flight (unsaved)
+        self._pool.join()
+        self._pool = None
+
+
 def run_tasks(
     tasks: list[Task],
     *,
@@ -219,8 +250,10 @@ def run_tasks(
     threads: int = 1,
     progress: Progress | None = None,
     datasets: dict[str, Splits] | None = None,
+    workers: Workers | None = None,
 ) -> SuiteOutcome:
-    """Run every task whose result is not saved yet; return all results by key."""
+    """Run every task whose result is not saved yet; return all results by key. With
+    ``jobs > 1`` the runs go to ``workers`` (or to processes started for this call)."""
     start = time.perf_counter()
     owned = progress is None
     progress = progress or Progress(sum(task.cost for task in tasks), enabled=False)
@@ -247,8 +280,11 @@ def run_tasks(
                     progress.done(task)
             finally:
                 limit_threads(previous)
+        elif workers is not None:
+            _run_in_processes(pending, results, progress, workers)
         else:
-            _run_in_processes(pending, results, jobs, threads, progress, datasets)
+            with Workers(min(jobs, len(pending)), threads, datasets) as own:
+                _run_in_processes(pending, results, progress, own)
     finally:
         if owned:
             progress.close()
@@ -260,22 +296,11 @@ def _execute_indexed(indexed: tuple[int, Task]) -> tuple[int, dict]:
     return index, execute(task)
 
 
-def _run_in_processes(pending, results, jobs, threads, progress, datasets) -> None:
-    # spawn, not fork: a forked child of a process that already used torch's thread pool can hang.
-    context = multiprocessing.get_context("spawn")
-    pool = context.Pool(min(jobs, len(pending)), initializer=_worker_setup,
-                        initargs=(threads, datasets))
+def _run_in_processes(pending, results, progress, workers: Workers) -> None:
     # The costliest runs first, so that the last minutes are not one long run on one core.
     order = sorted(range(len(pending)), key=lambda index: -pending[index].cost)
-    try:
-        for index, result in pool.imap_unordered(
-            _execute_indexed, [(index, pending[index]) for index in order]
-        ):
-            results[pending[index].key] = result
-            progress.done(pending[index])
-        pool.close()
-    except BaseException:
-        pool.terminate()  # on Ctrl-C or an error, stop the runs in flight (their files are unsaved)
-        raise
-    finally:
-        pool.join()
+    for index, result in workers.pool().imap_unordered(
+        _execute_indexed, [(index, pending[index]) for index in order]
+    ):
+        results[pending[index].key] = result
+        progress.done(pending[index])

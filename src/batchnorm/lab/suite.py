@@ -24,6 +24,7 @@ from batchnorm.lab.report.results import FORMAT, write_results
 from batchnorm.lab.runner import (
     Progress,
     SuiteOutcome,
+    Workers,
     choices,
     data_spec,
     main_cost,
@@ -86,10 +87,13 @@ def run_suite(
     tuning = tuning_tasks(configs, data, device, store, quick)
     bar = Progress(sum(task.cost for task in tuning) + main_cost(configs, seeds), progress)
     try:
-        tuned = run_tasks(tuning, jobs=jobs, threads=threads, progress=bar, datasets=datasets)
-        chosen = choices(configs, tuning, tuned.results)
-        tasks = plan_tasks(configs, seeds, data, device, store, chosen)
-        outcome = run_tasks(tasks, jobs=jobs, threads=threads, progress=bar, datasets=datasets)
+        with Workers(jobs, threads, datasets) as workers:
+            options = {"jobs": jobs, "threads": threads, "progress": bar, "datasets": datasets,
+                       "workers": workers}
+            tuned = run_tasks(tuning, **options)
+            chosen = choices(configs, tuning, tuned.results)
+            tasks = plan_tasks(configs, seeds, data, device, store, chosen)
+            outcome = run_tasks(tasks, **options)
     finally:
         bar.close()
     experiments = []
