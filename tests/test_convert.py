@@ -361,3 +361,26 @@ def test_frozen_layers_load_zoo_checkpoints_without_a_count():
     without.register_buffer("num_batches_tracked", None)  # as converted from a zoo's layer
     without.load_state_dict(batchnorm.FrozenBatchNorm2d(3).state_dict(), strict=True)
     assert "num_batches_tracked" not in without.state_dict()
+
+
+@pytest.mark.parametrize("to", ["batchnorm", "frozen", "torch"])
+def test_a_form_with_state_of_its_own_converts_without_it(to):
+    """Cross-iteration batch norm keeps a history in its state dict; another form has no place
+    for it: the batch norm's own state converts, the history stays behind."""
+    from batchnorm.variants.cross_iteration import CrossIterationBatchNorm2d, link_preceding
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), CrossIterationBatchNorm2d(4, window=2))
+    link_preceding(model, torch.randn(2, 3, 6, 6))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 3, 6, 6)).square().mean().backward()
+        optimizer.step()
+    assert int(model[1].history_recorded) == 3
+    kept = {k: v.clone() for k, v in model.state_dict().items() if "history" not in k}
+    batchnorm.convert(model, to=to)
+    assert type(model[1]) is FAMILIES[to][1]
+    assert {k: v for k, v in model.state_dict().items()}.keys() == kept.keys()
+    for key, value in kept.items():
+        assert torch.equal(model.state_dict()[key], value), key

@@ -253,6 +253,10 @@ def _rebuild(module: nn.Module, source: _Source, target: type[nn.Module], to: st
         else:
             replacement.register_buffer("bias", None)
     state = module.state_dict()
+    # State of the source form's own (cross-iteration's history) has no place in the target
+    expected = replacement.state_dict().keys()
+    for key in set(module._buffers) - set(_BATCH_NORM_STATE) - set(expected):
+        state.pop(key, None)
     counts = "num_batches_tracked" in state
     if not counts and isinstance(replacement, _FrozenBatchNorm):
         # from a zoo's frozen layer, which counts nothing: keep its keys
@@ -276,6 +280,9 @@ def _rebuild(module: nn.Module, source: _Source, target: type[nn.Module], to: st
             replacement._zoo_attributes = attributes
     replacement.train(module.training)
     return replacement
+
+
+_BATCH_NORM_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def _plain_attributes(module: nn.Module) -> dict[str, Any]:
