@@ -76,3 +76,35 @@ def test_the_functional_form_needs_the_fixed_statistics():
     with pytest.raises(TypeError, match="weight must have a real floating dtype"):
         frozen_batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3),
                           torch.ones(3, dtype=torch.int64))
+
+
+class _Shift(nn.Module):
+    """A deterministic stand-in for a drop layer (DropBlock's place): adds 1."""
+
+    def forward(self, x):
+        return x + 1
+
+
+def test_frozen_with_an_activation_applies_drop_then_act_and_stays_frozen():
+    from batchnorm.variants.frozen import FrozenBatchNormWithAct2d
+
+    torch.manual_seed(0)
+    layer = FrozenBatchNormWithAct2d(3, eps=1e-3, act=nn.PReLU(3), drop=_Shift())
+    with torch.no_grad():
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2)
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+        layer.act.weight.fill_(0.3)
+    # the activation's parameter is a key of its own; the batch norm's are buffers
+    assert [n for n, _ in layer.named_parameters()] == ["act.weight"]
+    assert "act.weight" in layer.state_dict() and "num_batches_tracked" in layer.state_dict()
+    x = (torch.randn(4, 3, 2, 2) * 3).requires_grad_(True)
+    affine = nn.functional.batch_norm(x, layer.running_mean, layer.running_var, layer.weight,
+                                      layer.bias, eps=1e-3)
+    expected = nn.functional.prelu(affine + 1, layer.act.weight)
+    for mode in (False, True):  # frozen statistics in training too
+        layer.train(mode)
+        torch.testing.assert_close(layer(x), expected)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.act.weight.grad is not None
