@@ -312,3 +312,37 @@ def test_tracing_reads_no_finiteness_flag_into_the_graph():
     assert torch.equal(traced.mean, before[0]) and torch.equal(traced.var, before[1])
     traced(torch.randn(6, 3) + 5)  # a finite one moves them
     assert (traced.mean - before[0]).abs().min() > 0.1
+
+
+def _prepare_fx_round_trip(model, shape):
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    batches = [torch.randn(*shape) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's notices about its successor, torchao
+        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"),
+                              (batches[0],))
+        with torch.no_grad():
+            for x in batches:
+                prepared(x)
+        quantized = convert_fx(prepared)
+    x = torch.cat(batches)
+    with torch.no_grad():
+        error = (quantized(x) - model(x)).abs().max() / model(x).abs().max()
+    return quantized, error
+
+
+@pytest.mark.parametrize("case", ["FrozenBatchNorm2d", "BatchNormWithAct2d_fused"])
+def test_fx_quantization_takes_our_layer_as_one_float_layer(case):
+    model, shape = _model(case)
+    quantized, error = _prepare_fx_round_trip(model.eval(), shape)
+    kinds = [type(m).__name__ for m in quantized.modules()]
+    assert "Conv2d" in kinds and type(model[1]).__name__ in kinds  # ours kept, in float
+    assert error < 0.05  # 8-bit rounding of the convolution
+
+
+@NEEDS_MODULE_HOOK
+def test_fx_quantization_of_our_batch_norm():
+    model, shape = _model("BatchNorm2d")
+    _prepare_fx_round_trip(model.eval(), shape)
