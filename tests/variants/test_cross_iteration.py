@@ -237,10 +237,6 @@ def test_convert_to_cross_iteration_then_link():
     assert int(model[1].history_recorded) == 3 and int(model[5].history_recorded) == 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "convert's _rebuild loads the source's whole state dict into the target with strict=True, "
-    "so the history keys are unexpected in a plain or frozen batch norm; it needs to drop keys "
-    "the target does not have that the source names as its own extra state"))
 def test_freeze_and_convert_back_keep_the_statistics():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), CrossIterationBatchNorm2d(4, window=2))
     link_preceding(model, torch.randn(2, 3, 6, 6))
