@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator()
                         .manual_seed(0))
-        rows.append(measure(name, build(name), x, rounds=args.rounds))
+        rows.append(measure(name, build(name, in_test=False), x, rounds=args.rounds))
         print(f"{name}: {rows[-1].folded_vs_zoo.median_ratio:.2f}", file=sys.stderr)
     print(format_rows(rows))
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads")

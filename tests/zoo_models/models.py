@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tests.zoo import import_timm, import_torchvision
+from tests.zoo import import_timm, import_torchvision, load_timm, load_torchvision
 
 
 @dataclass(frozen=True)
@@ -71,10 +71,14 @@ def is_batch_norm(module: nn.Module) -> bool:
     )
 
 
-def build(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model in eval mode, its batch norms moved away from their initial state."""
+def build(name: str, dtype: torch.dtype = torch.float32, in_test: bool = True) -> nn.Module:
+    """The model in eval mode, its batch norms moved away from their initial state. In a test
+    (``in_test``) a zoo that does not import skips the test; elsewhere it raises ImportError."""
     spec = MODELS[name]
-    zoo = import_torchvision() if spec.zoo == "torchvision" else import_timm()
+    if in_test:
+        zoo = import_torchvision() if spec.zoo == "torchvision" else import_timm()
+    else:
+        zoo = load_torchvision() if spec.zoo == "torchvision" else load_timm()
     torch.manual_seed(0)
     model = spec.build(zoo).to(dtype)
     generator = torch.Generator().manual_seed(1)
