@@ -23,17 +23,6 @@ from batchnorm.core.errors import BatchNormTypeError
 from batchnorm.modules.with_act import BatchNormWithAct2d
 from batchnorm.variants.frozen import FrozenBatchNormWithAct2d
 
-NEEDS_MODULE_HOOK = pytest.mark.xfail(strict=True, reason=(
-    "modules/batchnorm.py and modules/norm_act.py do not yet hand a torch.fx Proxy to "
-    "batchnorm.tracing.record_as_leaf, nor take the RefusesScripting mixin (issue 21: a change "
-    "described for their owner)"
-))
-NEEDS_DISPATCH_HOOK = pytest.mark.xfail(strict=True, reason=(
-    "BatchNormAct2d picks its backend with dispatch.select_backend, which does not yet answer "
-    "the traceable backend while a graph is captured: jit.trace reaches the Numba kernels "
-    "(issue 21: a change described for dispatch.py's owner)"
-))
-
 
 def _trained(module: nn.Module, shape, steps: int = 3) -> nn.Module:
     torch.manual_seed(0)
@@ -222,7 +211,6 @@ def test_fx_refuses_our_layer_as_the_traced_root_with_a_clear_error():
         torch.fx.symbolic_trace(batchnorm.FrozenBatchNorm2d(3))
 
 
-@NEEDS_MODULE_HOOK
 @pytest.mark.parametrize("case", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"])
 def test_fx_symbolic_trace_of_our_batch_norms(case):
     model, _ = _model(case)
@@ -230,7 +218,6 @@ def test_fx_symbolic_trace_of_our_batch_norms(case):
     assert [n.target for n in graph_module.graph.nodes if n.op == "call_module"] == ["0", "1"]
 
 
-@NEEDS_MODULE_HOOK
 def test_fx_symbolic_trace_of_batch_norm_act():
     torch.fx.symbolic_trace(_conv_bn(batchnorm.BatchNormAct2d(4)))
 
@@ -244,7 +231,6 @@ def test_jit_script_stops_with_an_error_naming_what_works():
             torch.jit.script(model)
 
 
-@NEEDS_MODULE_HOOK
 @pytest.mark.parametrize("build", [lambda: batchnorm.BatchNorm2d(4),
                                    lambda: batchnorm.BatchNormAct2d(4)])
 def test_jit_script_of_our_batch_norms_names_what_works(build):
@@ -254,7 +240,6 @@ def test_jit_script_of_our_batch_norms_names_what_works(build):
             torch.jit.script(_conv_bn(build()))
 
 
-@NEEDS_DISPATCH_HOOK
 def test_jit_trace_of_batch_norm_act():
     model = _trained(_conv_bn(batchnorm.BatchNormAct2d(4, activation="silu")), (8, 3, 5, 5))
     _trace(model.eval(), torch.randn(8, 3, 5, 5))
@@ -342,7 +327,6 @@ def test_fx_quantization_takes_our_layer_as_one_float_layer(case):
     assert error < 0.05  # 8-bit rounding of the convolution
 
 
-@NEEDS_MODULE_HOOK
 def test_fx_quantization_of_our_batch_norm():
     model, shape = _model("BatchNorm2d")
     _prepare_fx_round_trip(model.eval(), shape)

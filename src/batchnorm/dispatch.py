@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from batchnorm.backends import eager, reference
+from batchnorm.backends import eager, reference, traceable
 
 
 class Backend(Protocol):
@@ -80,7 +80,12 @@ def available_backends() -> list[str]:
 
 def select_backend(x: torch.Tensor, mask: torch.Tensor | None = None) -> Backend | ModuleType:
     """The backend that will compute a batch norm of ``x`` (with statistics restricted to
-    ``mask``, when given: only backends with ``supports_mask`` take one, else eager)."""
+    ``mask``, when given: only backends with ``supports_mask`` take one, else eager).
+
+    While a graph is captured (``torch.export``, the ONNX exporter, ``torch.jit.trace``) the
+    traceable backend, whose operations the graph can record (the kernels run outside torch)."""
+    if traceable.capturing():
+        return traceable
     if mask is not None:
         forced = _BACKENDS.get(_override) if _override is not None else None
         if forced is not None and getattr(forced, "supports_mask", False):

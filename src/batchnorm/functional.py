@@ -71,14 +71,6 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _backend_for(input: torch.Tensor, mask: torch.Tensor | None = None):
-    """``dispatch.select_backend``, except while a graph is captured: then the traceable
-    backend, whose operations the graph can record (the kernels run outside torch)."""
-    if traceable.capturing():
-        return traceable
-    return select_backend(input, mask)
-
-
 def _empty_batch_output(
     input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -107,7 +99,7 @@ def normalize_with_batch_statistics(
     """
     if _needs_grad(input, weight, bias):
         return apply_train(input, weight, bias, eps, mask)
-    backend = _backend_for(input, mask) if backend is None else backend
+    backend = select_backend(input, mask) if backend is None else backend
     if mask is None:
         return backend.train_forward(input, weight, bias, eps)
     return backend.train_forward(input, weight, bias, eps, mask)
@@ -125,7 +117,7 @@ def normalize_with(
     """Normalize with given statistics (no checks); they receive no gradient."""
     if _needs_grad(input, weight, bias):
         return apply_eval(input, mean, variance, weight, bias, eps)
-    backend = _backend_for(input) if backend is None else backend
+    backend = select_backend(input) if backend is None else backend
     return backend.eval_forward(input, mean, variance, weight, bias, eps)
 
 
@@ -170,7 +162,7 @@ def batch_norm_core(
         if not training or running_mean is None:
             return output, None, None, None
         return output, running_mean, running_var, True
-    backend = _backend_for(input, mask)  # the one dispatch of this call
+    backend = select_backend(input, mask)  # the one dispatch of this call
     if not use_batch_stats:
         output = normalize_with(input, running_mean, running_var, weight, bias, eps, backend)
         return output, None, None, None

@@ -29,13 +29,14 @@ from batchnorm.core.errors import BatchNormValueError
 from batchnorm.core.layout import values_per_channel
 from batchnorm.core.running import commit_running_stats, warn_nonfinite
 from batchnorm.functional import batch_norm_core, validate_arguments
+from batchnorm.tracing import RefusesScripting, is_proxy, record_as_leaf
 
 # torch added the keyword-only ``bias`` (a weight without a shift) in 2.13; on older versions the
 # modules implement it themselves, with the same state dict (no "bias" key) and repr.
 _TORCH_TAKES_BIAS = "bias" in inspect.signature(_TorchBatchNorm.__init__).parameters
 
 
-class _BatchNorm(_TorchBatchNorm):
+class _BatchNorm(RefusesScripting, _TorchBatchNorm):
     """Shared logic of the batch norm modules; subclasses only state which inputs they accept."""
 
     _allowed_dims: tuple[int, ...] = ()
@@ -120,6 +121,8 @@ class _BatchNorm(_TorchBatchNorm):
         )
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if is_proxy(input):  # torch.fx: one call_module node, as torch's batch norms
+            return record_as_leaf(self, input, *(() if mask is None else (mask,)))
         buffers, training = self._buffers, self.training
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         updating = training and self.track_running_stats and running_mean is not None

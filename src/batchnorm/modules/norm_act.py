@@ -64,6 +64,7 @@ from batchnorm.functional import (
     validate_arguments,
 )
 from batchnorm.modules.batchnorm import _BatchNorm
+from batchnorm.tracing import is_proxy, record_as_leaf
 
 ACTIVATIONS = {
     "identity": lambda t: t,
@@ -366,6 +367,8 @@ class _BatchNormAct(_BatchNorm):
         """``activation(BN(input) + residual)``; ``residual`` has the input's shape, or is None.
 
         Everything is checked before the running statistics are touched."""
+        if is_proxy(input):  # torch.fx: one call_module node, as torch's batch norms
+            return record_as_leaf(self, input, *(() if residual is None else (residual,)))
         owner = type(self).__name__
         self._check_input_dim(input)
         check_residual(residual, input, owner)

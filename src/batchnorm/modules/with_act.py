@@ -28,7 +28,7 @@ from torch import nn
 from batchnorm.backends.traceable import capturing
 from batchnorm.modules.batchnorm import _BatchNorm
 from batchnorm.modules.norm_act import BatchNormAct2d, check_residual
-from batchnorm.tracing import RefusesScripting, is_proxy, record_as_leaf
+from batchnorm.tracing import is_proxy, record_as_leaf
 
 
 def fused_activation(act: nn.Module, drop: nn.Module) -> tuple[str, float | None] | None:
@@ -50,7 +50,7 @@ def fused_activation(act: nn.Module, drop: nn.Module) -> tuple[str, float | None
     return None
 
 
-class BatchNormWithAct2d(RefusesScripting, BatchNormAct2d):
+class BatchNormWithAct2d(BatchNormAct2d):
     r"""Batch norm over (N, C, H, W), then ``drop`` and ``act`` (child modules).
 
     Args:
