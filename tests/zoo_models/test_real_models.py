@@ -1,8 +1,8 @@
 """Real architectures, converted to ours and back, folded, exported (torch.export in training
-and eval, ONNX): torchvision's resnet18, mobilenet_v3_small, efficientnet_b0 and densenet121;
-timm's resnet18, efficientnet_b0 and mobilenetv3_small_100 (random weights, tests/zoo_models/
-models.py). The default run converts and folds one model of each zoo and exports resnet18;
-``-m slow`` does the rest.
+and eval, ONNX) and traced (torch.fx, torch.jit.trace): torchvision's resnet18,
+mobilenet_v3_small, efficientnet_b0 and densenet121; timm's resnet18, efficientnet_b0 and
+mobilenetv3_small_100 (random weights, tests/zoo_models/models.py). The default run converts
+and folds one model of each zoo and exports and traces resnet18; ``-m slow`` does the rest.
 
 Training steps are compared in float64, where ours and torch's agree to about 1e-12: a slip
 (a lost activation, a wrong momentum, statistics not updated) shows far above that, and no
@@ -165,3 +165,37 @@ def test_onnx(name):
     torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
     _, zoo_operators = _onnx(build(name), x)
     assert operators == zoo_operators
+
+
+@pytest.mark.parametrize("name", EXPORT_NAMES)
+def test_fx_and_jit_trace(name):
+    """torch.fx records each of our layers as one node, and the GraphModule trains and
+    evaluates as the model does; torch.jit.trace records the eval model and the training
+    step (float64, as above)."""
+    spec = MODELS[name]
+    model = _ours(name, torch.float64)
+    x = torch.randn(*INPUT, dtype=torch.float64)
+    for train in (True, False):
+        # traced in the mode it runs in: fx fixes the zoo's own branches on self.training
+        # (torchvision's stochastic depth); our layers, one node each, follow the mode anyway
+        graph_module = torch.fx.symbolic_trace(model.train(train))
+        modules = dict(graph_module.named_modules())
+        ours = [n for n in graph_module.graph.nodes
+                if n.op == "call_module" and type(modules[n.target]) in OURS]
+        assert len(ours) == spec.batch_norms
+        eager = copy.deepcopy(model)
+        got, expected = _step(graph_module, x, train), _step(eager, x, train)
+        _close({"output": got[0], "input": got[1]},
+               {"output": expected[0], "input": expected[1]}, 1e-9, "fx outputs")
+        _close(got[2], expected[2], 1e-9, "fx gradient")
+        _close(dict(graph_module.named_buffers()), dict(eager.named_buffers()), 1e-9, "buffer")
+    for train in (True, False):
+        model.train(train)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # jit.trace's deprecation; our checks' warnings
+            traced = torch.jit.trace(model, x)  # (runs the forward: statistics move)
+        eager = copy.deepcopy(model)
+        got, expected = _step(traced, x, None), _step(eager, x, train)
+        _close({"output": got[0], "input": got[1]},
+               {"output": expected[0], "input": expected[1]}, 1e-9, "traced outputs")
+        _close(got[2], expected[2], 1e-9, "traced gradient")
