@@ -3,9 +3,7 @@ and eval (outputs, gradients and running statistics against the eager module), t
 tracing (one call_module node per layer), torch.jit.script (a clear refusal).
 
 The library's own part is ``batchnorm/backends/traceable.py`` (what capture records) and
-``batchnorm/tracing.py`` (fx and scripting). The fx and scripting hooks are in the forwards of
-the modules that carry them; the strict expected failures below name the modules that do not
-yet (their files belong to another change) and turn into failures when they do.
+``batchnorm/tracing.py`` (fx and scripting), whose hooks every module's forward calls first.
 """
 
 from __future__ import annotations
