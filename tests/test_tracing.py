@@ -297,6 +297,18 @@ def test_tracing_reads_no_finiteness_flag_into_the_graph():
     assert (traced.mean - before[0]).abs().min() > 0.1
 
 
+def test_tracing_a_module_reads_no_finiteness_flag():
+    """The module's warning about a non-finite batch reads the flag only outside a recording."""
+    import linecache
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.trace(batchnorm.BatchNorm1d(3).train(), torch.randn(6, 3))
+    read = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)
+            and "finite" in linecache.getline(w.filename, w.lineno)]
+    assert read == []
+
+
 def _prepare_fx_round_trip(model, shape):
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx

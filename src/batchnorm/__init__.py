@@ -12,6 +12,7 @@ from batchnorm.core.running import NonFiniteStatisticsWarning
 from batchnorm.dispatch import available_backends, select_backend, use_backend
 from batchnorm.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from batchnorm.modules.norm_act import BatchNormAct1d, BatchNormAct2d
+from batchnorm.modules.with_act import BatchNormWithAct2d
 from batchnorm.variants.cross_iteration import (
     CrossIterationBatchNorm1d,
     CrossIterationBatchNorm2d,
@@ -19,7 +20,12 @@ from batchnorm.variants.cross_iteration import (
     link_preceding,
 )
 from batchnorm.variants.fold import ChannelAffine, FoldReport, fold
-from batchnorm.variants.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from batchnorm.variants.frozen import (
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    FrozenBatchNormWithAct2d,
+)
 from batchnorm.variants.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from batchnorm.variants.precise import precise_bn
 from batchnorm.variants.recurrent import BNLSTM, BNLSTMCell, RecurrentBatchNorm
@@ -42,6 +48,7 @@ __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "FrozenBatchNormWithAct2d",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
@@ -60,6 +67,7 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormAct1d",
     "BatchNormAct2d",
+    "BatchNormWithAct2d",
     "NonFiniteStatisticsWarning",
     "available_backends",
     "convert",

@@ -23,6 +23,7 @@ import inspect
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
+from batchnorm.backends.traceable import capturing
 from batchnorm.core.checks import check_construction, check_input
 from batchnorm.core.context import transforms_active
 from batchnorm.core.errors import BatchNormValueError
@@ -185,6 +186,8 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
             self.warn_on_nonfinite
             and not self._warned_nonfinite
             and not torch.compiler.is_compiling()
+            # a recorded graph cannot keep a Python branch on a tensor (jit.trace would warn)
+            and not capturing()
             and not bool(finite)
         ):
             self._warned_nonfinite = True
