@@ -162,3 +162,17 @@ def test_killed_lab_resumes_to_the_same_numbers(tmp_path):
     resumed_runs, resumed_claims = _saved_runs(killed)
     whole_runs, whole_claims = _saved_runs(whole)
     assert resumed_runs == whole_runs and resumed_claims == whole_claims
+
+
+def test_tuning_runs_never_see_the_test_part(finished_suite):
+    """A choice is made on validation: the tuning runs are given splits without a test part, so
+    their saved results hold no test outcome, while every evaluation run has one."""
+    configs, out, _ = finished_suite
+    results = {name.removesuffix(".json"): value for name, value in _runs_by_key(out).items()}
+    tuning = tuning_tasks(configs, TINY_DATA, "cpu", out / "runs", quick=False)
+    assert tuning
+    for task in tuning:
+        assert not any(key.startswith("test_") for key in results[task.key]), task.experiment
+    tuned = {task.key for task in tuning}
+    evaluation = [value for key, value in results.items() if key not in tuned]
+    assert evaluation and all("test_accuracy" in value for value in evaluation)

@@ -143,7 +143,10 @@ def execute(task: Task) -> dict:
     """Train one run and save its result (runs in a worker process or in the caller)."""
     experiment = get_experiment(task.experiment)
     config = experiment.config_from_dict(task.config)
-    result = experiment.run(config, task.params, _splits(task.data), task.device)
+    splits = _splits(task.data)
+    if task.stage == TUNING:
+        splits = splits.without_test()  # a choice is made on validation and never sees the test
+    result = experiment.run(config, task.params, splits, task.device)
     ResultStore(Path(task.store)).save(task.key, task.identity, result)
     return result
 

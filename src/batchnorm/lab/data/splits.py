@@ -2,12 +2,14 @@
 
 Every choice an experiment makes (a learning rate, a run's length, any tuned value) is made on
 the validation part; the test part is scored once per run, at its end, for the reported figure.
+Tuning runs get the splits without their test part (:meth:`Splits.without_test`), so a choice
+cannot even see the test set.
 The carving is stratified by class and fixed (the same examples on every machine and every run).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,7 +45,7 @@ class Splits:
     name: str
     train: Part
     validation: Part
-    test: Part
+    test: Part | None  # None in the splits a tuning run gets
     classes: int
 
     @property
@@ -55,9 +57,13 @@ class Splits:
         channels, height, width = self.image_shape
         return channels * height * width
 
+    def without_test(self) -> Splits:
+        """The same splits with no test part: what a tuning run is given."""
+        return replace(self, test=None)
+
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "validation": len(self.validation),
-                "test": len(self.test)}
+                "test": 0 if self.test is None else len(self.test)}
 
     def describe(self) -> str:
         channels, height, width = self.image_shape

@@ -179,13 +179,18 @@ def cnn_builder(data: Splits, widths: tuple[int, ...], norm: str) -> Callable[[]
 class Fitted:
     model: torch.nn.Module
     training: TrainResult
-    test_correct: torch.Tensor  # which test examples the final model classifies correctly
+    # which test examples the final model classifies correctly; None in a tuning run, which is
+    # given no test part
+    test_correct: torch.Tensor | None
     data: str
     validation_size: int
 
     def test_record(self) -> dict:
         """The test outcome as plain data: accuracy, size and which examples were right (and the
-        data set's name and validation size, which the analysis needs for its noise)."""
+        data set's name and validation size, which the analysis needs for its noise). A tuning
+        run has no test outcome: its record holds only the data set's name and validation size."""
+        if self.test_correct is None:
+            return {"data": self.data, "validation_size": self.validation_size}
         return {
             "data": self.data,
             "validation_size": self.validation_size,
@@ -205,7 +210,7 @@ def fit(
     **train_arguments,
 ) -> Fitted:
     """Seed, build the model, train it on ``data.train`` (checkpoints on the validation part),
-    then score the test part once."""
+    then score the test part once (unless the splits have none: a tuning run)."""
     generator = seed_everything(seed)
     model = model_builder().to(device)
     result = train(
@@ -223,7 +228,7 @@ def fit(
         for step in range(result.steps[-1] + eval_every, steps + 1, eval_every):
             result.steps.append(step)
             result.validation_accuracy.append(1.0 / data.classes)
-    test_correct = correct_predictions(
+    test_correct = None if data.test is None else correct_predictions(
         model, data.test.inputs(images).to(device), data.test.labels.to(device)
     )
     return Fitted(model, result, test_correct, data.name, len(data.validation))
