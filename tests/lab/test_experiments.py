@@ -86,3 +86,27 @@ def test_largest_tolerated_rate_interpolates_on_the_log_axis():
     assert rate == 0.08 and censored  # tolerated at the top: a lower bound
     rate, _ = largest_tolerated_rate(rates, [0.6, 0.0, 0.0, 0.0], 0.5)
     assert 0.01 < rate < 0.02
+
+
+def test_cross_iteration_runs_are_linked_to_their_preceding_layers():
+    """The batch-size experiment's cross-iteration norm trains with its window: ``fit`` links
+    every such layer to the layer before it, and the run differs from batch norm's."""
+    from batchnorm import CrossIterationBatchNorm1d
+    from batchnorm.lab.data.splits import load_splits
+    from batchnorm.lab.experiments.base import fit, mlp_builder
+    from batchnorm.lab.experiments.batch_size import BatchSizeConfig
+
+    data = load_splits("digits")
+    config = BatchSizeConfig()
+    assert "cross-iteration" in config.mlp_norms
+    outcomes = {}
+    for norm in ("batch", "cross-iteration"):
+        fitted = fit(mlp_builder(config, data, norm), data, "cpu", 0, images=False, steps=12,
+                     batch_size=4, learning_rate=0.05)
+        outcomes[norm] = fitted.test_record()["test_correct"]
+        if norm == "cross-iteration":
+            layers = [m for m in fitted.model.modules()
+                      if isinstance(m, CrossIterationBatchNorm1d)]
+            assert len(layers) == config.depth
+            assert all(layer.preceding is not None for layer in layers)
+    assert outcomes["batch"] != outcomes["cross-iteration"]

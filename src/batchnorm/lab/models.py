@@ -17,6 +17,8 @@ from batchnorm import (
     BatchNorm2d,
     BatchRenorm1d,
     BatchRenorm2d,
+    CrossIterationBatchNorm1d,
+    CrossIterationBatchNorm2d,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
 )
@@ -56,6 +58,10 @@ def _none(num_features: int, layout: str) -> nn.Module:
 # momentum so that the running statistics it corrects toward keep up in short runs.
 RENORM_LIMITS = {"r_max": 1.5, "d_max": 0.5}
 GHOST_BATCH = 16  # ghost batch norm's virtual batch size
+# Cross-iteration batch norm pools the statistics of this many iterations (Yao et al. ran 4 at
+# small batches). A model using it must be linked to its preceding layers after it is built
+# (``batchnorm.link_preceding``), which the lab's ``fit`` does.
+CROSS_ITERATION_WINDOW = 4
 
 
 def _renorm(num_features: int, layout: str) -> nn.Module:
@@ -68,11 +74,17 @@ def _ghost(num_features: int, layout: str) -> nn.Module:
     return cls(num_features, virtual_batch_size=GHOST_BATCH)
 
 
+def _cross_iteration(num_features: int, layout: str) -> nn.Module:
+    cls = CrossIterationBatchNorm2d if layout == "image" else CrossIterationBatchNorm1d
+    return cls(num_features, window=CROSS_ITERATION_WINDOW)
+
+
 NORMS: dict[str, NormFactory] = {
     "none": _none,
     "batch": _batch,
     "renorm": _renorm,
     "ghost": _ghost,
+    "cross-iteration": _cross_iteration,
     "group": _group,
     "layer": _layer,
 }

@@ -1,5 +1,6 @@
 """C9 and C15, batch size: accuracy from batch 2 to 128, BN against batch renormalization,
-ghost batch norm, GroupNorm and LayerNorm, on an MLP and, beside it, a CNN.
+ghost batch norm, cross-iteration batch norm, GroupNorm and LayerNorm, on an MLP and, beside it,
+a CNN.
 
 Every batch size trains for the same number of epochs with the learning rate scaled linearly
 (``base rate * batch / reference_batch``), as in the GroupNorm paper; each model and norm's base
@@ -37,7 +38,7 @@ from batchnorm.lab.experiments.base import (
     test_outcomes,
     test_size,
 )
-from batchnorm.lab.models import GHOST_BATCH, RENORM_LIMITS
+from batchnorm.lab.models import CROSS_ITERATION_WINDOW, GHOST_BATCH, RENORM_LIMITS
 from batchnorm.lab.stats import accuracy_effect
 from batchnorm.lab.training import MOMENTUM
 from batchnorm.lab.verdict import Finding, accuracy_rule, judge_accuracy
@@ -59,7 +60,7 @@ WU_HE = Table(
 
 @dataclass(frozen=True)
 class BatchSizeConfig:
-    mlp_norms: tuple[str, ...] = ("batch", "renorm", "ghost", "group", "layer")
+    mlp_norms: tuple[str, ...] = ("batch", "renorm", "ghost", "cross-iteration", "group", "layer")
     cnn_norms: tuple[str, ...] = ("batch", "group", "layer")
     batch_sizes: tuple[int, ...] = (2, 8, 32, 128)
     reference_batch: int = 32
@@ -85,6 +86,11 @@ def _sizes(config: BatchSizeConfig, norm: str) -> list[int]:
     # that size: those runs would repeat BN's, so they are not run.
     if norm == "ghost":
         return [size for size in config.batch_sizes if size > GHOST_BATCH]
+    # Cross-iteration batch norm answers small batches: above the reference batch it is not run
+    # (it costs a third more per step than batch norm, and the lab's time is kept for the cells
+    # that test it).
+    if norm == "cross-iteration":
+        return [size for size in config.batch_sizes if size <= config.reference_batch]
     return list(config.batch_sizes)
 
 
@@ -201,7 +207,8 @@ def analyze(config: BatchSizeConfig, runs: list[dict]) -> Analysis:
             series.append(Series(norm, sizes, [100 * v for v in mean], [100 * v for v in low],
                                  [100 * v for v in high], style="o-"))
             cells = {size: percent(value) for size, value in zip(sizes, mean, strict=True)}
-            rows.append([norm, *(cells.get(size, "= batch") for size in config.batch_sizes)])
+            skipped = "= batch" if norm == "ghost" else "not run"
+            rows.append([norm, *(cells.get(size, skipped) for size in config.batch_sizes)])
         for run in runs:
             if run["params"]["model"] == model and run["params"]["seed"] == seeds[0]:
                 rates.append((model, run["params"]["norm"], run["params"]["learning_rate"]))
@@ -217,7 +224,8 @@ def analyze(config: BatchSizeConfig, runs: list[dict]) -> Analysis:
         f"{config.reference_batch}: "
         + ", ".join(sorted({f"{m}/{n} {r:g}" for m, n, r in rates}))
         + f". Ghost batch norm is not run at batches of {GHOST_BATCH} or fewer, where it is "
-        "exactly batch norm (its cells say '= batch')."
+        "exactly batch norm (its cells say '= batch'). Cross-iteration batch norm (window "
+        f"{CROSS_ITERATION_WINDOW} iterations) is run up to the reference batch only."
     )
     analysis.figures.append(
         Figure(
@@ -245,7 +253,9 @@ def setup(config: BatchSizeConfig) -> str:
         f"chosen from {rates} for each model and norm on the validation part at batch "
         f"{config.reference_batch}. Batch renormalization with constant r_max "
         f"{RENORM_LIMITS['r_max']:g} and d_max {RENORM_LIMITS['d_max']:g} (Wu & He's setting); "
-        f"ghost batch norm with virtual batches of {GHOST_BATCH}."
+        f"ghost batch norm with virtual batches of {GHOST_BATCH}; cross-iteration batch norm "
+        f"(Yao et al.) pooling the last {CROSS_ITERATION_WINDOW} iterations' statistics, carried "
+        "to the current weights by its first-order correction."
     )
 
 
@@ -253,6 +263,8 @@ def cost(config: BatchSizeConfig, params: dict) -> float:
     per_step = 3.0 if params["model"] == "cnn" else 1.0
     if params["norm"] in ("batch", "renorm", "ghost"):
         per_step *= 2.0  # batch statistics cost more per step at these sizes
+    elif params["norm"] == "cross-iteration":
+        per_step *= 2.7  # and the window's Jacobians a third more
     return per_step * config.epochs * 3200 / params["batch_size"]
 
 
