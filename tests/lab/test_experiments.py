@@ -89,8 +89,8 @@ def test_largest_tolerated_rate_interpolates_on_the_log_axis():
 
 
 def test_cross_iteration_runs_are_linked_to_their_preceding_layers():
-    """The batch-size experiment's cross-iteration norm trains with its window: ``fit`` links
-    every such layer to the layer before it, and the run differs from batch norm's."""
+    """The batch-size experiment's cross-iteration norm trains with its window: each of the lab
+    model's blocks links it to the layer before it, and the run differs from batch norm's."""
     from batchnorm import CrossIterationBatchNorm1d
     from batchnorm.lab.data.splits import load_splits
     from batchnorm.lab.experiments.base import fit, mlp_builder

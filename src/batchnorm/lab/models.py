@@ -59,8 +59,8 @@ def _none(num_features: int, layout: str) -> nn.Module:
 RENORM_LIMITS = {"r_max": 1.5, "d_max": 0.5}
 GHOST_BATCH = 16  # ghost batch norm's virtual batch size
 # Cross-iteration batch norm pools the statistics of this many iterations (Yao et al. ran 4 at
-# small batches). A model using it must be linked to its preceding layers after it is built
-# (``batchnorm.link_preceding``), which the lab's ``fit`` does.
+# small batches); each block links it to the layer before it, whose weight changes it corrects
+# the earlier iterations' statistics for.
 CROSS_ITERATION_WINDOW = 4
 
 
@@ -72,6 +72,9 @@ def _renorm(num_features: int, layout: str) -> nn.Module:
 def _ghost(num_features: int, layout: str) -> nn.Module:
     cls = GhostBatchNorm2d if layout == "image" else GhostBatchNorm1d
     return cls(num_features, virtual_batch_size=GHOST_BATCH)
+
+
+CROSS_ITERATION = (CrossIterationBatchNorm1d, CrossIterationBatchNorm2d)
 
 
 def _cross_iteration(num_features: int, layout: str) -> nn.Module:
@@ -113,6 +116,8 @@ class _NormActBlock(nn.Sequential):
     def __init__(self, weights: nn.Module, norm: nn.Module, activation: nn.Module, placement):
         _check_choice("placement", placement, PLACEMENTS)
         before = placement == "before"
+        if isinstance(norm, CROSS_ITERATION):
+            norm.link(weights)  # with "after", through the activation (a channel-wise map)
         super().__init__(*([weights, norm, activation] if before else [weights, activation, norm]))
         self._activation_index = 2 if before else 1
 

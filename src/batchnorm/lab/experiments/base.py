@@ -24,12 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchnorm import (
-    CrossIterationBatchNorm1d,
-    CrossIterationBatchNorm2d,
-    CrossIterationBatchNorm3d,
-    link_preceding,
-)
 from batchnorm.lab.data.splits import Splits
 from batchnorm.lab.models import CNN, MLP
 from batchnorm.lab.stats import decode_correct, encode_correct, mean_interval
@@ -39,7 +33,6 @@ from batchnorm.lab.verdict import Finding
 # The seeds of tuning runs: apart from the evaluation seeds (0, 1, ...), so that no evaluation
 # run is also the run its setting was chosen on.
 TUNING_SEEDS = (1000, 1001)
-CROSS_ITERATION = (CrossIterationBatchNorm1d, CrossIterationBatchNorm2d, CrossIterationBatchNorm3d)
 QUICK_TUNING_SEEDS = (1000,)
 
 
@@ -220,10 +213,6 @@ def fit(
     then score the test part once (unless the splits have none: a tuning run)."""
     generator = seed_everything(seed)
     model = model_builder().to(device)
-    if any(isinstance(module, CROSS_ITERATION) for module in model.modules()):
-        # its statistics are carried to the current weights of the layer before it: find those
-        # layers with one pass of two training examples (nothing is updated)
-        link_preceding(model, data.train.inputs(images)[:2].to(device))
     result = train(
         model,
         data.train.inputs(images).to(device),
