@@ -64,6 +64,7 @@ TINY_DATA = "digits"  # the tiny suites run every experiment on the bundled digi
 
 def make_tiny_configs() -> dict:
     """Every experiment at a size that runs in a few seconds in total (on the digits)."""
+    from batchnorm.lab.experiments.baselines import BaselinesConfig
     from batchnorm.lab.experiments.batch_size import BatchSizeConfig
     from batchnorm.lab.experiments.convergence import ConvergenceConfig
     from batchnorm.lab.experiments.initialization import InitConfig
@@ -83,4 +84,5 @@ def make_tiny_configs() -> dict:
                            width=32),
         "regularization": RegularizationConfig(tuning_rates=(0.03,), steps=30, eval_every=30,
                                                width=32),
+        "baselines": BaselinesConfig(tuning_rates=(0.1,), steps=20, eval_every=20),
     }

@@ -6,6 +6,7 @@ One file per experiment; each defines ``EXPERIMENT``. New experiments are added 
 from __future__ import annotations
 
 from batchnorm.lab.experiments import (
+    baselines,
     batch_size,
     convergence,
     initialization,
@@ -24,6 +25,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         batch_size,
         initialization,
         regularization,
+        baselines,
     )
 }
 
