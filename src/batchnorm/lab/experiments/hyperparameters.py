@@ -203,7 +203,7 @@ def analyze(config: HyperparameterConfig, runs: list[dict]) -> Analysis:
     for name, (values, usual, default, per_seed) in _sweeps(config, runs).items():
         labels = [_name(value) for value in values]
         rows, series = [], []
-        for split, field, style in (("validation", "validation_accuracy", "s:"),
+        for split, field, style in (("validation", "validation_accuracy", "s--"),
                                     ("test", "test_accuracy", "o-")):
             curves = [[100 * seed_results[value][field] for value in values]
                       for seed_results in per_seed]
@@ -234,7 +234,7 @@ def analyze(config: HyperparameterConfig, runs: list[dict]) -> Analysis:
         "hyperparameters",
         panels,
         caption=band_caption(
-            "Validation (dotted) and test (solid) accuracy (%) of BN networks against the "
+            "Validation (dashed) and test (solid) accuracy (%) of BN networks against the "
             "momentum of the running averages (left; 'cumulative' is momentum=None; one "
             f"network per seed at eps {DEFAULT_EPS:g}, scored with each momentum's averages) and "
             f"against eps (right; one network per eps and seed, momentum {DEFAULT_MOMENTUM:g})",

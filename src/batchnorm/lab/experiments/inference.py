@@ -401,7 +401,7 @@ def analyze(config: InferenceConfig, runs: list[dict]) -> Analysis:
         series = []
         for label, values, style in (
             ("running averages", [accuracies("ema", key) for key in keys], "o-"),
-            ("exact population statistics", [accuracies("precise")] * len(keys), "s:"),
+            ("exact population statistics", [accuracies("precise")] * len(keys), "s--"),
             ("batch statistics (training mode)", [accuracies("batch_statistics")] * len(keys),
              "^-."),
         ):
