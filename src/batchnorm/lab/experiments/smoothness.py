@@ -595,8 +595,8 @@ EXPERIMENT = Experiment(
         "from half to four times the learning rate, and record how much the loss varies, how "
         "much the gradient changes, and that change per unit of distance (the effective "
         "beta-smoothness); on a VGG network on CIFAR-10 and on a 25-layer deep linear network "
-        "(their cheap second test bed) all three are smaller with BN. The accuracies quoted "
-        "for their VGG on CIFAR-10 are 83% with BN and 80% without (secondary, as quoted). "
+        "(their cheap second test bed) they report all three smaller with BN. The accuracies "
+        "quoted for their VGG on CIFAR-10 are 83% with BN and 80% without (secondary, as quoted). "
         "CLAIMS.md gives no numbers for the landscape measures themselves."
     ),
     tuning=TUNING,
