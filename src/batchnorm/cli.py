@@ -28,6 +28,8 @@ def _bench(args: argparse.Namespace) -> int:
         from batchnorm.bench.memory import format_memory, run_memory
 
         return _emit(format_memory(run_memory()), args.markdown)
+    if args.suite == "models":
+        return _bench_models(args)
     shape_list = shapes.QUICK if args.quick else shapes.default_shapes()
     modes = [args.mode] if args.mode else list(runner.MODES)
     if args.shapes:
@@ -58,6 +60,27 @@ def _bench(args: argparse.Namespace) -> int:
                 )
     print()
     return _emit(first_line + "\n\n" + runner.format_table(rows), args.markdown)
+
+
+def _bench_models(args: argparse.Namespace) -> int:
+    """Whole models (torchvision's and timm's): training step and eval forward, ours vs torch."""
+    from batchnorm.bench import models, runner
+
+    specs = models.QUICK if args.quick else models.MODELS
+    if args.models:
+        specs = [s for s in specs if any(part in s.name for part in args.models)]
+    print(f"# batchnorm bench --suite models on {runner.machine_description()}", flush=True)
+
+    def progress(row) -> None:
+        print(f"{row.name:32s} {'x'.join(map(str, row.input_size)):12s} "
+              f"train ours/torch {row.train.ours_vs_torch} A/A {row.train.control} "
+              f"BN time {row.train.batch_norm_time}; eval ours/torch {row.eval.ours_vs_torch} "
+              f"torch step {row.train.torch_s:.3f} s", flush=True)
+
+    rows = models.run_models(specs, rounds=args.rounds, progress=progress)
+    print()
+    notes = "".join(f"\nnote: {line}" for line in models.step_time_warnings(rows))
+    return _emit(models.format_rows(rows) + notes, args.markdown)
 
 
 def _bench_cuda(args: argparse.Namespace) -> int:
@@ -107,11 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="time ours against torch.nn (interleaved)")
     bench.add_argument(
         "--suite",
-        choices=["layer", "fold", "sync", "memory"],
+        choices=["layer", "models", "fold", "sync", "memory"],
         default="layer",
-        help="layer: ours vs torch.nn per shape (default); fold: eval latency folded vs "
-        "unfolded; sync: SyncBatchNorm vs local batch norm per step with 2 processes; memory: "
-        "bytes kept for backward, in-place BN+activation vs torch's",
+        help="layer: ours vs torch.nn per shape (default); models: torchvision's and timm's "
+        "models, training step and eval forward, ours vs torch with an A/A control and batch "
+        "norm's own time; fold: eval latency folded vs unfolded; sync: SyncBatchNorm vs local "
+        "batch norm per step with 2 processes; memory: bytes kept for backward, in-place "
+        "BN+activation vs torch's",
     )
     bench.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu",
@@ -125,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--layout", choices=["contiguous", "channels_last"], help="only this layout")
     bench.add_argument(
         "--shapes", nargs="+", help="only shapes whose name contains one of these strings"
+    )
+    bench.add_argument(
+        "--models", nargs="+",
+        help="--suite models: only models whose name contains one of these strings",
     )
     bench.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")

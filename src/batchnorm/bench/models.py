@@ -1,0 +1,328 @@
+"""Whole models: a training step and an eval forward with our batch norm against torch's.
+
+For each architecture (torchvision's and timm's, random weights, no download) four copies of
+one model are timed, interleaved in a shuffled order every round:
+
+- ``torch``: the model as the zoo builds it;
+- ``torch (copy)``: an identical second copy, the A/A control: its ratio to ``torch`` shows how
+  far two runs of the same work differ on this machine (a whole-step ratio within that spread
+  of 1 is noise);
+- ``ours``: the same model after ``batchnorm.convert`` (timm's ``BatchNormAct2d`` included,
+  into our fused layer);
+- ``no batch norm``: the same model with every batch norm replaced by ``nn.Identity`` (timm's
+  fused layers by their drop and activation, which stay), so that ``step - step without batch
+  norm`` is batch norm's own time in the step, for torch's and for ours.
+
+A training step is forward, cross-entropy loss, backward and an SGD step; the eval forward runs
+under ``torch.no_grad``. Every ratio is the median of per-round ratios (both sides of a ratio
+come from the same round), with the smallest and largest per-round value as its spread.
+
+The model zoos are imported through ``batchnorm.bench.zoo`` (see there why torchvision needs
+help beside the CPU build of torch); :func:`measure` takes any model, so the tests use a small
+one of their own.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from batchnorm.convert import convert
+
+VARIANTS = ("torch", "torch (copy)", "ours", "no batch norm")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An architecture and the input it is timed on (``batch`` images of ``size`` x ``size``),
+    chosen so that torch's training step takes 0.1 to 2 s on 2 cores."""
+
+    name: str  # "<zoo>.<architecture>"
+    batch: int
+    size: int
+
+    @property
+    def zoo(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    @property
+    def architecture(self) -> str:
+        return self.name.split(".", 1)[1]
+
+
+MODELS = [
+    ModelSpec("torchvision.resnet18", 8, 96),
+    ModelSpec("torchvision.resnet50", 4, 64),
+    ModelSpec("torchvision.mobilenet_v3_small", 8, 128),
+    ModelSpec("torchvision.efficientnet_b0", 4, 96),
+    ModelSpec("torchvision.densenet121", 4, 64),
+    ModelSpec("timm.resnet18", 8, 96),
+    ModelSpec("timm.efficientnet_b0", 4, 96),
+    ModelSpec("timm.mobilenetv3_small_100", 8, 128),
+]
+# --quick: one small model on a small input, for a smoke run.
+QUICK = [ModelSpec("torchvision.resnet18", 2, 32)]
+CLASSES = 10
+
+
+def build(spec: ModelSpec) -> nn.Module:
+    """The zoo's model with random weights (seeded; nothing downloaded), in training mode."""
+    from batchnorm.bench import zoo
+
+    torch.manual_seed(0)
+    if spec.zoo == "torchvision":
+        return getattr(zoo.load_torchvision().models, spec.architecture)(num_classes=CLASSES)
+    if spec.zoo == "timm":
+        return zoo.load_timm().create_model(spec.architecture, num_classes=CLASSES)
+    raise ValueError(f"unknown model zoo {spec.zoo!r} in {spec.name!r}")
+
+
+def without_batch_norm(model: nn.Module) -> nn.Module:
+    """``model`` (changed in place) with every batch norm replaced by ``nn.Identity``; a batch
+    norm that holds its drop layer and activation as children (timm's ``BatchNormAct2d``) by
+    those two, which then still run."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, _BatchNorm):
+            modules = child._modules
+            if "act" in modules and "drop" in modules:
+                replacement: nn.Module = nn.Sequential(modules["drop"], modules["act"])
+            else:
+                replacement = nn.Identity()
+            setattr(model, name, replacement)
+        else:
+            without_batch_norm(child)
+    return model
+
+
+@dataclass(frozen=True)
+class BatchNormCall:
+    """One batch norm call of a model's forward: where, on what, and in which layout."""
+
+    name: str  # the layer's qualified name in the model
+    size: tuple[int, ...]
+    channels_last: bool
+
+
+def batch_norm_calls(model: nn.Module, x: torch.Tensor) -> list[BatchNormCall]:
+    """Every batch norm call of one training forward of ``model`` on ``x``, in order (the
+    model's running statistics move by that one step, as in training)."""
+    calls: list[BatchNormCall] = []
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm):
+
+            def record(module, args, name=name):
+                input = args[0]
+                channels_last = input.dim() == 4 and not input.is_contiguous() and (
+                    input.is_contiguous(memory_format=torch.channels_last)
+                )
+                calls.append(BatchNormCall(name, tuple(input.shape), channels_last))
+
+            handles.append(module.register_forward_pre_hook(record))
+    try:
+        model.train()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _training_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def _eval_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def forward() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    return forward
+
+
+def interleaved_times(
+    functions: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, seed: int = 0
+) -> dict[str, list[float]]:
+    """Seconds of one call of each function, ``rounds`` times, the order shuffled each round
+    (so that load on the machine falls on every function alike)."""
+    for _ in range(warmup):
+        for function in functions.values():
+            function()
+    order = random.Random(seed)
+    names = list(functions)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        order.shuffle(names)
+        for name in names:
+            start = time.perf_counter()
+            functions[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """The median of per-round ratios and their smallest and largest value."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Ratio:
+        return cls(statistics.median(values), min(values), max(values))
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f} ({self.low:.2f}-{self.high:.2f})"
+
+
+@dataclass(frozen=True)
+class ModeResult:
+    """One mode (training step or eval forward) of one model."""
+
+    torch_s: float  # median seconds of torch's step
+    ours_s: float
+    no_batch_norm_s: float
+    ours_vs_torch: Ratio
+    control: Ratio  # torch (copy) / torch: the A/A control
+    torch_share: Ratio  # batch norm's share of torch's step
+    ours_share: Ratio  # batch norm's share of our step
+    batch_norm_time: Ratio  # ours / torch, batch norm's own time (step minus no batch norm)
+
+
+def summarize(times: dict[str, list[float]]) -> ModeResult:
+    """Ratios per round from the interleaved times of the four variants."""
+    torch_t, copy_t = times["torch"], times["torch (copy)"]
+    ours_t, bare_t = times["ours"], times["no batch norm"]
+    rounds = range(len(torch_t))
+
+    def per_round(formula) -> Ratio:
+        return Ratio.of([formula(i) for i in rounds])
+
+    return ModeResult(
+        torch_s=statistics.median(torch_t),
+        ours_s=statistics.median(ours_t),
+        no_batch_norm_s=statistics.median(bare_t),
+        ours_vs_torch=per_round(lambda i: ours_t[i] / torch_t[i]),
+        control=per_round(lambda i: copy_t[i] / torch_t[i]),
+        torch_share=per_round(lambda i: (torch_t[i] - bare_t[i]) / torch_t[i]),
+        ours_share=per_round(lambda i: (ours_t[i] - bare_t[i]) / ours_t[i]),
+        # a round whose torch batch norm time is not positive (noise larger than the time
+        # itself) has no ratio; with none left the figure is NaN
+        batch_norm_time=_bn_ratio(torch_t, ours_t, bare_t),
+    )
+
+
+def _bn_ratio(torch_t: list[float], ours_t: list[float], bare_t: list[float]) -> Ratio:
+    values = [
+        (ours - bare) / (theirs - bare)
+        for theirs, ours, bare in zip(torch_t, ours_t, bare_t, strict=True)
+        if theirs > bare
+    ]
+    return Ratio.of(values) if values else Ratio(float("nan"), float("nan"), float("nan"))
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    name: str
+    input_size: tuple[int, ...]
+    batch_norms: int  # batch norm layers in the model as built
+    converted: int  # of those, now ours
+    train: ModeResult
+    eval: ModeResult
+
+
+def measure(name: str, model: nn.Module, x: torch.Tensor, rounds: int = 7) -> ModelRow:
+    """Time ``model``'s training step and eval forward on ``x``: as built, an identical copy,
+    converted to ours, and without batch norm (interleaved; see the module docstring)."""
+    model.train()
+    variants = {
+        "torch": model,
+        "torch (copy)": copy.deepcopy(model),
+        "ours": convert(copy.deepcopy(model)),
+        "no batch norm": without_batch_norm(copy.deepcopy(model)),
+    }
+    ours_modules = sum(
+        1 for m in variants["ours"].modules()
+        if isinstance(m, _BatchNorm) and type(m).__module__.startswith("batchnorm.")
+    )
+    labels = torch.randint(0, CLASSES, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    steps = {n: _training_step(m, x, labels) for n, m in variants.items()}
+    forwards = {n: _eval_forward(m, x) for n, m in variants.items()}
+    together = {**{("train", n): f for n, f in steps.items()},
+                **{("eval", n): f for n, f in forwards.items()}}
+    times = interleaved_times(together, rounds)  # type: ignore[arg-type]
+    return ModelRow(
+        name,
+        tuple(x.shape),
+        sum(1 for m in model.modules() if isinstance(m, _BatchNorm)),
+        ours_modules,
+        summarize({n: times[("train", n)] for n in VARIANTS}),
+        summarize({n: times[("eval", n)] for n in VARIANTS}),
+    )
+
+
+def input_for(spec: ModelSpec) -> torch.Tensor:
+    return torch.randn(spec.batch, 3, spec.size, spec.size,
+                       generator=torch.Generator().manual_seed(0))
+
+
+def run_models(specs: list[ModelSpec], rounds: int = 7, progress=None) -> list[ModelRow]:
+    rows = []
+    for spec in specs:
+        row = measure(spec.name, build(spec), input_for(spec), rounds=rounds)
+        rows.append(row)
+        if progress is not None:
+            progress(row)
+    return rows
+
+
+def format_rows(rows: list[ModelRow]) -> str:
+    lines = [
+        "Ratios: median of per-round ratios (smallest-largest round). A/A: a second copy of "
+        "torch's model over the first. BN time: step minus the step with every batch norm "
+        "replaced by Identity.",
+        "",
+        "| model | input | BNs (ours) | mode | torch (ms) | ours (ms) | no BN (ms) "
+        "| ours/torch | A/A control | BN share torch | BN share ours | BN time ours/torch |",
+        "|---|---|---|---|---:|---:|---:|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for mode, result in (("train", row.train), ("eval", row.eval)):
+            lines.append(
+                f"| {row.name} | {'x'.join(map(str, row.input_size))} | "
+                f"{row.batch_norms} ({row.converted}) | {mode} | {result.torch_s * 1e3:.1f} | "
+                f"{result.ours_s * 1e3:.1f} | {result.no_batch_norm_s * 1e3:.1f} | "
+                f"{result.ours_vs_torch} | {result.control} | {result.torch_share.median:.0%} | "
+                f"{result.ours_share.median:.0%} | {result.batch_norm_time} |"
+            )
+    return "\n".join(lines)
+
+
+def step_time_warnings(rows: list[ModelRow]) -> list[str]:
+    """Models whose torch training step fell outside 0.1-2 s (the input sizes were chosen for
+    that on an idle 2-core machine)."""
+    return [
+        f"{row.name}: torch's training step took {row.train.torch_s:.2f} s, outside 0.1-2 s"
+        for row in rows
+        if not 0.1 <= row.train.torch_s <= 2.0
+    ]

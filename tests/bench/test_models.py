@@ -1,0 +1,122 @@
+"""batchnorm.bench.models: whole-model timing, ours against torch, on a small model of the test's
+own (the zoo's models are timed by ``batchnorm bench --suite models``; their numbers are not
+checked here)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from batchnorm.bench import models
+from batchnorm.cli import main
+from batchnorm.modules.batchnorm import BatchNorm2d
+
+
+class _NormThenAct(nn.BatchNorm2d):
+    """A batch norm holding its drop layer and activation as children, as timm's
+    ``BatchNormAct2d`` does."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def _tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), _NormThenAct(8), nn.Flatten(), nn.Linear(8 * 6 * 6, 10),
+    )
+
+
+def test_measure_times_four_variants_and_reports_ratios():
+    x = torch.randn(2, 3, 6, 6)
+    # convert leaves the unknown subclass as it is (and says so): the row counts it apart
+    with pytest.warns(UserWarning, match="left these batch norms unchanged"):
+        row = models.measure("tiny", _tiny(), x, rounds=2)
+    assert (row.name, row.input_size) == ("tiny", (2, 3, 6, 6))
+    assert (row.batch_norms, row.converted) == (2, 1)
+    for result in (row.train, row.eval):
+        assert result.torch_s > 0 and result.ours_s > 0 and result.no_batch_norm_s > 0
+        assert result.ours_vs_torch.low <= result.ours_vs_torch.median <= result.ours_vs_torch.high
+        assert result.control.median > 0
+    table = models.format_rows([row])
+    assert "| tiny | 2x3x6x6 | 2 (1) | train |" in table
+    assert "| tiny | 2x3x6x6 | 2 (1) | eval |" in table
+    assert "A/A control" in table and "BN time ours/torch" in table
+
+
+def test_summarize_computes_per_round_ratios():
+    times = {"torch": [1.0, 2.0, 1.0], "torch (copy)": [1.1, 2.0, 0.9],
+             "ours": [0.9, 1.6, 1.2], "no batch norm": [0.5, 1.0, 0.5]}
+    result = models.summarize(times)
+    assert result.ours_vs_torch.median == pytest.approx(0.9)
+    assert (result.ours_vs_torch.low, result.ours_vs_torch.high) == pytest.approx((0.8, 1.2))
+    assert result.control.median == pytest.approx(1.0)
+    assert result.torch_share.median == pytest.approx(0.5)
+    # batch norm's own time: (0.4, 0.6, 0.7) over (0.5, 1.0, 0.5)
+    assert result.batch_norm_time.median == pytest.approx(0.8)
+    assert result.batch_norm_time.high == pytest.approx(1.4)
+
+
+def test_batch_norm_time_without_a_positive_torch_time_is_nan():
+    times = {"torch": [1.0], "torch (copy)": [1.0], "ours": [1.0], "no batch norm": [1.2]}
+    assert math.isnan(models.summarize(times).batch_norm_time.median)
+
+
+def test_without_batch_norm_keeps_a_fused_layers_activation():
+    model = models.without_batch_norm(_tiny())
+    assert isinstance(model[1], nn.Identity)
+    assert isinstance(model[4], nn.Sequential) and isinstance(model[4][1], nn.ReLU)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert model(torch.randn(2, 3, 6, 6)).shape == (2, 10)
+
+
+def test_batch_norm_calls_records_every_call():
+    model = _tiny()
+    model[1] = BatchNorm2d(8)  # ours too
+    x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
+    calls = models.batch_norm_calls(model, x)
+    assert [(c.name, c.size) for c in calls] == [("1", (2, 8, 6, 6)), ("4", (2, 8, 6, 6))]
+    assert all(c.channels_last for c in calls)
+    assert not any(m._forward_pre_hooks for m in model.modules())  # the hooks are removed
+
+
+@pytest.mark.filterwarnings("ignore:convert. left these batch norms unchanged")
+def test_cli_runs_the_suite(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(models, "QUICK", [models.ModelSpec("tiny.net", 2, 6)])
+    monkeypatch.setattr(models, "build", lambda spec: _tiny())
+    out = tmp_path / "models.md"
+    assert main(["bench", "--suite", "models", "--quick", "--rounds", "1",
+                 "--markdown", str(out)]) == 0
+    text = out.read_text()
+    assert "| tiny.net | 2x3x6x6 | 2 (1) | train |" in text
+    assert "outside 0.1-2 s" in text  # a tiny model's step is far below the intended range
+    assert "train ours/torch" in capsys.readouterr().out
+
+
+def test_specs_name_their_zoo():
+    names = [spec.name for spec in models.MODELS]
+    assert len(names) == 8 and {spec.zoo for spec in models.MODELS} == {"torchvision", "timm"}
+    with pytest.raises(ValueError, match="unknown model zoo"):
+        models.build(models.ModelSpec("nowhere.net", 1, 8))
+
+
+def test_zoo_loader_imports_torchvision_and_timm():
+    from batchnorm.bench import zoo
+
+    try:
+        torchvision, timm = zoo.load_torchvision(), zoo.load_timm()
+    except ImportError as error:  # the zoo extra is not installed
+        pytest.skip(str(error))
+    assert hasattr(torchvision.models, "resnet18") and hasattr(timm, "create_model")
+    message = "RuntimeError: operator torchvision::nms does not exist"
+    assert zoo._missing_operator(RuntimeError(message)) == "nms"
+    assert zoo._missing_operator(RuntimeError("something else")) is None
