@@ -30,7 +30,7 @@ def _bench(args: argparse.Namespace) -> int:
         return _emit(format_memory(run_memory()), args.markdown)
     if args.suite == "models":
         return _bench_models(args)
-    shape_list = shapes.QUICK if args.quick else shapes.default_shapes()
+    shape_list = shapes.QUICK if args.quick else shapes.SHAPE_SETS[args.shape_set]
     modes = [args.mode] if args.mode else list(runner.MODES)
     if args.shapes:
         shape_list = [s for s in shape_list if any(part in s.name for part in args.shapes)]
@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--layout", choices=["contiguous", "channels_last"], help="only this layout")
     bench.add_argument(
         "--shapes", nargs="+", help="only shapes whose name contains one of these strings"
+    )
+    bench.add_argument(
+        "--shape-set", choices=["default", "models", "small", "all"], default="default",
+        help="layer suite: default (ResNet-50 and MLP layers), models (every distinct batch-norm "
+        "input of the models suite's models), small (tiny layers, per-call cost), all",
     )
     bench.add_argument(
         "--models", nargs="+",

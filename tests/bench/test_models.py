@@ -120,3 +120,20 @@ def test_zoo_loader_imports_torchvision_and_timm():
     message = "RuntimeError: operator torchvision::nms does not exist"
     assert zoo._missing_operator(RuntimeError(message)) == "nms"
     assert zoo._missing_operator(RuntimeError("something else")) is None
+
+
+def test_distinct_shapes_counts_calls_per_size(monkeypatch):
+    monkeypatch.setattr(models, "build", lambda spec: _tiny())
+    specs = [models.ModelSpec("tiny.a", 2, 6), models.ModelSpec("tiny.b", 2, 6)]
+    shapes = models.distinct_shapes(specs)
+    assert [(s.name, s.size, s.calls) for s in shapes] == [("tiny.a.1", (2, 8, 6, 6), 4)]
+
+
+def test_model_shapes_are_in_the_layer_bench():
+    from batchnorm.bench import shapes
+
+    sizes = {s.size for s in shapes.MODEL_SHAPES}
+    assert len(sizes) == len(shapes.MODEL_SHAPES)  # distinct
+    assert (4, 1024, 2, 2) in sizes  # densenet121's last concatenation at 64x64
+    assert sum(s.calls for s in shapes.MODEL_SHAPES) == 20 + 53 + 34 + 49 + 121 + 20 + 49 + 34
+    assert shapes.SHAPE_SETS["all"][-2:] == shapes.SMALL

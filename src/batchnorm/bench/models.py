@@ -326,3 +326,34 @@ def step_time_warnings(rows: list[ModelRow]) -> list[str]:
         for row in rows
         if not 0.1 <= row.train.torch_s <= 2.0
     ]
+
+
+def distinct_shapes(specs: list[ModelSpec]) -> list:
+    """Every distinct batch-norm input size of the models' training forwards, in the order
+    first met, as ``batchnorm.bench.shapes.Shape`` named after the first layer that has it and
+    counting the calls of that size across the models."""
+    from batchnorm.bench.shapes import Shape
+
+    first: dict[tuple[int, ...], str] = {}
+    counts: dict[tuple[int, ...], int] = {}
+    for spec in specs:
+        for call in batch_norm_calls(build(spec), input_for(spec)):
+            first.setdefault(call.size, f"{spec.name}.{call.name}")
+            counts[call.size] = counts.get(call.size, 0) + 1
+    return [Shape(name, size, counts[size]) for size, name in first.items()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m batchnorm.bench.models --record-shapes``: print ``shapes.MODEL_SHAPES``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--record-shapes", action="store_true", required=True)
+    parser.parse_args(argv)
+    for shape in distinct_shapes(MODELS):
+        print(f'    Shape("{shape.name}", {shape.size}, {shape.calls}),')
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,6 @@
-"""The benchmark's fixed shape list: batch-norm inputs of ResNet-50 layers and of MLPs.
+"""The benchmark's shape lists: batch-norm inputs of ResNet-50 layers and of MLPs (the default
+run), every distinct batch-norm input of the whole-model suite's models (``--shape-set models``)
+and the tiny layers where the per-call cost decides (``--shape-set small``).
 
 ResNet-50 shapes are at batch 8 (a CPU-sized batch); each (C, H, W) is a distinct batch-norm
 input of the network at 224x224 resolution. MLP shapes are (batch, features).
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 class Shape:
     name: str
     size: tuple[int, ...]
+    calls: int = 1  # MODEL_SHAPES: how many calls of the models' training forwards have it
 
     @property
     def numel(self) -> int:
@@ -41,6 +44,128 @@ MLP = [
     Shape("mlp.60x100", (60, 100)),
 ]
 
+# Every distinct batch-norm input of one training forward of the models that
+# ``batchnorm bench --suite models`` times (batchnorm.bench.models.MODELS, at the batch and image
+# size it times them on), named after the first layer that has it, with the number of calls of
+# that size across the eight models (timm's resnet18, efficientnet_b0 and mobilenetv3 repeat
+# torchvision's sizes). Recorded by ``python -m batchnorm.bench.models --record-shapes``.
+MODEL_SHAPES = [
+    Shape("torchvision.resnet18.bn1", (8, 64, 48, 48), 2),
+    Shape("torchvision.resnet18.layer1.0.bn1", (8, 64, 24, 24), 8),
+    Shape("torchvision.resnet18.layer2.0.bn1", (8, 128, 12, 12), 10),
+    Shape("torchvision.resnet18.layer3.0.bn1", (8, 256, 6, 6), 10),
+    Shape("torchvision.resnet18.layer4.0.bn1", (8, 512, 3, 3), 10),
+    Shape("torchvision.resnet50.bn1", (4, 64, 32, 32), 2),
+    Shape("torchvision.resnet50.layer1.0.bn1", (4, 64, 16, 16), 7),
+    Shape("torchvision.resnet50.layer1.0.bn3", (4, 256, 16, 16), 5),
+    Shape("torchvision.resnet50.layer2.0.bn1", (4, 128, 16, 16), 8),
+    Shape("torchvision.resnet50.layer2.0.bn2", (4, 128, 8, 8), 20),
+    Shape("torchvision.resnet50.layer2.0.bn3", (4, 512, 8, 8), 6),
+    Shape("torchvision.resnet50.layer3.0.bn1", (4, 256, 8, 8), 2),
+    Shape("torchvision.resnet50.layer3.0.bn2", (4, 256, 4, 4), 12),
+    Shape("torchvision.resnet50.layer3.0.bn3", (4, 1024, 4, 4), 8),
+    Shape("torchvision.resnet50.layer4.0.bn1", (4, 512, 4, 4), 2),
+    Shape("torchvision.resnet50.layer4.0.bn2", (4, 512, 2, 2), 6),
+    Shape("torchvision.resnet50.layer4.0.bn3", (4, 2048, 2, 2), 4),
+    Shape("torchvision.mobilenet_v3_small.features.0.1", (8, 16, 64, 64), 2),
+    Shape("torchvision.mobilenet_v3_small.features.1.block.0.1", (8, 16, 32, 32), 4),
+    Shape("torchvision.mobilenet_v3_small.features.2.block.0.1", (8, 72, 32, 32), 2),
+    Shape("torchvision.mobilenet_v3_small.features.2.block.1.1", (8, 72, 16, 16), 2),
+    Shape("torchvision.mobilenet_v3_small.features.2.block.2.1", (8, 24, 16, 16), 4),
+    Shape("torchvision.mobilenet_v3_small.features.3.block.0.1", (8, 88, 16, 16), 4),
+    Shape("torchvision.mobilenet_v3_small.features.4.block.0.1", (8, 96, 16, 16), 2),
+    Shape("torchvision.mobilenet_v3_small.features.4.block.1.1", (8, 96, 8, 8), 2),
+    Shape("torchvision.mobilenet_v3_small.features.4.block.3.1", (8, 40, 8, 8), 6),
+    Shape("torchvision.mobilenet_v3_small.features.5.block.0.1", (8, 240, 8, 8), 8),
+    Shape("torchvision.mobilenet_v3_small.features.7.block.0.1", (8, 120, 8, 8), 4),
+    Shape("torchvision.mobilenet_v3_small.features.7.block.3.1", (8, 48, 8, 8), 4),
+    Shape("torchvision.mobilenet_v3_small.features.8.block.0.1", (8, 144, 8, 8), 4),
+    Shape("torchvision.mobilenet_v3_small.features.9.block.0.1", (8, 288, 8, 8), 2),
+    Shape("torchvision.mobilenet_v3_small.features.9.block.1.1", (8, 288, 4, 4), 2),
+    Shape("torchvision.mobilenet_v3_small.features.9.block.3.1", (8, 96, 4, 4), 6),
+    Shape("torchvision.mobilenet_v3_small.features.10.block.0.1", (8, 576, 4, 4), 10),
+    Shape("torchvision.efficientnet_b0.features.0.1", (4, 32, 48, 48), 4),
+    Shape("torchvision.efficientnet_b0.features.1.0.block.2.1", (4, 16, 48, 48), 2),
+    Shape("torchvision.efficientnet_b0.features.2.0.block.0.1", (4, 96, 48, 48), 2),
+    Shape("torchvision.efficientnet_b0.features.2.0.block.1.1", (4, 96, 24, 24), 2),
+    Shape("torchvision.efficientnet_b0.features.2.0.block.3.1", (4, 24, 24, 24), 4),
+    Shape("torchvision.efficientnet_b0.features.2.1.block.0.1", (4, 144, 24, 24), 6),
+    Shape("torchvision.efficientnet_b0.features.3.0.block.1.1", (4, 144, 12, 12), 2),
+    Shape("torchvision.efficientnet_b0.features.3.0.block.3.1", (4, 40, 12, 12), 4),
+    Shape("torchvision.efficientnet_b0.features.3.1.block.0.1", (4, 240, 12, 12), 6),
+    Shape("torchvision.efficientnet_b0.features.4.0.block.1.1", (4, 240, 6, 6), 2),
+    Shape("torchvision.efficientnet_b0.features.4.0.block.3.1", (4, 80, 6, 6), 6),
+    Shape("torchvision.efficientnet_b0.features.4.1.block.0.1", (4, 480, 6, 6), 12),
+    Shape("torchvision.efficientnet_b0.features.5.0.block.3.1", (4, 112, 6, 6), 6),
+    Shape("torchvision.efficientnet_b0.features.5.1.block.0.1", (4, 672, 6, 6), 10),
+    Shape("torchvision.efficientnet_b0.features.6.0.block.1.1", (4, 672, 3, 3), 2),
+    Shape("torchvision.efficientnet_b0.features.6.0.block.3.1", (4, 192, 3, 3), 8),
+    Shape("torchvision.efficientnet_b0.features.6.1.block.0.1", (4, 1152, 3, 3), 16),
+    Shape("torchvision.efficientnet_b0.features.7.0.block.3.1", (4, 320, 3, 3), 2),
+    Shape("torchvision.efficientnet_b0.features.8.1", (4, 1280, 3, 3), 2),
+    Shape("torchvision.densenet121.features.denseblock1.denselayer2.norm1", (4, 96, 16, 16), 1),
+    Shape("torchvision.densenet121.features.denseblock1.denselayer4.norm1", (4, 160, 16, 16), 1),
+    Shape("torchvision.densenet121.features.denseblock1.denselayer5.norm1", (4, 192, 16, 16), 1),
+    Shape("torchvision.densenet121.features.denseblock1.denselayer6.norm1", (4, 224, 16, 16), 1),
+    Shape("torchvision.densenet121.features.denseblock2.denselayer2.norm1", (4, 160, 8, 8), 1),
+    Shape("torchvision.densenet121.features.denseblock2.denselayer3.norm1", (4, 192, 8, 8), 1),
+    Shape("torchvision.densenet121.features.denseblock2.denselayer4.norm1", (4, 224, 8, 8), 1),
+    Shape("torchvision.densenet121.features.denseblock2.denselayer6.norm1", (4, 288, 8, 8), 1),
+    Shape("torchvision.densenet121.features.denseblock2.denselayer7.norm1", (4, 320, 8, 8), 1),
+    Shape("torchvision.densenet121.features.denseblock2.denselayer8.norm1", (4, 352, 8, 8), 1),
+    Shape("torchvision.densenet121.features.denseblock2.denselayer9.norm1", (4, 384, 8, 8), 1),
+    Shape("torchvision.densenet121.features.denseblock2.denselayer10.norm1", (4, 416, 8, 8), 1),
+    Shape("torchvision.densenet121.features.denseblock2.denselayer11.norm1", (4, 448, 8, 8), 1),
+    Shape("torchvision.densenet121.features.denseblock2.denselayer12.norm1", (4, 480, 8, 8), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer1.norm2", (4, 128, 4, 4), 24),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer2.norm1", (4, 288, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer3.norm1", (4, 320, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer4.norm1", (4, 352, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer5.norm1", (4, 384, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer6.norm1", (4, 416, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer7.norm1", (4, 448, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer8.norm1", (4, 480, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer10.norm1", (4, 544, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer11.norm1", (4, 576, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer12.norm1", (4, 608, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer13.norm1", (4, 640, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer14.norm1", (4, 672, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer15.norm1", (4, 704, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer16.norm1", (4, 736, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer17.norm1", (4, 768, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer18.norm1", (4, 800, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer19.norm1", (4, 832, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer20.norm1", (4, 864, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer21.norm1", (4, 896, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer22.norm1", (4, 928, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer23.norm1", (4, 960, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock3.denselayer24.norm1", (4, 992, 4, 4), 1),
+    Shape("torchvision.densenet121.features.denseblock4.denselayer1.norm2", (4, 128, 2, 2), 16),
+    Shape("torchvision.densenet121.features.denseblock4.denselayer2.norm1", (4, 544, 2, 2), 1),
+    Shape("torchvision.densenet121.features.denseblock4.denselayer3.norm1", (4, 576, 2, 2), 1),
+    Shape("torchvision.densenet121.features.denseblock4.denselayer4.norm1", (4, 608, 2, 2), 1),
+    Shape("torchvision.densenet121.features.denseblock4.denselayer5.norm1", (4, 640, 2, 2), 1),
+    Shape("torchvision.densenet121.features.denseblock4.denselayer6.norm1", (4, 672, 2, 2), 1),
+    Shape("torchvision.densenet121.features.denseblock4.denselayer7.norm1", (4, 704, 2, 2), 1),
+    Shape("torchvision.densenet121.features.denseblock4.denselayer8.norm1", (4, 736, 2, 2), 1),
+    Shape("torchvision.densenet121.features.denseblock4.denselayer9.norm1", (4, 768, 2, 2), 1),
+    Shape("torchvision.densenet121.features.denseblock4.denselayer10.norm1", (4, 800, 2, 2), 1),
+    Shape("torchvision.densenet121.features.denseblock4.denselayer11.norm1", (4, 832, 2, 2), 1),
+    Shape("torchvision.densenet121.features.denseblock4.denselayer12.norm1", (4, 864, 2, 2), 1),
+    Shape("torchvision.densenet121.features.denseblock4.denselayer13.norm1", (4, 896, 2, 2), 1),
+    Shape("torchvision.densenet121.features.denseblock4.denselayer14.norm1", (4, 928, 2, 2), 1),
+    Shape("torchvision.densenet121.features.denseblock4.denselayer15.norm1", (4, 960, 2, 2), 1),
+    Shape("torchvision.densenet121.features.denseblock4.denselayer16.norm1", (4, 992, 2, 2), 1),
+    Shape("torchvision.densenet121.features.norm5", (4, 1024, 2, 2), 1),
+]
+
+# The tiny layers on which the per-call cost (module, checks, dispatch, autograd Function) is
+# compared with torch's module call: an MLP's layer and a small convolutional one.
+SMALL = [
+    Shape("small.mlp", (64, 256)),
+    Shape("small.conv", (32, 64, 8, 8)),
+]
+
 # Small stand-ins with the same structure, for a smoke run (--quick) and the tests.
 QUICK = [
     Shape("conv.small", (4, 32, 16, 16)),
@@ -48,5 +173,13 @@ QUICK = [
 ]
 
 
+SHAPE_SETS = {
+    "default": RESNET50 + MLP,
+    "models": MODEL_SHAPES,
+    "small": SMALL,
+    "all": RESNET50 + MLP + MODEL_SHAPES + SMALL,
+}
+
+
 def default_shapes() -> list[Shape]:
-    return RESNET50 + MLP
+    return SHAPE_SETS["default"]
