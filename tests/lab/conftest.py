@@ -67,10 +67,19 @@ def make_tiny_configs() -> dict:
     from batchnorm.lab.experiments.baselines import BaselinesConfig
     from batchnorm.lab.experiments.batch_size import BatchSizeConfig
     from batchnorm.lab.experiments.convergence import ConvergenceConfig
+    from batchnorm.lab.experiments.depth import DepthConfig
+    from batchnorm.lab.experiments.gradients import GradientsConfig
+    from batchnorm.lab.experiments.hyperparameters import HyperparameterConfig
+    from batchnorm.lab.experiments.ics import IcsConfig
+    from batchnorm.lab.experiments.inference import InferenceConfig
     from batchnorm.lab.experiments.initialization import InitConfig
     from batchnorm.lab.experiments.ioffe_mnist import IoffeConfig
     from batchnorm.lab.experiments.learning_rate import LearningRateConfig
+    from batchnorm.lab.experiments.overhead import OverheadConfig
+    from batchnorm.lab.experiments.placement import PlacementConfig
+    from batchnorm.lab.experiments.recurrent import RecurrentConfig
     from batchnorm.lab.experiments.regularization import RegularizationConfig
+    from batchnorm.lab.experiments.smoothness import SmoothnessConfig
 
     return {
         "convergence": ConvergenceConfig(tuning_rates=(0.03, 0.1), steps=40, eval_every=20,
@@ -85,4 +94,23 @@ def make_tiny_configs() -> dict:
         "regularization": RegularizationConfig(tuning_rates=(0.03,), steps=30, eval_every=30,
                                                width=32),
         "baselines": BaselinesConfig(tuning_rates=(0.1,), steps=20, eval_every=20),
+        "ics": IcsConfig(tuning_rates=(0.05,), steps=20, measure_every=10, eval_every=10,
+                         depth=3, width=16, batch_size=32),
+        "gradients": GradientsConfig(depth=4, width=8, batch_size=16, steps=4, eval_every=2),
+        "depth": DepthConfig(depths=(1, 3), tuning_depth=1, tuning_rates=(0.1,), steps=4,
+                             batch_size=16, width=8),
+        "inference": InferenceConfig(steps=(12, 8), batch_sizes=(4, 16), width=8,
+                                     precise_batch=100),
+        "overhead": OverheadConfig(rounds=2, warmup_rounds=1, steps_per_timing=1,
+                                   batches_per_timing=1, width=8, widths=(4, 8),
+                                   inference_batch=16),
+        "smoothness": SmoothnessConfig(steps=6, probe_every=3, probe_batch=16,
+                                       multipliers=(0.5, 4.0), widths=(4, 8, 8), linear_depth=4,
+                                       linear_width=4),
+        "recurrent": RecurrentConfig(norms=("batch", "layer"), hidden_size=4,
+                                     tuning_rates=(0.1,), steps=4, eval_every=2, batch_size=16,
+                                     length_factors=(1.0, 1.5)),
+        "placement": PlacementConfig(tuning_rates=(0.1,), width=16, mlp_steps=6),
+        "hyperparameters": HyperparameterConfig(epsilons=(1e-5, 1e-1), usual_epsilons=(1e-5,),
+                                                steps=10, width=8),
     }

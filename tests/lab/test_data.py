@@ -72,7 +72,7 @@ def test_largest_batch_size_of_the_experiment_configs():
     from batchnorm.lab.data import largest_batch_size
     from batchnorm.lab.experiments import EXPERIMENTS
 
-    assert largest_batch_size(e.config(quick=True) for e in EXPERIMENTS.values()) == 60
+    assert largest_batch_size(e.config(quick=True) for e in EXPERIMENTS.values()) == 128
     assert largest_batch_size(e.config() for e in EXPERIMENTS.values()) == 128
     assert largest_batch_size([]) == 1
 

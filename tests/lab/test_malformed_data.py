@@ -33,7 +33,7 @@ from batchnorm.cli import main
 TRAIN, TEST = 128, 16
 PER_BATCH = 26  # five CIFAR training batches of 26: 130 training images
 # The largest batch the whole --quick suite trains on (ioffe-mnist's 60).
-QUICK_BATCH = 60
+QUICK_BATCH = 128  # the largest batch of the quick configs (ics, gradients, depth)
 
 IDX = {
     "train_images": "train-images-idx3-ubyte",

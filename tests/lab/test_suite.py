@@ -173,6 +173,8 @@ def test_tuning_runs_never_see_the_test_part(finished_suite):
     assert tuning
     for task in tuning:
         assert not any(key.startswith("test_") for key in results[task.key]), task.experiment
-    tuned = {task.key for task in tuning}
-    evaluation = [value for key, value in results.items() if key not in tuned]
-    assert evaluation and all("test_accuracy" in value for value in evaluation)
+    tuning_experiments = {task.experiment for task in tuning}
+    evaluation = plan_tasks({name: configs[name] for name in tuning_experiments}, SEEDS,
+                            TINY_DATA, "cpu", out / "runs",
+                            choices(configs, tuning, {t.key: results[t.key] for t in tuning}))
+    assert evaluation and all("test_accuracy" in results[task.key] for task in evaluation)

@@ -1,4 +1,5 @@
-"""The registry of experiments, in the order the default suite runs them.
+"""The registry of experiments, in the order the default suite runs them (the order of the claims
+they test; the baselines, which test none, last).
 
 One file per experiment; each defines ``EXPERIMENT``. New experiments are added to ``EXPERIMENTS``.
 """
@@ -9,10 +10,19 @@ from batchnorm.lab.experiments import (
     baselines,
     batch_size,
     convergence,
+    depth,
+    gradients,
+    hyperparameters,
+    ics,
+    inference,
     initialization,
     ioffe_mnist,
     learning_rate,
+    overhead,
+    placement,
+    recurrent,
     regularization,
+    smoothness,
 )
 from batchnorm.lab.experiments.base import Experiment
 
@@ -22,9 +32,18 @@ EXPERIMENTS: dict[str, Experiment] = {
         convergence,
         learning_rate,
         ioffe_mnist,
-        batch_size,
-        initialization,
+        ics,
+        smoothness,
         regularization,
+        initialization,
+        gradients,
+        depth,
+        batch_size,
+        recurrent,
+        placement,
+        inference,
+        overhead,
+        hyperparameters,
         baselines,
     )
 }

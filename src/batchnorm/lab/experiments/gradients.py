@@ -166,6 +166,7 @@ def flow_rule() -> Rule:
         threshold=FLOW_THRESHOLD,
         supports="above",
         scale="log",
+        unit="x",
         why=(
             "single layers scatter about the fitted line (finite width), so one net's fitted "
             "end-to-end change carries an error of its own: in pilots (64 layers, 5 seeds) its "
