@@ -134,7 +134,7 @@ class Finding:
     claim: str
     experiment: str
     data: str  # the data set the measure comes from
-    split: str  # "test" or "validation"
+    split: str  # "test", "validation" or "training" (a measure taken while training)
     measure: str  # what the effect is, in words
     unit: str
     threshold: float

@@ -229,7 +229,7 @@ def findings(config: GradientsConfig, runs: list[dict]) -> list[Finding]:
             "C7", "gradients",
             f"{words}: change of the gradient norm {span} (the fitted line's, whichever way "
             "it goes) without BN divided by with BN; above 1, BN's gradient is the steadier",
-            ratios, flow_rule(), data=data, split="train",
+            ratios, flow_rule(), data=data, split="training",
         ))
     seeds, results = _paired(config, runs, "init")
     if seeds:
@@ -243,7 +243,7 @@ def findings(config: GradientsConfig, runs: list[dict]) -> list[Finding]:
                 f"at initialization, BN's per-layer growth of the gradient toward the input "
                 f"divided by Yang et al.'s {YANG_GROWTH} (agreement: {side} "
                 f"{bound:.3g}x)",
-                growth, rule, data=data, split="train",
+                growth, rule, data=data, split="training",
             ))
     return found
 

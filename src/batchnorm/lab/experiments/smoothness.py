@@ -397,7 +397,7 @@ def findings(config: SmoothnessConfig, runs: list[dict]) -> list[Finding]:
                 ratios,
                 rule,
                 data=data_of([run for run in runs if run["params"]["net"] == net]),
-                split="train",
+                split="training",
             ))
     return found
 
