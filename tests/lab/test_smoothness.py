@@ -263,7 +263,7 @@ def test_findings_on_synthetic_runs(case):
     found = EXPERIMENT.findings(config,
                                 smoothness_runs({"loss_range": loss_range, "beta": beta}, spread))
     assert len(found) == 4 and {f.claim for f in found} == {"C4"}
-    assert {f.split for f in found} == {"train"}
+    assert {f.split for f in found} == {"training"}
     for finding in found:
         assert finding.verdict == expected, (finding.measure, finding.effect_text())
         assert finding.threshold == MINIMUM_RATIO and finding.unit == "x"
