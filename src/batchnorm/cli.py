@@ -30,6 +30,18 @@ def _bench(args: argparse.Namespace) -> int:
         return _emit(format_memory(run_memory()), args.markdown)
     if args.suite == "models":
         return _bench_models(args)
+    if args.suite == "overhead":
+        import time
+
+        from batchnorm.bench.overhead import format_overhead, run_overhead
+
+        clock = time.thread_time if args.clock == "thread" else time.perf_counter
+        shape_list = shapes.SMALL
+        if args.shapes:
+            shape_list = [s for s in shape_list if any(part in s.name for part in args.shapes)]
+        print(f"# batchnorm bench --suite overhead on {runner.machine_description()}, "
+              f"{args.clock} clock", flush=True)
+        return _emit(format_overhead(run_overhead(shape_list, args.rounds, clock)), args.markdown)
     shape_list = shapes.QUICK if args.quick else shapes.SHAPE_SETS[args.shape_set]
     modes = [args.mode] if args.mode else list(runner.MODES)
     if args.shapes:
@@ -130,13 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="time ours against torch.nn (interleaved)")
     bench.add_argument(
         "--suite",
-        choices=["layer", "models", "fold", "sync", "memory"],
+        choices=["layer", "models", "overhead", "fold", "sync", "memory"],
         default="layer",
         help="layer: ours vs torch.nn per shape (default); models: torchvision's and timm's "
         "models, training step and eval forward, ours vs torch with an A/A control and batch "
-        "norm's own time; fold: eval latency folded vs unfolded; sync: SyncBatchNorm vs local "
-        "batch norm per step with 2 processes; memory: bytes kept for backward, in-place "
-        "BN+activation vs torch's",
+        "norm's own time; overhead: the fixed cost of a call on tiny layers, our module and "
+        "each hop of its path against torch's module call; fold: eval latency folded vs "
+        "unfolded; sync: SyncBatchNorm vs local batch norm per step with 2 processes; memory: "
+        "bytes kept for backward, in-place BN+activation vs torch's",
     )
     bench.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu",
@@ -161,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="--suite models: only models whose name contains one of these strings",
     )
     bench.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case")
+    bench.add_argument(
+        "--clock", choices=["wall", "thread"], default="wall",
+        help="--suite overhead: wall time (default) or the calling thread's CPU time, which "
+        "keeps other processes' load out of the figures (meaningful with --threads 1 only)",
+    )
     bench.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     bench.add_argument("--markdown", help="also write the table to this file")
     bench.set_defaults(handler=_bench)

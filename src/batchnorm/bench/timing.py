@@ -37,17 +37,22 @@ def _minor_faults() -> int | None:
     return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _time_once(fn: Callable[[], object], inner: int) -> float:
-    start = time.perf_counter()
+Clock = Callable[[], float]
+
+
+def _time_once(fn: Callable[[], object], inner: int, clock: Clock = time.perf_counter) -> float:
+    start = clock()
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - start) / inner
+    return (clock() - start) / inner
 
 
-def _sample(fn: Callable[[], object], inner: int) -> tuple[float, int | None]:
+def _sample(
+    fn: Callable[[], object], inner: int, clock: Clock = time.perf_counter
+) -> tuple[float, int | None]:
     """Seconds per call and page faults over the ``inner`` calls of one sample."""
     before = _minor_faults()
-    seconds = _time_once(fn, inner)
+    seconds = _time_once(fn, inner, clock)
     after = _minor_faults()
     return seconds, None if before is None or after is None else after - before
 
@@ -59,14 +64,28 @@ def calibrate(fn: Callable[[], object], target_s: float = 0.02) -> int:
     return max(1, int(target_s / max(elapsed, 1e-7)))
 
 
+def per_call(
+    fn: Callable[[], object], rounds: int = 15, target_s: float = 0.005,
+    clock: Clock = time.perf_counter,
+) -> float:
+    """Median seconds per call of ``fn`` over ``rounds`` samples of about ``target_s``."""
+    inner = calibrate(fn, target_s)
+    return statistics.median(_time_once(fn, inner, clock) for _ in range(rounds))
+
+
 def compare(
     candidate: Callable[[], object],
     baseline: Callable[[], object],
     rounds: int = 15,
     warmup: int = 3,
     seed: int = 0,
+    clock: Clock = time.perf_counter,
 ) -> Comparison:
-    """Time ``candidate`` and ``baseline`` alternately (order shuffled each round)."""
+    """Time ``candidate`` and ``baseline`` alternately (order shuffled each round).
+
+    ``clock``: wall time by default; ``time.thread_time`` counts only the time the calling
+    thread ran, which keeps other processes' load out of single-threaded timings (it misses the
+    work of any other thread, so it suits ``torch.set_num_threads(1)`` only)."""
     for _ in range(warmup):
         candidate()
         baseline()
@@ -77,11 +96,11 @@ def compare(
     base_faults: list[int | None] = []
     for _ in range(rounds):
         if order.random() < 0.5:
-            c, cf = _sample(candidate, inner)
-            b, bf = _sample(baseline, inner)
+            c, cf = _sample(candidate, inner, clock)
+            b, bf = _sample(baseline, inner, clock)
         else:
-            b, bf = _sample(baseline, inner)
-            c, cf = _sample(candidate, inner)
+            b, bf = _sample(baseline, inner, clock)
+            c, cf = _sample(candidate, inner, clock)
         ratios.append(c / b)
         cand_times.append(c)
         base_times.append(b)
