@@ -53,3 +53,71 @@ def test_gradient_penalty_matches_autograd_through_plain_ops():
     expected = penalty(plain)
     for o, e in zip(ours, expected, strict=True):
         torch.testing.assert_close(o, e, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 3, 2)])
+def test_training_step_path_gradients_and_running_statistics(shape):
+    """A training call that updates running statistics in place and needs gradients takes one
+    Function for output and update (batchnorm.autograd.apply_train_update): first and second
+    derivatives as the pure form's, running statistics as torch's."""
+    x, weight, bias, tensors = _inputs(shape, True, seed=3)
+    c = shape[1]
+    ours_stats = [torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)]
+    torch_stats = [t.clone() for t in ours_stats]
+    y = batch_norm(x, *ours_stats, weight, bias, training=True)
+    assert type(y.grad_fn).__name__ == "_BatchNormTrainUpdateBackward"
+    torch.nn.functional.batch_norm(x.detach(), *torch_stats, weight.detach(), bias.detach(),
+                                   training=True)
+    for ours, theirs in zip(ours_stats, torch_stats, strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+    def fn(*args):
+        return batch_norm(args[0], *ours_stats, args[1], args[2], training=True)
+
+    assert gradcheck(fn, tensors)
+    assert gradgradcheck(fn, tensors)
+
+
+def test_training_step_path_uses_a_backends_fused_entry():
+    """A backend with ``train_forward_update`` computes a training step's output and running
+    update in one call; the result is the two-call path's."""
+    from batchnorm import dispatch
+    from batchnorm.backends import eager
+
+    calls = []
+
+    class Fused:
+        name = "fused-test"
+        supports = eager.supports
+        train_forward, eval_forward = eager.train_forward, eager.eval_forward
+        train_backward, eval_backward = eager.train_backward, eager.eval_backward
+        updated_running_stats = eager.updated_running_stats
+
+        @staticmethod
+        def train_forward_update(x, weight, bias, eps, running_mean, running_var, momentum,
+                                 count):
+            calls.append(count)
+            output, mean, variance = eager.train_forward(x, weight, bias, eps)
+            _, _, finite = eager.updated_running_stats(
+                running_mean, running_var, mean, variance, momentum, count, in_place=True
+            )
+            return output, mean, variance, finite
+
+    x, weight, bias, _ = _inputs((5, 3, 4), True, seed=4)
+    stats = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    expected_stats = [t.clone() for t in stats]
+    dispatch.register_backend(Fused)  # the class: its functions stay plain functions
+    try:
+        with dispatch.use_backend("fused-test"):
+            y = batch_norm(x, *stats, weight, bias, training=True, momentum=0.3)
+            grads = torch.autograd.grad(y.sum() + (y**2).sum(), [x, weight, bias])
+    finally:
+        del dispatch._BACKENDS["fused-test"]
+    assert calls == [20]
+    with dispatch.use_backend("eager"):
+        expected = batch_norm(x, *expected_stats, weight, bias, training=True, momentum=0.3)
+        expected_grads = torch.autograd.grad(expected.sum() + (expected**2).sum(),
+                                             [x, weight, bias])
+    torch.testing.assert_close(y, expected)
+    for ours, theirs in zip([*stats, *grads], [*expected_stats, *expected_grads], strict=True):
+        torch.testing.assert_close(ours, theirs)

@@ -13,11 +13,19 @@ The Functions use the ``setup_context`` form with ``generate_vmap_rule``, so the
 every call, which costs more than a small batch norm itself, so outside ``torch.func``
 transforms :func:`apply_train` and :func:`apply_eval` use twins in the classic ``ctx`` form
 that share the same forward, context and backward.
+
+A training call that also updates running statistics, outside transforms, compile and
+forward-mode AD (every training step of a model), takes :func:`apply_train_update`: one
+Function whose forward computes the output and batch statistics and writes the running
+statistics in place, and returns the output alone (with the finiteness flag, a plain value).
+It has the same backward; it spares a Function that returns three tensors and the hops around
+it, which on small layers cost more than the arithmetic.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from batchnorm.backends import eager
 from batchnorm.core import tangents
@@ -57,17 +65,7 @@ class BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
-        if grad_out is None:  # no gradient reached the output (gradcheck tries this case)
-            return None, None, None, None, None
-        x, weight, bias, mean, variance, mask = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
-        if torch.is_grad_enabled():
-            mean, variance = batch_moments(x, mask)
-        args = (grad_out, x, mean, variance, weight, ctx.eps, needs)
-        if mask is not None:
-            args = (*args, mask)
-        grads = _run_backward("train_backward", args, grad_out, x, mask)
-        return (*_cast_grads(grads, (x, weight, bias)), None, None)
+        return (*_train_grads(ctx, grad_out), None, None)
 
     @staticmethod
     def jvp(ctx, x_tangent, weight_tangent, bias_tangent, _eps_tangent, _mask_tangent):
@@ -76,6 +74,67 @@ class BatchNormTrain(torch.autograd.Function):
             x, weight, mean, variance, ctx.eps, x_tangent, weight_tangent, bias_tangent, mask
         )
         return tangent, None, None
+
+
+def _train_grads(ctx, grad_out):
+    """(dx, dweight, dbias) of a training Function whose context saved
+    ``(x, weight, bias, mean, variance, mask)`` and ``eps``."""
+    if grad_out is None:  # no gradient reached the output (gradcheck tries this case)
+        return None, None, None
+    x, weight, bias, mean, variance, mask = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:3])
+    if torch.is_grad_enabled():
+        mean, variance = batch_moments(x, mask)
+    args = (grad_out, x, mean, variance, weight, ctx.eps, needs)
+    if mask is not None:
+        args = (*args, mask)
+    grads = _run_backward("train_backward", args, grad_out, x, mask)
+    return _cast_grads(grads, (x, weight, bias))
+
+
+class _BatchNormTrainUpdate(torch.autograd.Function):
+    """Normalize with the batch's statistics and update the running statistics in place, in
+    one Function (classic form: no transforms, compile or forward-mode AD come here). Outputs
+    ``(y, finite)``, the flag as the backend returns it (a bool, or a 0-dim bool tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, mask, backend, running_mean, running_var, momentum,
+                count):
+        fused = getattr(backend, "train_forward_update", None) if mask is None else None
+        if fused is not None:  # one backend call for the output and both statistics
+            output, mean, variance, finite = fused(
+                x, weight, bias, eps, running_mean, running_var, momentum, count
+            )
+        else:
+            if mask is None:
+                output, mean, variance = backend.train_forward(x, weight, bias, eps)
+            else:
+                output, mean, variance = backend.train_forward(x, weight, bias, eps, mask)
+            _, _, finite = backend.updated_running_stats(
+                running_mean, running_var, mean, variance, momentum, count, in_place=True
+            )
+        ctx.save_for_backward(x, weight, bias, mean, variance, mask)
+        ctx.eps = eps
+        if isinstance(finite, torch.Tensor):
+            ctx.mark_non_differentiable(finite)
+        ctx.set_materialize_grads(False)
+        return output, finite
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_finite):
+        return (*_train_grads(ctx, grad_out), None, None, None, None, None, None, None)
+
+
+def apply_train_update(x, weight, bias, eps, mask, backend, running_mean, running_var,
+                       momentum, count):
+    """``(output, finite)`` with the running statistics updated in place, for a call that
+    needs gradients; None where this path does not serve (compile, transforms, forward-mode
+    AD): the caller then takes :func:`apply_train` and updates apart."""
+    if torch.compiler.is_compiling() or transforms_active() or forward_ad._current_level >= 0:
+        return None
+    return _BatchNormTrainUpdate.apply(
+        x, weight, bias, eps, mask, backend, running_mean, running_var, momentum, count
+    )
 
 
 class BatchNormEval(torch.autograd.Function):

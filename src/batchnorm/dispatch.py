@@ -11,7 +11,10 @@ are available in this installation, and on an explicit override:
 Backends are modules (or objects) with ``name``, ``supports(x)``, ``train_forward``,
 ``eval_forward``, ``train_backward``, ``eval_backward`` and ``updated_running_stats``
 (the core's, or a faster twin); see ``batchnorm.backends.eager`` for
-the signatures.
+the signatures. A backend may also offer ``train_forward_update(x, weight, bias, eps,
+running_mean, running_var, momentum, count)``, the training forward and the in-place running
+update in one call, returning ``(y, mean, variance, finite)``: a training step then makes one
+backend call instead of two (``batchnorm.autograd.apply_train_update``).
 """
 
 from __future__ import annotations

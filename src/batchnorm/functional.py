@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import forward_ad
 
-from batchnorm.autograd import apply_eval, apply_train
+from batchnorm.autograd import apply_eval, apply_train, apply_train_update
 from batchnorm.backends import traceable
 from batchnorm.core import checks, running
 from batchnorm.core.errors import BatchNormValueError
@@ -34,8 +34,19 @@ def validate_arguments(
     batch-size rule where batch statistics are used."""
     if not input_checked:
         checks.check_input(input, owner=owner)
-    checks.check_mask(mask, input, owner)
     channels, device = input.shape[1], input.device
+    if (
+        mask is None
+        and checks.accepts_per_channel(running_mean, running_var, weight, bias, channels, device)
+        and checks.accepts_hyperparameters(momentum, eps, use_batch_stats)
+        and forward_ad._current_level < 0  # (else a tangent on the statistics is refused)
+    ):
+        # everything below would pass (the common call, answered in one expression each);
+        # only the batch-size rule remains
+        if use_batch_stats:
+            checks.check_batch_statistics_possible(input, owner)
+        return
+    checks.check_mask(mask, input, owner)
     if (running_mean is None) != (running_var is None):
         raise BatchNormValueError(
             f"{owner}: expected running_mean and running_var both given or both None, got "
@@ -166,10 +177,19 @@ def batch_norm_core(
     if not use_batch_stats:
         output = normalize_with(input, running_mean, running_var, weight, bias, eps, backend)
         return output, None, None, None
+    updating = training and running_mean is not None
+    if updating and in_place and _needs_grad(input, weight, bias):
+        # a training step: output, statistics and the running update in one Function
+        done = apply_train_update(
+            input, weight, bias, eps, mask, backend, running_mean, running_var, momentum,
+            valid_per_channel(input, mask),
+        )
+        if done is not None:
+            return done[0], running_mean, running_var, done[1]
     output, mean, variance = normalize_with_batch_statistics(
         input, weight, bias, eps, mask, backend
     )
-    if not training or running_mean is None:
+    if not updating:
         return output, None, None, None
     new_mean, new_var, finite = backend.updated_running_stats(
         running_mean, running_var, mean, variance, momentum, valid_per_channel(input, mask),

@@ -86,6 +86,46 @@ def check_per_channel(
         check_device(vector, device, what, owner)
 
 
+_FLOATING = frozenset(FLOATING_DTYPES)
+
+
+def accepts_per_channel(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_channels: int,
+    device: torch.device,
+) -> bool:
+    """Whether :func:`check_per_channel` accepts all four on ``device`` and the two statistics
+    are both given or both None: the question the common call asks, answered without a
+    function call per check. False sends the caller to the full checks, which name what is
+    wrong (or accept what this fast test leaves to them, such as a tensor subclass)."""
+    if (running_mean is None) != (running_var is None):
+        return False
+    for vector in (running_mean, running_var, weight, bias):
+        if vector is not None and not (
+            isinstance(vector, torch.Tensor)
+            and vector.dtype in _FLOATING
+            and vector.dim() == 1
+            and vector.shape[0] == num_channels
+            and vector.device == device
+        ):
+            return False
+    return True
+
+
+def accepts_hyperparameters(momentum, eps, use_batch_stats: bool) -> bool:
+    """Whether :func:`check_momentum` and :func:`check_eps` accept ``momentum`` and ``eps``
+    given as Python floats (or momentum None); anything else goes to the full checks."""
+    return (
+        (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0))
+        and type(eps) is float
+        and (eps > 0.0 if use_batch_stats else eps >= 0.0)
+        and eps < math.inf
+    )
+
+
 def check_device(tensor: torch.Tensor, device: torch.device, what: str, owner: str) -> None:
     """``tensor`` lives on the input's ``device``."""
     if tensor.device != device:

@@ -170,8 +170,13 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
 
     def _commit_running_stats(self, new_mean, new_var, finite) -> None:
         buffers = self._buffers
-        commit_running_stats(buffers["running_mean"], buffers["running_var"], new_mean, new_var)
         tracked = buffers["num_batches_tracked"]
+        if finite is True and new_mean is buffers["running_mean"] and not transforms_active():
+            # the common step: the backend wrote the update in place and read the flag
+            if tracked is not None:
+                tracked.add_(1)  # (a buffer: no autograd here)
+            return
+        commit_running_stats(buffers["running_mean"], buffers["running_var"], new_mean, new_var)
         if tracked is not None and not torch.compiler.is_compiling() and transforms_active():
             # a differentiating transform (jvp, grad) refuses any in-place change of a buffer
             # it captured: the count is no part of what it differentiates, so it is counted
