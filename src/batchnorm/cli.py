@@ -65,7 +65,8 @@ def _bench(args: argparse.Namespace) -> int:
                 print(
                     f"{shape.name:24s} {mode:5s} {layout:13s} "
                     f"ours/torch {row.comparison.median_ratio:.2f} "
-                    f"ours/clone {row.roofline.median_ratio:.2f} "
+                    f"ours/floor {row.floor.median_ratio:.2f} "
+                    f"torch/floor {row.torch_floor.median_ratio:.2f} "
                     f"no-op/torch {row.noop.median_ratio:.2f} "
                     f"faults {runner.format_faults(row.comparison)}",
                     flush=True,

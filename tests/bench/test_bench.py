@@ -16,14 +16,15 @@ from batchnorm.cli import main
 def test_run_case_reports_both_ratios(mode, layout):
     shape = Shape("tiny", (4, 3, 5, 5))
     row = runner.run_case(shape, mode, layout, rounds=2)
-    assert row.comparison.median_ratio > 0 and row.roofline.median_ratio > 0
-    assert row.noop.median_ratio > 0
+    assert row.comparison.median_ratio > 0 and row.floor.median_ratio > 0
+    assert row.torch_floor.median_ratio > 0 and row.noop.median_ratio > 0
     # The row names the backend the dispatcher chose for that very input.
     expected = select_backend(runner._make_input(shape, layout, torch.float32, seed=0)).name
     assert row.backend == expected
     table = runner.format_table([row])
-    assert "ours/clone" in table and f"| {mode} | {layout} | {expected} |" in table
-    assert "no-op/torch" in table and table.splitlines()[-1].count("|") == 12
+    assert "ours/floor" in table and "torch/floor" in table
+    assert f"| {mode} | {layout} | {expected} |" in table
+    assert "no-op/torch" in table and table.splitlines()[-1].count("|") == 13
 
 
 def test_noop_layer_has_the_layer_interface_and_no_arithmetic():
@@ -91,3 +92,27 @@ def test_cli_modes_are_the_runners():
     bench = build_parser()._subparsers._group_actions[0].choices["bench"]
     mode = next(action for action in bench._actions if action.dest == "mode")
     assert tuple(mode.choices) == runner.ALL_MODES
+
+
+def test_memory_floor_moves_what_a_batch_norm_must():
+    """Training: 2 clones (new output and input gradient) and 2 copies into existing tensors;
+    eval: 1 clone. Counted by the operations the floor calls."""
+    x, grad = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    floor = runner.memory_floor(x, grad, "train")
+    with torch.profiler.profile() as profile:
+        floor()
+    names = [event.name for event in profile.events()]
+    assert names.count("aten::clone") == 2 and names.count("aten::copy_") == 4  # clone copies
+    assert runner.memory_floor(x, grad, "eval") == x.clone
+
+
+def test_overhead_suite_times_the_module_and_each_hop():
+    from batchnorm.bench.overhead import MODES, format_overhead, run_overhead
+
+    rows = run_overhead([Shape("tiny", (8, 4))], rounds=1)
+    assert list(rows[0].modules) == list(MODES)
+    assert all(c.median_ratio > 0 for c in rows[0].modules.values())
+    assert rows[0].hops["ours module call"] > 0 and rows[0].hops["torch module call"] > 0
+    assert any(name.startswith("backend forward") for name in rows[0].hops)
+    table = format_overhead(rows)
+    assert "| tiny | 8x4 | train forward |" in table and "| validation (_validate) |" in table
