@@ -112,7 +112,7 @@ def test_training_step_path_uses_a_backends_fused_entry():
             y = batch_norm(x, *stats, weight, bias, training=True, momentum=0.3)
             grads = torch.autograd.grad(y.sum() + (y**2).sum(), [x, weight, bias])
     finally:
-        del dispatch._BACKENDS["fused-test"]
+        dispatch.unregister_backend("fused-test")
     assert calls == [20]
     with dispatch.use_backend("eager"):
         expected = batch_norm(x, *expected_stats, weight, bias, training=True, momentum=0.3)

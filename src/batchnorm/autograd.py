@@ -35,6 +35,9 @@ from batchnorm.dispatch import select_backend
 
 
 def _cast_grads(grads, inputs):
+    """Each gradient in its input's dtype (the kernels may return the accumulation dtype)."""
+    if all(g is None or g.dtype == t.dtype for g, t in zip(grads, inputs, strict=True)):
+        return grads  # the usual case: nothing to cast, no new tuple
     return tuple(
         grad if grad is None or grad.dtype == tensor.dtype else grad.to(tensor.dtype)
         for grad, tensor in zip(grads, inputs, strict=True)
@@ -88,7 +91,8 @@ def _train_grads(ctx, grad_out):
     args = (grad_out, x, mean, variance, weight, ctx.eps, needs)
     if mask is not None:
         args = (*args, mask)
-    grads = _run_backward("train_backward", args, grad_out, x, mask)
+    grads = _run_backward("train_backward", args, grad_out, x, mask,
+                          getattr(ctx, "backend", None))
     return _cast_grads(grads, (x, weight, bias))
 
 
@@ -98,8 +102,9 @@ class _BatchNormTrainUpdate(torch.autograd.Function):
     ``(y, finite)``, the flag as the backend returns it (a bool, or a 0-dim bool tensor)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, mask, backend, running_mean, running_var, momentum,
-                count):
+    def forward(ctx, x, weight, bias, eps, mask, update):
+        # the update's arguments travel as one tuple: Function.apply walks every argument
+        backend, running_mean, running_var, momentum, count = update
         fused = getattr(backend, "train_forward_update", None) if mask is None else None
         if fused is not None:  # one backend call for the output and both statistics
             output, mean, variance, finite = fused(
@@ -114,7 +119,7 @@ class _BatchNormTrainUpdate(torch.autograd.Function):
                 running_mean, running_var, mean, variance, momentum, count, in_place=True
             )
         ctx.save_for_backward(x, weight, bias, mean, variance, mask)
-        ctx.eps = eps
+        ctx.eps, ctx.backend = eps, backend
         if isinstance(finite, torch.Tensor):
             ctx.mark_non_differentiable(finite)
         ctx.set_materialize_grads(False)
@@ -122,7 +127,7 @@ class _BatchNormTrainUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_finite):
-        return (*_train_grads(ctx, grad_out), None, None, None, None, None, None, None)
+        return (*_train_grads(ctx, grad_out), None, None, None)
 
 
 def apply_train_update(x, weight, bias, eps, mask, backend, running_mean, running_var,
@@ -133,7 +138,7 @@ def apply_train_update(x, weight, bias, eps, mask, backend, running_mean, runnin
     if torch.compiler.is_compiling() or transforms_active() or forward_ad._current_level >= 0:
         return None
     return _BatchNormTrainUpdate.apply(
-        x, weight, bias, eps, mask, backend, running_mean, running_var, momentum, count
+        x, weight, bias, eps, mask, (backend, running_mean, running_var, momentum, count)
     )
 
 
@@ -171,8 +176,9 @@ class BatchNormEval(torch.autograd.Function):
         )
 
 
-def _run_backward(entry: str, args: tuple, grad_out, x, mask=None):
-    """Call a backward entry on the right backend.
+def _run_backward(entry: str, args: tuple, grad_out, x, mask=None, backend=None):
+    """Call a backward entry on the right backend (``backend``: the one the forward ran on,
+    when it said; else chosen here).
 
     Double backward (grad enabled) takes the eager path, whose operations autograd
     differentiates. A batched incoming gradient (a vmapped backward, as
@@ -188,7 +194,9 @@ def _run_backward(entry: str, args: tuple, grad_out, x, mask=None):
         )
         with torch.enable_grad():  # selects the out-of-place form; nothing here records
             return getattr(eager, entry)(*args)
-    return getattr(select_backend(x, mask), entry)(*args)
+    if backend is None:
+        backend = select_backend(x, mask)
+    return getattr(backend, entry)(*args)
 
 
 def _classic(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:

@@ -77,6 +77,13 @@ else:
     register_backend(_cpu_kernels, preferred=True)
 
 
+def unregister_backend(name: str) -> None:
+    """Remove a backend ``register_backend`` added (the benchmark's and tests' stand-ins)."""
+    _BACKENDS.pop(name, None)
+    if name in _PREFERENCE:
+        _PREFERENCE.remove(name)
+
+
 def available_backends() -> list[str]:
     return list(_BACKENDS)
 

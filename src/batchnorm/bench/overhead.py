@@ -12,7 +12,8 @@ decides. Two tables per shape:
   Function that does nothing (the fixed cost of any Function), the backend's forward alone
   (output and batch statistics), its running-statistics update, an empty Numba call with as
   many arguments as the kernels take, and torch's operator (``torch.batch_norm``) and the
-  ``num_batches_tracked`` increment both modules make.
+  ``num_batches_tracked`` increment both modules make; and our module call with a backend that
+  does no work: the whole fixed cost of our Python path.
 
 The hops do not add up to the module call exactly (each is timed on its own, with its own
 cache and branch-predictor state), but they show where the time goes.
@@ -28,7 +29,7 @@ from torch import nn
 
 from batchnorm.bench.shapes import SMALL, Shape
 from batchnorm.bench.timing import Comparison, compare, per_call
-from batchnorm.dispatch import select_backend
+from batchnorm.dispatch import register_backend, select_backend, unregister_backend, use_backend
 from batchnorm.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 _OURS = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}
@@ -64,6 +65,38 @@ def _empty_numba_call():
     arguments = (0.0, 1, 2, 3, False, 5, 6, 7, 8, 9, 1e-5, 0, 12, False, 14, 15, 16, 1)
     empty(*arguments)
     return lambda: empty(*arguments)
+
+
+class _NoWork:
+    """A backend that computes nothing: its entries hand back tensors made once. A module call
+    under it costs exactly our Python path (module, validation, dispatch, autograd Function,
+    the running-statistics commit) and the backend's absence of work."""
+
+    name = "no-work"
+
+    def __init__(self, x: torch.Tensor) -> None:
+        channels = x.shape[1]
+        self.output, self.grad = torch.empty_like(x), torch.empty_like(x)
+        self.mean, self.variance = torch.zeros(channels), torch.ones(channels)
+        self.parameter_grad = torch.zeros(channels)
+
+    def supports(self, x: torch.Tensor) -> bool:
+        return True
+
+    def train_forward(self, x, weight, bias, eps):
+        return self.output, self.mean, self.variance
+
+    def eval_forward(self, x, mean, variance, weight, bias, eps):
+        return self.output
+
+    def train_backward(self, grad_out, x, mean, variance, weight, eps, needs):
+        return self.grad, self.parameter_grad, self.parameter_grad
+
+    eval_backward = train_backward
+
+    def updated_running_stats(self, running_mean, running_var, batch_mean, batch_var, momentum,
+                              count=None, in_place=False):
+        return running_mean, running_var, True
 
 
 @dataclass(frozen=True)
@@ -138,12 +171,21 @@ def run_shape(shape: Shape, rounds: int = 15, clock=time.perf_counter) -> Overhe
         ),
         "num_batches_tracked.add_(1)": lambda: tracked.add_(1),
     }
+    no_work = _NoWork(x)
+    register_backend(no_work)
+    try:
+        with use_backend(no_work.name):
+            hops["ours module call, backend doing no work"] = per_call(
+                lambda: ours(x_req), rounds, clock=clock
+            )
+    finally:
+        unregister_backend(no_work.name)
     numba_call = _empty_numba_call()
     if numba_call is not None:
         hops["empty Numba call (18 arguments)"] = numba_call
-    return OverheadRow(
-        shape, modules, {name: per_call(fn, rounds, clock=clock) for name, fn in hops.items()}
-    )
+    timed = {name: fn if isinstance(fn, float) else per_call(fn, rounds, clock=clock)
+             for name, fn in hops.items()}
+    return OverheadRow(shape, modules, timed)
 
 
 def run_overhead(

@@ -131,7 +131,11 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
         running_mean = running_mean if use_running else None
         running_var = running_var if use_running else None
         use_batch_stats = training or running_mean is None
-        if use_batch_stats and self._single_sample_uses_running(input, mask, running_mean):
+        if (
+            use_batch_stats
+            and self.single_sample != "error"
+            and self._single_sample_uses_running(input, mask, running_mean)
+        ):
             updating = use_batch_stats = False
         self._validate(input, running_mean, running_var, use_batch_stats, mask)
         options = {} if mask is None else {"mask": mask}
