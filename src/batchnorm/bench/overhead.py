@@ -10,10 +10,9 @@ decides. Two tables per shape:
   torch's: the module call, the validation (``_validate``: input, parameters, buffers,
   momentum, eps), the dispatch with its capture check (``select_backend``), an autograd
   Function that does nothing (the fixed cost of any Function), the backend's forward alone
-  (output and batch statistics), its running-statistics update, an empty Numba call with as
-  many arguments as the kernels take, and torch's operator (``torch.batch_norm``) and the
-  ``num_batches_tracked`` increment both modules make; and our module call with a backend that
-  does no work: the whole fixed cost of our Python path.
+  (output and batch statistics), its running-statistics update, torch's operator
+  (``torch.batch_norm``) and the ``num_batches_tracked`` increment both modules make; and our
+  module call with a backend that does no work: the whole fixed cost of our Python path.
 
 The hops do not add up to the module call exactly (each is timed on its own, with its own
 cache and branch-predictor state), but they show where the time goes.
@@ -48,23 +47,6 @@ class _Empty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None, None
-
-
-def _empty_numba_call():
-    """A call of an empty Numba function with the 18 arguments of the training kernel's entry
-    point (the dispatcher's cost per call); None without Numba."""
-    try:
-        import numba
-    except ImportError:
-        return None
-
-    @numba.njit(cache=False)
-    def empty(a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q, r):  # noqa: E741
-        return 0
-
-    arguments = (0.0, 1, 2, 3, False, 5, 6, 7, 8, 9, 1e-5, 0, 12, False, 14, 15, 16, 1)
-    empty(*arguments)
-    return lambda: empty(*arguments)
 
 
 class _NoWork:
@@ -180,9 +162,6 @@ def run_shape(shape: Shape, rounds: int = 15, clock=time.perf_counter) -> Overhe
             )
     finally:
         unregister_backend(no_work.name)
-    numba_call = _empty_numba_call()
-    if numba_call is not None:
-        hops["empty Numba call (18 arguments)"] = numba_call
     timed = {name: fn if isinstance(fn, float) else per_call(fn, rounds, clock=clock)
              for name, fn in hops.items()}
     return OverheadRow(shape, modules, timed)

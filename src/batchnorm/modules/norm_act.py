@@ -272,28 +272,40 @@ class _InPlaceBatchNormAct(torch.autograd.Function):
 class _FusedBatchNormAct(torch.autograd.Function):
     """Fused forward and backward on a backend with ``forward``/``backward`` entry points.
 
-    Outputs ``(y, batch_mean, batch_variance)``; the statistics are empty with given ones.
-    Saves only the inputs: the backward recomputes the pre-activation from them.
+    With batch statistics and an ``update`` (running mean, running variance, momentum, count),
+    the forward also writes the running statistics in place, as plain batch norm's training
+    step does (``batchnorm.autograd.apply_train_update``). Outputs ``(y, finite)``, ``finite``
+    the backend's flag for that update (None without one). Saves only the inputs: the backward
+    recomputes the pre-activation from them.
     """
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, mean, variance, eps, activation, backend):
+    def forward(ctx, x, residual, weight, bias, mean, variance, eps, activation, backend,
+                update):
         y, batch_mean, batch_var = backend.forward(
             x, weight, bias, eps, mean=mean, variance=variance, activation=activation,
             residual=residual,
         )
         ctx.train = mean is None
+        finite = None
         if ctx.train:
             mean, variance = batch_mean, batch_var
-        else:
-            batch_mean = batch_var = x.new_empty(0)
+            if update is not None:
+                running_mean, running_var, momentum, count = update
+                _, _, finite = backend.updated_running_stats(
+                    running_mean, running_var, mean, variance, momentum, count, in_place=True
+                )
+                if isinstance(finite, torch.Tensor):
+                    ctx.mark_non_differentiable(finite)
         ctx.save_for_backward(x, residual, weight, bias, mean, variance)
         ctx.eps, ctx.activation, ctx.backend = eps, activation, backend
-        ctx.mark_non_differentiable(batch_mean, batch_var)
-        return y, batch_mean, batch_var
+        ctx.set_materialize_grads(False)
+        return y, finite
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_var):
+    def backward(ctx, grad_out, _grad_finite):
+        if grad_out is None:  # no gradient reached the output
+            return (None,) * 10
         x, residual, weight, bias, mean, variance = ctx.saved_tensors
         need_x, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # double backward: differentiate the composed form
@@ -309,7 +321,7 @@ class _FusedBatchNormAct(torch.autograd.Function):
             None if g is None else g.to(t.dtype)
             for g, t in zip(grads, (x, residual, weight, bias), strict=True)
         )
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _composed_gradients(ctx, grad_out, x, residual, weight, bias, mean, variance):
@@ -390,12 +402,19 @@ class _BatchNormAct(_BatchNorm):
             t is not None and t.requires_grad for t in arguments[:4]
         )
         if needs_grad:
-            y, mean, variance = _FusedBatchNormAct.apply(*arguments, backend)
-        else:
-            y, mean, variance = backend.forward(
-                input, weight, bias, self.eps, mean=stats[0], variance=stats[1],
-                activation=self.activation, residual=residual,
-            )
+            update = None
+            if momentum is not None:  # the running statistics are updated in the Function
+                buffers = self._buffers
+                update = (buffers["running_mean"], buffers["running_var"], momentum,
+                          values_per_channel(input))
+            y, finite = _FusedBatchNormAct.apply(*arguments, backend, update)
+            if update is not None:
+                self._commit_running_stats(update[0], update[1], finite)
+            return y
+        y, mean, variance = backend.forward(
+            input, weight, bias, self.eps, mean=stats[0], variance=stats[1],
+            activation=self.activation, residual=residual,
+        )
         self._update_running_stats(input, mean, variance, momentum)
         return y
 
