@@ -82,7 +82,8 @@ def _bench_models(args: argparse.Namespace) -> int:
     specs = models.QUICK if args.quick else models.MODELS
     if args.models:
         specs = [s for s in specs if any(part in s.name for part in args.models)]
-    print(f"# batchnorm bench --suite models on {runner.machine_description()}", flush=True)
+    print(f"# batchnorm bench --suite models on {runner.machine_description()}, {args.clock} "
+          "clock", flush=True)
 
     def progress(row) -> None:
         print(f"{row.name:32s} {'x'.join(map(str, row.input_size)):12s} "
@@ -90,7 +91,10 @@ def _bench_models(args: argparse.Namespace) -> int:
               f"BN time {row.train.batch_norm_time}; eval ours/torch {row.eval.ours_vs_torch} "
               f"torch step {row.train.torch_s:.3f} s", flush=True)
 
-    rows = models.run_models(specs, rounds=args.rounds, progress=progress)
+    import time
+
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    rows = models.run_models(specs, rounds=args.rounds, progress=progress, clock=clock)
     print()
     notes = "".join(f"\nnote: {line}" for line in models.step_time_warnings(rows))
     return _emit(models.format_rows(rows) + notes, args.markdown)
@@ -177,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case")
     bench.add_argument(
         "--clock", choices=["wall", "thread"], default="wall",
-        help="--suite overhead: wall time (default) or the calling thread's CPU time, which "
-        "keeps other processes' load out of the figures (meaningful with --threads 1 only)",
+        help="--suite overhead and models: wall time (default) or the calling thread's CPU "
+        "time, which keeps other processes' load out of the figures (with --threads 1 only)",
     )
     bench.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     bench.add_argument("--markdown", help="also write the table to this file")

@@ -160,10 +160,13 @@ def _eval_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 
 def interleaved_times(
-    functions: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, seed: int = 0
+    functions: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, seed: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Seconds of one call of each function, ``rounds`` times, the order shuffled each round
-    (so that load on the machine falls on every function alike)."""
+    (so that load on the machine falls on every function alike). ``clock``: wall time, or
+    ``time.thread_time`` for single-threaded runs on a loaded machine (see
+    ``batchnorm.bench.timing.compare``)."""
     for _ in range(warmup):
         for function in functions.values():
             function()
@@ -173,9 +176,9 @@ def interleaved_times(
     for _ in range(rounds):
         order.shuffle(names)
         for name in names:
-            start = time.perf_counter()
+            start = clock()
             functions[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -251,7 +254,10 @@ class ModelRow:
     eval: ModeResult
 
 
-def measure(name: str, model: nn.Module, x: torch.Tensor, rounds: int = 7) -> ModelRow:
+def measure(
+    name: str, model: nn.Module, x: torch.Tensor, rounds: int = 7,
+    clock: Callable[[], float] = time.perf_counter,
+) -> ModelRow:
     """Time ``model``'s training step and eval forward on ``x``: as built, an identical copy,
     converted to ours, and without batch norm (interleaved; see the module docstring)."""
     model.train()
@@ -270,7 +276,7 @@ def measure(name: str, model: nn.Module, x: torch.Tensor, rounds: int = 7) -> Mo
     forwards = {n: _eval_forward(m, x) for n, m in variants.items()}
     together = {**{("train", n): f for n, f in steps.items()},
                 **{("eval", n): f for n, f in forwards.items()}}
-    times = interleaved_times(together, rounds)  # type: ignore[arg-type]
+    times = interleaved_times(together, rounds, clock=clock)  # type: ignore[arg-type]
     return ModelRow(
         name,
         tuple(x.shape),
@@ -286,10 +292,13 @@ def input_for(spec: ModelSpec) -> torch.Tensor:
                        generator=torch.Generator().manual_seed(0))
 
 
-def run_models(specs: list[ModelSpec], rounds: int = 7, progress=None) -> list[ModelRow]:
+def run_models(
+    specs: list[ModelSpec], rounds: int = 7, progress=None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[ModelRow]:
     rows = []
     for spec in specs:
-        row = measure(spec.name, build(spec), input_for(spec), rounds=rounds)
+        row = measure(spec.name, build(spec), input_for(spec), rounds=rounds, clock=clock)
         rows.append(row)
         if progress is not None:
             progress(row)
