@@ -102,9 +102,10 @@ class _BatchNormTrainUpdate(torch.autograd.Function):
     ``(y, finite)``, the flag as the backend returns it (a bool, or a 0-dim bool tensor)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, mask, update):
-        # the update's arguments travel as one tuple: Function.apply walks every argument
-        backend, running_mean, running_var, momentum, count = update
+    def forward(ctx, x, weight, bias, rest):
+        # all but the differentiable inputs travel as one tuple: Function.apply walks every
+        # argument (the mask needs no gradient: it is saved, not an input)
+        eps, mask, backend, running_mean, running_var, momentum, count = rest
         fused = getattr(backend, "train_forward_update", None) if mask is None else None
         if fused is not None:  # one backend call for the output and both statistics
             output, mean, variance, finite = fused(
@@ -127,7 +128,7 @@ class _BatchNormTrainUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_finite):
-        return (*_train_grads(ctx, grad_out), None, None, None)
+        return (*_train_grads(ctx, grad_out), None)
 
 
 def apply_train_update(x, weight, bias, eps, mask, backend, running_mean, running_var,
@@ -138,7 +139,7 @@ def apply_train_update(x, weight, bias, eps, mask, backend, running_mean, runnin
     if torch.compiler.is_compiling() or transforms_active() or forward_ad._current_level >= 0:
         return None
     return _BatchNormTrainUpdate.apply(
-        x, weight, bias, eps, mask, (backend, running_mean, running_var, momentum, count)
+        x, weight, bias, (eps, mask, backend, running_mean, running_var, momentum, count)
     )
 
 
