@@ -20,9 +20,8 @@ from batchnorm.backends.cpu import kernels
 from tests.conftest import assert_close, assert_close_with, input_gradient_rounding, make_input
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-# (shape, layout): every canonical form the kernels see (planes swept as columns up to
-# kernels.COLUMNS_UP_TO values, as segments past it). The large ones exceed SERIAL_BELOW, so
-# they run the parallel kernels: several row blocks, ranges of channels or channels.
+# (shape, layout): every canonical form the kernels see. The large ones exceed SERIAL_BELOW, so
+# they run the parallel kernels with several row blocks.
 CASES = [
     ((7, 5), "contiguous"),  # rows (N, C)
     ((5, 4, 6), "contiguous"),  # planes (N, C, L)
@@ -31,13 +30,9 @@ CASES = [
     ((3, 4, 5, 6), "channels_last"),  # rows (N*H*W, C)
     ((2, 3, 4, 3, 2), "channels_last"),  # channels_last_3d rows
     ((3, 4, 5, 6), "strided"),  # copied to contiguous
-    ((4, 64, 2, 2), "contiguous"),  # short planes swept as columns
-    ((4, 9, 4, 4), "contiguous"),  # the longest planes swept as columns
-    ((4, 9, 17), "contiguous"),  # the shortest planes swept as segments
     ((4, 16, 40, 40), "contiguous"),
     ((4, 16, 40, 40), "channels_last"),
     ((2048, 48), "contiguous"),
-    ((8, 512, 4, 4), "contiguous"),  # columns over few rows: shared by ranges of channels
 ]
 
 
@@ -415,22 +410,22 @@ def test_lazily_negated_tensors_are_read_as_their_values(layout):
 @pytest.mark.parametrize("has_res", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_prefetching_rows_changes_no_value(act, has_res, dtype):
-    """The gradient passes over columns with the prefetch hints on and off give the same bits,
+    """The gradient passes over rows with the prefetch hints on and off give the same bits,
     including the last rows, whose hints would point past the array."""
     rng = np.random.default_rng(4)
     rows, channels = 203, 37
     x, grad, residual = (rng.standard_normal((rows, channels)).astype(dtype) for _ in range(3))
     m, s, b = (rng.standard_normal(channels).astype(dtype) for _ in range(3))
-    k_centred, k_offset = (rng.standard_normal(channels).astype(dtype) for _ in range(2))
+    gain, k_centred, k_offset = (rng.standard_normal(channels).astype(dtype) for _ in range(3))
     results = []
     for prefetch in (False, True):
         s1, s2 = np.zeros(channels), np.zeros(channels)
-        kernels._column_sums(kernels.GRADIENTS, act, has_res, grad, x, residual, m, s, b, 3,
-                             rows, 0, channels, s1, s2, prefetch, 5)
+        kernels._row_grad_sums(grad, x, residual, has_res, m, m, s, b, act, 3, rows, s1, s2,
+                               prefetch, 5)
         grad_input, grad_residual = np.empty_like(x), np.empty_like(x)
-        kernels._column_grad_input(act, has_res, grad, x, residual, m, s, b, k_centred,
-                                   k_offset, True, grad_input, True, grad_residual, 0, rows, 0,
-                                   channels, prefetch, 5)
+        kernels._row_grad_input_block(grad, x, residual, has_res, m, s, b, act, gain, k_centred,
+                                      k_offset, True, grad_input, True, grad_residual, 0, rows,
+                                      prefetch, 5)
         results.append((s1, s2, grad_input, grad_residual))
     for without, with_hints in zip(*results, strict=True):
         np.testing.assert_array_equal(without, with_hints)

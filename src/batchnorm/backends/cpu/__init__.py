@@ -96,15 +96,13 @@ def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
     return x, layout
 
 
-def _geometry(x: torch.Tensor, layout: torch.memory_format) -> tuple[int, int, int]:
-    """``(batch, channels, size)`` of the (N, C, S) view the kernels take of ``x``: its planes
-    of ``size`` values when contiguous (S = 1 for (N, C)), or (N * H * W, C, 1) when
-    channels_last."""
+def _geometry(x: torch.Tensor, layout: torch.memory_format) -> tuple[int, int, int, bool]:
+    """``(batch, channels, size, planes)`` of ``x`` for the ``kernels.*_at`` entry points:
+    ``size`` values per plane, seen as (N, C, S) planes (contiguous with S > 1) or as (N * S, C)
+    rows."""
     batch, channels = x.shape[0], x.shape[1]
     size = x.numel() // (batch * channels)
-    if layout == torch.contiguous_format:
-        return batch, channels, size
-    return batch * size, channels, 1
+    return batch, channels, size, size > 1 and layout == torch.contiguous_format
 
 
 def _conformed(t: torch.Tensor, like: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
@@ -127,7 +125,7 @@ def _conformed(t: torch.Tensor, like: torch.Tensor, layout: torch.memory_format)
 
 def _vector(t: torch.Tensor | None, dtype: torch.dtype, channels: int) -> torch.Tensor | None:
     """A per-channel parameter or statistic as a dense tensor of the compute dtype (to pass by
-    address with :func:`_address`).
+    address with :func:`_length`).
 
     The kernels read ``channels`` values from its address: a shorter vector, or one whose
     memory is not this process's CPU memory (a ``meta`` tensor has none), is refused here too,
@@ -148,13 +146,26 @@ def _vector(t: torch.Tensor | None, dtype: torch.dtype, channels: int) -> torch.
 
 
 def _address(t: torch.Tensor | None) -> int:
-    """The address an entry point reads: 0 for an absent tensor."""
     return 0 if t is None else t.data_ptr()
+
+
+def _length(t: torch.Tensor | None) -> int:
+    """The length an entry point sees: 0 for an absent vector."""
+    return 0 if t is None else t.shape[0]
 
 
 # Below this many elements a parallel launch costs more than it saves (torch's own grain size
 # is of the same order); such inputs run on the calling thread.
 SERIAL_BELOW = 1 << 16
+
+
+def _threads(numel: int, torch_threads: int | None = None) -> int:
+    """Kernel threads for an input: one below the grain size, else torch's own thread count
+    (so ``torch.set_num_threads`` governs our kernels too), within Numba's pool."""
+    if numel < SERIAL_BELOW:
+        return 1
+    torch_threads = torch.get_num_threads() if torch_threads is None else torch_threads
+    return max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
 
 
 def _numba_threads() -> int:
@@ -167,18 +178,15 @@ def _numba_threads() -> int:
     return count
 
 
-def _run(entry, numel: int, *arguments) -> None:
-    """Call ``entry`` with its thread count appended: 1 (the calling thread) below
-    ``SERIAL_BELOW`` elements, else torch's own thread count (so ``torch.set_num_threads``
-    governs our kernels too) within Numba's pool."""
-    if numel < SERIAL_BELOW:
-        entry(*arguments, 1)
-        return
+def _run(entry, numel: int, units: int, *arguments) -> None:
+    """Call ``entry`` on ``_threads(numel)`` threads, appending its number of blocks: one per
+    thread, at most one per unit of work (row, plane segment or channel); 1 runs the kernel on
+    the calling thread."""
     torch_threads = torch.get_num_threads()
-    threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+    threads = _threads(numel, torch_threads)
     if _numba_threads() != threads:
         numba.set_num_threads(threads)  # per calling thread in Numba; left set for the next call
-    entry(*arguments, threads)
+    entry(*arguments, max(1, min(threads, units)))
     # Numba's OpenMP layer, when it starts, resets the OpenMP thread count that torch shares:
     # put back what the user chose.
     if torch.get_num_threads() != torch_threads:
@@ -207,26 +215,31 @@ def forward(
     if activation in smooth.ACTIVATIONS:
         return smooth.forward(forward, x, weight, bias, eps, activation, mean, variance, residual)
     xc, layout = _prepare(x)
-    dtype = xc.dtype
-    batch, channels, size = _geometry(xc, layout)
     out = torch.empty_like(xc)
-    # every tensor handed over by address stays referenced here until the kernel returns
+    batch, channels, size, planes = _geometry(xc, layout)
+    like = _LIKE[xc.dtype]
     residual = None if residual is None else _conformed(residual, xc, layout)
-    w, b = _vector(weight, dtype, channels), _vector(bias, dtype, channels)
+    xp = xc.data_ptr()
+    rp = xp if residual is None else residual.data_ptr()
+    w, b = _vector(weight, xc.dtype, channels), _vector(bias, xc.dtype, channels)
     act = kernels.ACTIVATIONS[activation]
+    numel = xc.numel()
+    # work is shared by channel for planes in training, else by row or by plane segment
+    units = channels if planes else batch * size
     if mean is None:
         # batch statistics in the compute dtype, which is the accumulation dtype of x
-        batch_mean = torch.empty(channels, dtype=dtype)
-        batch_var = torch.empty(channels, dtype=dtype)
-        _run(kernels.train_forward_at, xc.numel(), _LIKE[dtype], batch, channels, size,
-             xc.data_ptr(), _address(w), _address(b), _address(residual), float(eps), act,
-             out.data_ptr(), batch_mean.data_ptr(), batch_var.data_ptr())
+        batch_mean = torch.empty(channels, dtype=xc.dtype)
+        batch_var = torch.empty(channels, dtype=xc.dtype)
+        _run(kernels.train_forward_at, numel, units, like, batch, channels, size, planes, xp,
+             _address(w), _length(w), _address(b), _length(b), float(eps), act, rp,
+             residual is not None, out.data_ptr(), batch_mean.data_ptr(), batch_var.data_ptr())
         return out if compute_dtype else _in_dtype(out, x.dtype), batch_mean, batch_var
-    mean = _vector(mean, dtype, channels)
-    variance = _vector(variance, dtype, channels)
-    _run(kernels.eval_forward_at, xc.numel(), _LIKE[dtype], batch, channels, size, xc.data_ptr(),
-         mean.data_ptr(), variance.data_ptr(), _address(w), _address(b), _address(residual),
-         float(eps), act, out.data_ptr())
+    mean = _vector(mean, xc.dtype, channels)
+    variance = _vector(variance, xc.dtype, channels)
+    _run(kernels.eval_forward_at, numel, batch * channels if planes else units, like, batch,
+         channels, size, planes, xp, mean.data_ptr(), variance.data_ptr(), _address(w),
+         _length(w), _address(b), _length(b), float(eps), act, rp, residual is not None,
+         out.data_ptr())
     return out if compute_dtype else _in_dtype(out, x.dtype), None, None
 
 
@@ -254,24 +267,29 @@ def backward(
                                needs, train, activation, residual, need_residual)
     need_input, need_weight, need_bias = needs
     xc, layout = _prepare(x)
-    dtype = xc.dtype
-    batch, channels, size = _geometry(xc, layout)
+    batch, channels, size, planes = _geometry(xc, layout)
     grad_out = _conformed(grad_out, xc, layout)
     residual = None if residual is None else _conformed(residual, xc, layout)
     grad_input = torch.empty_like(xc) if need_input else None
     grad_residual = torch.empty_like(xc) if need_residual else None
     # the parameter gradients are summed in float64 and stored in the compute dtype, which is
     # the accumulation dtype of x
-    grad_weight = torch.empty(channels, dtype=dtype)
-    grad_bias = torch.empty(channels, dtype=dtype)
-    mean = _vector(mean, dtype, channels)
-    variance = _vector(variance, dtype, channels)
-    w, b = _vector(weight, dtype, channels), _vector(bias, dtype, channels)
-    _run(kernels.backward_at, xc.numel(), _LIKE[dtype], batch, channels, size,
-         grad_out.data_ptr(), xc.data_ptr(), _address(residual), mean.data_ptr(),
-         variance.data_ptr(), _address(w), _address(b), float(eps),
-         kernels.ACTIVATIONS[activation], train, _address(grad_input), _address(grad_residual),
-         grad_weight.data_ptr(), grad_bias.data_ptr())
+    grad_weight = torch.empty(channels, dtype=xc.dtype)
+    grad_bias = torch.empty(channels, dtype=xc.dtype)
+    mean = _vector(mean, xc.dtype, channels)
+    variance = _vector(variance, xc.dtype, channels)
+    w, b = _vector(weight, xc.dtype, channels), _vector(bias, xc.dtype, channels)
+    xp = xc.data_ptr()
+    _run(
+        kernels.backward_at, xc.numel(), channels if planes else batch * size, _LIKE[xc.dtype],
+        batch, channels, size, planes, grad_out.data_ptr(), xp,
+        xp if residual is None else residual.data_ptr(), residual is not None, mean.data_ptr(),
+        variance.data_ptr(), _address(w), _length(w), _address(b), _length(b), float(eps),
+        kernels.ACTIVATIONS[activation], train, need_input,
+        xp if grad_input is None else grad_input.data_ptr(),
+        xp if grad_residual is None else grad_residual.data_ptr(), need_residual,
+        grad_weight.data_ptr(), grad_bias.data_ptr(),
+    )
     return (
         None if grad_input is None else _in_dtype(grad_input, x.dtype),
         grad_weight if need_weight and weight is not None else None,
