@@ -8,8 +8,9 @@ part, the test part scored once at the end), so that a reader can see whether ou
 budgets leave the networks near the published figures or well below them.
 
 The default suite trains logistic regression only: a GRU reading 40 steps one value at a time
-costs about 15 s a run on one core at 1,000 steps (and is still learning there), more than the
-whole suite's budget allows for a reference point. ``models=("logistic", "gru")`` adds it.
+took 32 s a run at 1,000 steps on one core of a busy machine (and was still learning there), more
+than the whole suite's budget allows for a reference point. ``models=("logistic", "gru")`` adds
+it.
 """
 
 from __future__ import annotations
