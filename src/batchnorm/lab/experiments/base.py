@@ -185,6 +185,16 @@ class Fitted:
     data: str
     validation_size: int
 
+    def record(self, **extra) -> dict:
+        """A run's result as most experiments save it: the validation checkpoints, whether the
+        loss became non-finite, any ``extra`` fields, and the test record."""
+        return {
+            "validation_accuracy": self.training.validation_accuracy,
+            "nonfinite": self.training.nonfinite,
+            **extra,
+            **self.test_record(),
+        }
+
     def test_record(self) -> dict:
         """The test outcome as plain data: accuracy, size and which examples were right (and the
         data set's name and validation size, which the analysis needs for its noise). A tuning

@@ -129,11 +129,7 @@ def run(config: BatchSizeConfig, params: dict, data, device: str) -> dict:
         learning_rate=learning_rate(config, params["learning_rate"], size),
         eval_every=steps_for(config, len(data.train), size),
     )
-    return {
-        "validation_accuracy": fitted.training.validation_accuracy,
-        "nonfinite": fitted.training.nonfinite,
-        **fitted.test_record(),
-    }
+    return fitted.record()
 
 
 TUNING = rate_tuning(

@@ -84,12 +84,7 @@ def run(config: DepthConfig, params: dict, data, device: str) -> dict:
         learning_rate=params["learning_rate"],
         eval_every=config.steps,
     )
-    return {
-        "validation_accuracy": fitted.training.validation_accuracy,
-        "nonfinite": fitted.training.nonfinite,
-        "chance": 1.0 / data.classes,
-        **fitted.test_record(),
-    }
+    return fitted.record(chance=1.0 / data.classes)
 
 
 TUNING = rate_tuning(

@@ -116,12 +116,7 @@ def run(config: GradientsConfig, params: dict, data, device: str) -> dict:
         eval_every=config.eval_every,
         on_checkpoint=record,
     )
-    return {
-        "profiles": profiles,
-        "validation_accuracy": fitted.training.validation_accuracy,
-        "nonfinite": fitted.training.nonfinite,
-        **fitted.test_record(),
-    }
+    return fitted.record(profiles=profiles)
 
 
 # ---- Analysis (pure functions of the saved numbers) ------------------------------------------

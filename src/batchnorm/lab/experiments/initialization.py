@@ -85,11 +85,7 @@ def run(config: InitConfig, params: dict, data, device: str) -> dict:
         learning_rate=params["learning_rate"],
         eval_every=config.eval_every,
     )
-    return {
-        "validation_accuracy": fitted.training.validation_accuracy,
-        "nonfinite": fitted.training.nonfinite,
-        **fitted.test_record(),
-    }
+    return fitted.record()
 
 
 TUNING = rate_tuning(

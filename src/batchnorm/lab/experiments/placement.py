@@ -114,11 +114,7 @@ def run(config: PlacementConfig, params: dict, data, device: str) -> dict:
         learning_rate=params["learning_rate"],
         eval_every=steps,
     )
-    return {
-        "validation_accuracy": fitted.training.validation_accuracy,
-        "nonfinite": fitted.training.nonfinite,
-        **fitted.test_record(),
-    }
+    return fitted.record()
 
 
 TUNING = rate_tuning(

@@ -80,12 +80,7 @@ def run(config: RegularizationConfig, params: dict, data, device: str) -> dict:
     train_accuracy = accuracy(
         fitted.model, data.train.vectors.to(device), data.train.labels.to(device)
     )
-    return {
-        "train_accuracy": train_accuracy,
-        "validation_accuracy": fitted.training.validation_accuracy,
-        "nonfinite": fitted.training.nonfinite,
-        **fitted.test_record(),
-    }
+    return fitted.record(train_accuracy=train_accuracy)
 
 
 TUNING = rate_tuning(

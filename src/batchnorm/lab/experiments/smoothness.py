@@ -247,13 +247,10 @@ def run(config: SmoothnessConfig, params: dict, data, device: str) -> dict:
         # count as infinitely rough (the loss along the gradient is not finite there).
         for values in probes.values():
             values.extend([math.inf] * (len(steps) - len(values)))
-    return {
+    return fitted.record(
         **({"steps": steps, **probes} if probing else {}),
-        "validation_accuracy": fitted.training.validation_accuracy,
-        "validation_loss": validation_loss(fitted.model, data, images, device),
-        "nonfinite": fitted.training.nonfinite,
-        **fitted.test_record(),
-    }
+        validation_loss=validation_loss(fitted.model, data, images, device),
+    )
 
 
 # ---- Choosing the common learning rate on the validation part ----------------------------------
