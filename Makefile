@@ -1,6 +1,7 @@
 # Two commands set everything up: `make test` and `make lab`.
 # torch==2.13.0 is installed before the package: a bare `torch` requirement in a fresh virtual
-# environment would otherwise pull the full CUDA build.
+# environment would otherwise pull the full CUDA build. The CPU kernels are compiled (and cached on
+# disk) once during set-up, so that neither the lab's worker processes nor the tests wait for it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,6 +16,7 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/batchnorm compile
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,4 +1,5 @@
-"""The ``batchnorm`` command: ``batchnorm bench``, ``batchnorm lab`` and ``batchnorm report``."""
+"""The ``batchnorm`` command: ``batchnorm bench``, ``batchnorm compile``, ``batchnorm lab`` and
+``batchnorm report``."""
 
 from __future__ import annotations
 
@@ -131,6 +132,24 @@ def _bench_cuda(args: argparse.Namespace) -> int:
                  + cuda.format_table(rows), args.markdown)
 
 
+def _compile(args: argparse.Namespace) -> int:
+    """Compile every CPU kernel specialisation now and cache it on disk, so that no later
+    process waits for it (the first training call otherwise compiles what it needs)."""
+    import time
+
+    try:
+        from batchnorm.backends import cpu
+    except ImportError:
+        print("batchnorm compile: Numba does not import here; the eager torch backend needs "
+              "no compiling")
+        return 0
+    started = time.perf_counter()
+    cpu.warm_up()
+    print(f"batchnorm compile: CPU kernels ready (float32 and float64, both layouts) in "
+          f"{time.perf_counter() - started:.0f} s")
+    return 0
+
+
 def _emit(table: str, markdown: str | None) -> int:
     print(table)
     if markdown:
@@ -187,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     bench.add_argument("--markdown", help="also write the table to this file")
     bench.set_defaults(handler=_bench)
+
+    compile_kernels = commands.add_parser(
+        "compile",
+        help="compile the CPU kernels now and cache them on disk (about a minute, once), so the "
+        "first training call of a later process does not wait for it",
+    )
+    compile_kernels.set_defaults(handler=_compile)
 
     from batchnorm.lab.cli import add_commands as add_lab_commands
 

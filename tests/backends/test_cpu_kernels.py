@@ -457,3 +457,19 @@ def test_compiled_code_lives_in_one_file():
     outside = [str(path.relative_to(package)) for path in package.rglob("*.py")
                if path.name != "kernels.py" and compiled.search(path.read_text())]
     assert outside == []
+
+
+def test_compile_command_builds_every_specialisation_in_a_new_process(tmp_path):
+    """``batchnorm compile`` (run by ``make setup``) leaves the three entry points compiled for
+    float32 and float64, so a later process loads them from the disk cache instead of waiting."""
+    script = (
+        "from batchnorm.cli import main\n"
+        "from batchnorm.backends.cpu import kernels\n"
+        "assert main(['compile']) == 0\n"
+        "print(sorted(len(k.signatures) for k in (kernels.train_forward_at, "
+        "kernels.eval_forward_at, kernels.backward_at)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600, check=True)
+    assert "CPU kernels ready" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2]"
