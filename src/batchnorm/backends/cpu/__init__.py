@@ -318,6 +318,34 @@ def eval_backward(grad_out, x, mean, variance, weight, eps, needs):
     return backward(grad_out, x, mean, variance, weight, None, eps, needs, train=False)[:3]
 
 
+def train_forward_update(x, weight, bias, eps, running_mean, running_var, momentum, count):
+    """A training step's forward and its in-place running-statistics update in one backend call
+    (``batchnorm.dispatch``): ``(y, mean, biased variance, finite)``. The batch statistics
+    come from :func:`forward` itself, dense and in the compute dtype, so only the running
+    vectors are checked before the update kernel reads them by address."""
+    output, mean, variance = forward(x, weight, bias, eps)
+    if (
+        type(count) is int
+        and not isinstance(momentum, torch.Tensor)
+        and _plain_vector(running_mean)
+        and _plain_vector(running_var)
+        and running_mean.shape == running_var.shape == mean.shape
+    ):
+        torch.autograd.graph.increment_version((running_mean, running_var))
+        finite = kernels.running_update_at(
+            running_mean.shape[0], running_mean.data_ptr(), _LIKE[running_mean.dtype],
+            running_var.data_ptr(), _LIKE[running_var.dtype], mean.data_ptr(),
+            _LIKE[mean.dtype], variance.data_ptr(), _LIKE[variance.dtype],
+            count / (count - 1), float(momentum), running_mean.data_ptr(),
+            running_var.data_ptr(),
+        )
+        return output, mean, variance, finite
+    _, _, finite = updated_running_stats(
+        running_mean, running_var, mean, variance, momentum, count, in_place=True
+    )
+    return output, mean, variance, finite
+
+
 def _plain_vector(t: torch.Tensor) -> bool:
     return (
         t.is_cpu and t.dtype in _LIKE and t.dim() == 1 and t.is_contiguous()
