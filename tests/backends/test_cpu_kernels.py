@@ -33,6 +33,8 @@ CASES = [
     ((4, 16, 40, 40), "contiguous"),
     ((4, 16, 40, 40), "channels_last"),
     ((2048, 48), "contiguous"),
+    # 35 (sample, channel) segments in two eval blocks: the second starts mid-sample (channel 3)
+    ((5, 7, 60, 40), "contiguous"),
 ]
 
 

@@ -343,15 +343,20 @@ def eval_forward_planes(x, mean, var, weight, bias, eps, act, residual, has_res,
     m, s, b = _coefficients(x, mean, var, weight, bias, eps)
     segments = batch * channels
     xs, rs, outs = _segments(x), _segments(residual), _segments(out)
+    # The channel of segment j is j % channels: computed once per block and then stepped, since
+    # a division per segment shows on short planes (3x3 ones have 9 values each).
     if blocks == 1:
+        c = 0
         for j in range(segments):
-            _normalize_segment(xs, rs, has_res, m[j % channels], s[j % channels], b[j % channels],
-                               act, outs, j)
+            _normalize_segment(xs, rs, has_res, m[c], s[c], b[c], act, outs, j)
+            c = 0 if c == channels - 1 else c + 1
         return
     for k in prange(blocks):
-        for j in range(k * segments // blocks, (k + 1) * segments // blocks):
-            c = j % channels
+        start = k * segments // blocks
+        c = start % channels
+        for j in range(start, (k + 1) * segments // blocks):
             _normalize_segment(xs, rs, has_res, m[c], s[c], b[c], act, outs, j)
+            c = 0 if c == channels - 1 else c + 1
 
 
 @_jit()
