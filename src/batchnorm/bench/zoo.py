@@ -1,9 +1,8 @@
 """Benchmark tooling: import torchvision and timm for the whole-model benchmarks.
 
-Only ``batchnorm.bench`` uses this module; the library never imports a model zoo. It is the
-bench's copy of the workaround in ``tests/zoo.py`` (the test tooling's, which turns a failed
-import into a skipped test), kept here because the ``batchnorm bench`` command cannot import
-from the tests.
+Only the benchmarks (``batchnorm.bench``) and the tests (``tests/zoo.py``, which turns a failed
+import into a skipped test) use this module; the layers, variants and the lab never import a
+model zoo.
 
 Why it is needed. The registry's torchvision wheels are built against the CUDA build of torch.
 Beside the CPU build this project installs, torchvision's compiled ops (``torchvision/_C.so``)
