@@ -61,6 +61,25 @@ def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> fl
     return float(correct_predictions(model, inputs, labels).float().mean())
 
 
+def sgd_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """One plain training step: the batch's cross-entropy and, when it is finite, the update.
+    Returns the loss (the caller stops on a non-finite one)."""
+    loss = nn.functional.cross_entropy(model(inputs), labels)
+    if torch.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return loss
+
+
+# ``take_step(step, model, optimizer, inputs, labels) -> loss``: what one step does (the default
+# :func:`sgd_step`, or an experiment's own that measures around it)
+StepFunction = Callable[[int, nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor],
+                        torch.Tensor]
+
+
 @dataclass
 class TrainResult:
     """What a training run leaves: the checkpoints and the final state."""
@@ -85,9 +104,12 @@ def train(
     generator: torch.Generator,
     eval_every: int = 0,
     on_checkpoint: Callable[[int, nn.Module], None] | None = None,
+    take_step: StepFunction | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` SGD steps; score the validation part at step 0 and every
-    ``eval_every`` steps (no checkpoints when 0)."""
+    ``eval_every`` steps (no checkpoints when 0). ``take_step`` replaces what one step does
+    (default: :func:`sgd_step`); the seeding, batch order, optimizer, checkpoints and the stop on
+    a non-finite loss stay the loop's."""
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=MOMENTUM)
     result = TrainResult()
     batches = batch_indices(len(train_labels), batch_size, generator)
@@ -106,13 +128,13 @@ def train(
         warnings.simplefilter("ignore", NonFiniteStatisticsWarning)
         for step in range(1, steps + 1):
             index = next(batches)
-            loss = nn.functional.cross_entropy(model(train_inputs[index]), train_labels[index])
+            if take_step is None:
+                loss = sgd_step(model, optimizer, train_inputs[index], train_labels[index])
+            else:
+                loss = take_step(step, model, optimizer, train_inputs[index], train_labels[index])
             if not torch.isfinite(loss):
                 result.nonfinite = True
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
             result.steps_done = step
             result.final_loss = loss.item()
             if eval_every and step % eval_every == 0:

@@ -7,9 +7,9 @@ second on: the first sees the data, which does not move) the layers ``1..i-1`` a
 new values, layer ``i`` and everything above it are kept at their old ones, and the gradient of
 layer ``i``'s weights on the same batch is taken again: ``G'``. The shift is ``||G - G'||``, raw
 and relative to ``||G||``, and ``cos(G, G')``. The update is the one the optimizer really applies
-(SGD with momentum), not a plain gradient step. That is why the experiment has its own training
-loop (the lab's ``train`` with its seeding, batch order and optimizer, but able to stop between
-a step's gradient and its update, and to redraw the noise once per step).
+(SGD with momentum), not a plain gradient step. The lab's training loop runs it, with this
+experiment's own step (``take_step``): it redraws the noise once per step and, at a measured
+step, stops between the step's gradient and its update.
 
 Noisy BN. After each of our BN layers, ``y -> s * y + m`` with ``s`` and ``m`` drawn afresh at
 every step for every unit (a step-wide mean and scale, then a per-unit spread around them) and
@@ -42,13 +42,13 @@ from batchnorm.lab.experiments.base import (
     Analysis,
     Experiment,
     Figure,
-    Fitted,
     Panel,
     Series,
     Table,
     band_caption,
     data_of,
     final_validation_accuracy,
+    fit,
     interval_band,
     mlp_builder,
     one_per,
@@ -59,14 +59,7 @@ from batchnorm.lab.experiments.base import (
     test_size,
 )
 from batchnorm.lab.stats import accuracy_effect, ratio_interval
-from batchnorm.lab.training import (
-    MOMENTUM,
-    TrainResult,
-    accuracy,
-    batch_indices,
-    correct_predictions,
-    seed_everything,
-)
+from batchnorm.lab.training import MOMENTUM, sgd_step
 from batchnorm.lab.verdict import (
     INCONCLUSIVE,
     Finding,
@@ -275,70 +268,36 @@ def build_model(config: IcsConfig, data, norm: str) -> nn.Module:
 def run(config: IcsConfig, params: dict, data, device: str) -> dict:
     seed, norm = params["seed"], params["norm"]
     measuring = params.get("measure", True)  # tuning runs only need their validation accuracy
-    batches_generator = seed_everything(seed)
     noise_generator = torch.Generator().manual_seed(seed + NOISE_SEED_OFFSET)
-    model = build_model(config, data, norm).to(device)
-    train_inputs = data.train.vectors.to(device)
-    train_labels = data.train.labels.to(device)
     validation_inputs = data.validation.vectors.to(device)
-    validation_labels = data.validation.labels.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=params["learning_rate"],
-                                momentum=MOMENTUM)
-    batches = batch_indices(len(train_labels), config.batch_size, batches_generator)
-    training = TrainResult()
     measured_steps, changes, statistics_by_step = [], [], []
 
-    def checkpoint(step: int) -> None:
-        training.steps.append(step)
-        training.validation_accuracy.append(accuracy(model, validation_inputs,
-                                                     validation_labels))
-
-    model.train()
-    checkpoint(0)
-    for step in range(1, config.steps + 1):
+    def take_step(step, model, optimizer, inputs, labels) -> torch.Tensor:
         resample_noise(model, noise_generator)
-        index = next(batches)
-        if measuring and (step == 1 or step % config.measure_every == 0):
-            recorded = input_statistics(model, validation_inputs)
-            loss, change = measured_step(model, optimizer, train_inputs[index],
-                                         train_labels[index])
-            if torch.isfinite(loss):
-                measured_steps.append(step)
-                changes.append(change)
-                statistics_by_step.append(recorded)
-        else:
-            loss = _loss(model, train_inputs[index], train_labels[index])
-            if torch.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        if not torch.isfinite(loss):
-            training.nonfinite = True
-            break
-        training.steps_done, training.final_loss = step, loss.item()
-        if step % config.eval_every == 0:
-            checkpoint(step)
-    if training.nonfinite:  # a diverged model predicts nothing useful: chance from here on
-        for step in range(training.steps[-1] + config.eval_every, config.steps + 1,
-                          config.eval_every):
-            training.steps.append(step)
-            training.validation_accuracy.append(1.0 / data.classes)
-    test_correct = None if data.test is None else correct_predictions(  # none in tuning runs
-        model, data.test.vectors.to(device), data.test.labels.to(device))
-    fitted = Fitted(model, training, test_correct, data.name, len(data.validation))
-    return {
-        "steps": training.steps,
-        "validation_accuracy": training.validation_accuracy,
-        "nonfinite": training.nonfinite,
-        "measured_steps": measured_steps,
+        if not (measuring and (step == 1 or step % config.measure_every == 0)):
+            return sgd_step(model, optimizer, inputs, labels)
+        recorded = input_statistics(model, validation_inputs)
+        loss, change = measured_step(model, optimizer, inputs, labels)
+        if torch.isfinite(loss):
+            measured_steps.append(step)
+            changes.append(change)
+            statistics_by_step.append(recorded)
+        return loss
+
+    fitted = fit(lambda: build_model(config, data, norm), data, device, seed, images=False,
+                 steps=config.steps, batch_size=config.batch_size,
+                 learning_rate=params["learning_rate"], eval_every=config.eval_every,
+                 take_step=take_step)
+    return fitted.record(
+        steps=fitted.training.steps,
+        measured_steps=measured_steps,
         # Per measured step, per hidden layer from the second on.
-        "relative_change": [[item[0] if math.isfinite(item[0]) else None for item in step]
-                            for step in changes],  # None where ||G|| = 0 (a dead layer)
-        "raw_change": [[item[1] for item in step] for step in changes],
-        "cosine": [[item[2] for item in step] for step in changes],
+        relative_change=[[item[0] if math.isfinite(item[0]) else None for item in step]
+                         for step in changes],  # None where ||G|| = 0 (a dead layer)
+        raw_change=[[item[1] for item in step] for step in changes],
+        cosine=[[item[2] for item in step] for step in changes],
         **drift_record(config, measured_steps, statistics_by_step),
-        **fitted.test_record(),
-    }
+    )
 
 
 def drift_record(config: IcsConfig, steps: list[int], recorded: list) -> dict:
