@@ -23,6 +23,7 @@ from batchnorm.lab.verdict import (
     Rule,
     accuracy_rule,
     accuracy_threshold,
+    format_number,
     judge,
 )
 
@@ -149,3 +150,13 @@ def test_findings_round_trip_through_json():
     assert again == finding
     assert finding.threshold_text() == "> +6.4 pp"
     assert finding.effect_text().startswith("+2.2 pp [")
+
+
+@pytest.mark.parametrize("value, text", [
+    (0.0012, "0.0012x"), (-0.05, "-0.05x"), (0.0, "0.00x"), (0.81, "0.81x"), (1.255, "1.25x"),
+    (99.5, "99.50x"), (465.3, "465x"),
+])
+def test_ratios_keep_their_digits_far_below_one(value, text):
+    """A ratio of 0.0012 must not print as 0.00x: an interval of such values would read as a
+    degenerate one."""
+    assert format_number(value, "x") == text

@@ -221,7 +221,11 @@ def format_number(value: float, unit: str = "") -> str:
     if value is None or math.isnan(value):
         return "n/a"
     if unit == "x":
-        return f"{value:.2f}x"
+        # two decimals in the usual range; a ratio far below 1 keeps two significant digits, so
+        # that a small but nonzero interval never reads as a degenerate "0.00x [0.00x, 0.00x]"
+        if value != 0 and abs(value) < 0.1:
+            return f"{value:.2g}x"
+        return f"{value:.0f}x" if abs(value) >= 100 else f"{value:.2f}x"
     if unit == "pp":
         return f"{value:+.1f} pp"
     if unit == "%":
