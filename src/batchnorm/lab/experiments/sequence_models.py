@@ -1,22 +1,27 @@
 """The recurrent experiment's models: one LSTM whose three normalizations are the only difference.
 
-Every model is our :class:`~batchnorm.variants.recurrent.BNLSTM` (its cell's equations, its
-initialization: uniform input weights, orthogonal recurrent weights, the forget gate's bias at
-1). For "batch" its per-time-step batch norms of the input projection, the recurrent projection
-and the cell state stay. For "none" all three become the identity. For "layer" the recurrent
-projection and the cell state get a LayerNorm over the features of one example, with its gain
-starting at batch norm's 0.1, and the input projection is left as it is: over one example's
-features, LayerNorm of ``W_x x`` keeps only the direction of the few input values of a step
-and throws away their size (with one value per step, only its sign). Ba et al. normalize that
-projection too, but their inputs are wide embeddings; here, in their form, the LN-LSTM stayed
-near 17% validation accuracy (one LayerNorm over the sum of both projections: about 21%) where
-the others reached about 46% (400 steps on MNIST-1D, four values per step). Batch norm of the
-same projection keeps each example's size, because it normalizes each feature over the batch.
-
 A signal of length L (a flat (N, L) vector, as the lab's MLP reads it) is read k consecutive
-values per time step (L / k steps); the classifier sees the last hidden state. Any length can be
-fed: batch norm beyond the trained number of steps reuses the last trained step's statistics
-(see the variant's docstring).
+values per time step (L / k steps). Each step's k values first pass through one small input layer
+shared by every step and every model (``embedding_size`` tanh units), then the LSTM; the
+classifier sees the last hidden state. The input layer is there for the LN-LSTM: Ba et al.
+normalize the input projection ``W_x x`` over its features, which for one or two raw values per
+step keeps only their sign or direction and throws away their size (on MNIST-1D, 40 steps of one
+value, that LN-LSTM stayed near 17% validation accuracy where the plain LSTM reached 75%). Their
+inputs are wide embeddings; so are ours, and the same layer feeds all three models.
+
+Every LSTM is our :class:`~batchnorm.variants.recurrent.BNLSTM` (its cell's equations, its
+initialization: uniform input weights, orthogonal recurrent weights, the forget gate's bias at
+1):
+
+* "batch" keeps its per-time-step batch norms of the input projection, the recurrent projection
+  and the cell state, gamma starting at 0.1 (Cooijmans et al.);
+* "layer" puts a LayerNorm over one example's features in the same three places (Ba et al.'s
+  LN-LSTM: ``W_x x`` and ``W_h h`` normalized separately, and the cell state before the output
+  tanh), gain starting at 1 as theirs does; started at 0.1 it stayed near chance in 400 steps;
+* "none" makes all three the identity.
+
+Any length can be fed: batch norm beyond the trained number of steps reuses the last trained
+step's statistics (see the variant's docstring).
 """
 
 from __future__ import annotations
@@ -43,17 +48,18 @@ class StepFree(nn.Module):
         return self.norm(input)
 
 
-def _layer_norm(features: int, gamma_init: float) -> nn.LayerNorm:
+def _layer_norm(features: int, gain_init: float) -> nn.LayerNorm:
     norm = nn.LayerNorm(features)
     with torch.no_grad():
-        norm.weight.fill_(gamma_init)
+        norm.weight.fill_(gain_init)
     return norm
 
 
 def sequence_lstm(norm: str, input_size: int, hidden_size: int, max_steps: int,
-                  gamma_init: float) -> BNLSTM:
+                  gamma_init: float, layer_gain_init: float = 1.0) -> BNLSTM:
     """A one-layer LSTM normalized by ``norm`` (one of ``SEQUENCE_NORMS``, placed as the module
-    docstring says); LayerNorm's gain starts at ``gamma_init`` as batch norm's does."""
+    docstring says): batch norm's gamma starts at ``gamma_init``, LayerNorm's gain at
+    ``layer_gain_init``."""
     if norm not in SEQUENCE_NORMS:
         raise ValueError(f"unknown norm '{norm}': expected one of {', '.join(SEQUENCE_NORMS)}")
     lstm = BNLSTM(input_size, hidden_size, max_steps, gamma_init=gamma_init)
@@ -63,29 +69,33 @@ def sequence_lstm(norm: str, input_size: int, hidden_size: int, max_steps: int,
     def make(features: int) -> nn.Module:
         if norm == "none":
             return StepFree(nn.Identity())
-        return StepFree(_layer_norm(features, gamma_init))
+        return StepFree(_layer_norm(features, layer_gain_init))
 
     for cell in lstm.cells:
-        cell.bn_ih = StepFree(nn.Identity())  # see the module docstring
-        cell.bn_hh, cell.bn_c = make(4 * hidden_size), make(hidden_size)
+        cell.bn_ih, cell.bn_hh = make(4 * hidden_size), make(4 * hidden_size)
+        cell.bn_c = make(hidden_size)
     return lstm
 
 
 class SequenceClassifier(nn.Module):
-    """An LSTM that reads a signal ``values_per_step`` consecutive values per time step, then a
-    linear classifier on the last hidden state. Input: (N, L) (or any (N, ...) that flattens to
-    it) with L a multiple of ``values_per_step``; ``max_steps`` is the trained length in steps
-    (batch norm keeps statistics for that many)."""
+    """The shared input layer, an LSTM and a linear classifier on its last hidden state (see the
+    module docstring). Input: (N, L) (or any (N, ...) that flattens to it) with L a multiple of
+    ``values_per_step``; ``max_steps`` is the trained length in steps (batch norm keeps
+    statistics for that many)."""
 
     def __init__(self, classes: int, norm: str = "none", hidden_size: int = 32,
-                 max_steps: int = 40, values_per_step: int = 1, gamma_init: float = 0.1) -> None:
+                 max_steps: int = 40, values_per_step: int = 1, gamma_init: float = 0.1,
+                 embedding_size: int = 16, layer_gain_init: float = 1.0) -> None:
         super().__init__()
         self.norm, self.values_per_step = norm, values_per_step
-        self.lstm = sequence_lstm(norm, values_per_step, hidden_size, max_steps, gamma_init)
+        self.embedding = nn.Linear(values_per_step, embedding_size)
+        self.lstm = sequence_lstm(norm, embedding_size, hidden_size, max_steps, gamma_init,
+                                  layer_gain_init)
         self.classifier = nn.Linear(hidden_size, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.lstm(as_steps(x, self.values_per_step))[1][0][-1])
+        steps = torch.tanh(self.embedding(as_steps(x, self.values_per_step)))
+        return self.classifier(self.lstm(steps)[1][0][-1])
 
 
 def as_steps(signals: torch.Tensor, values_per_step: int) -> torch.Tensor:
@@ -106,4 +116,3 @@ def stretch(signals: torch.Tensor, length: int) -> torch.Tensor:
         return flat.clone()
     return functional.interpolate(flat.unsqueeze(1), size=length, mode="linear",
                                   align_corners=True).squeeze(1)
-
