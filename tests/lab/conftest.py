@@ -99,8 +99,8 @@ def make_tiny_configs() -> dict:
         "gradients": GradientsConfig(depth=4, width=8, batch_size=16, steps=4, eval_every=2),
         "depth": DepthConfig(depths=(1, 3), tuning_depth=1, tuning_rates=(0.1,), steps=4,
                              batch_size=16, width=8),
-        "inference": InferenceConfig(steps=(12, 8), batch_sizes=(4, 16), width=8,
-                                     precise_batch=100),
+        "inference": InferenceConfig(steps=12, batch_sizes=(4, 16), tuning_rates=(0.01,),
+                                     width=8, precise_batch=100),
         "overhead": OverheadConfig(rounds=2, warmup_rounds=1, steps_per_timing=1,
                                    batches_per_timing=1, width=8, widths=(4, 8),
                                    inference_batch=16),
@@ -112,5 +112,5 @@ def make_tiny_configs() -> dict:
                                      length_factors=(1.0, 1.5)),
         "placement": PlacementConfig(tuning_rates=(0.1,), width=16, mlp_steps=6),
         "hyperparameters": HyperparameterConfig(epsilons=(1e-5, 1e-1), usual_epsilons=(1e-5,),
-                                                steps=10, width=8),
+                                                tuning_rates=(0.1,), steps=10, width=8),
     }

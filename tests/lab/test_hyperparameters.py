@@ -1,6 +1,7 @@
 """C14, hyperparameters: best and worst values are chosen on the validation part and scored on the
 test part; each of the four findings gives the four verdicts on synthetic runs; a run sets eps
-on the layers and scores every momentum; the experiment runs end to end."""
+on the layers and scores every momentum; the learning rate is chosen on the validation part at
+torch's defaults and trains every main run; the experiment runs end to end."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import numpy as np
 import pytest
 
 from batchnorm.lab.experiments import EXPERIMENTS
+from batchnorm.lab.experiments.base import TUNING_SEEDS
 from batchnorm.lab.experiments.hyperparameters import (
     DEFAULT_EPS,
+    DEFAULT_MOMENTUM,
     EXPERIMENT,
     HyperparameterConfig,
     _chosen,
@@ -68,7 +71,7 @@ def hyperparameter_runs(case: str, which: str = "both") -> list[dict]:
                     validation_lift / 100 + abs(spread) if special else 0.0)
                 momenta[momentum_key(momentum)] = _entry(validation, test, seed,
                                                          100 * index + salt)
-            runs.append({"params": {"eps": eps, "seed": seed}, "result": {
+            runs.append({"params": {"eps": eps, "seed": seed, "learning_rate": 0.03}, "result": {
                 "data": "synthetic", "validation_size": VALIDATION_SIZE,
                 "test_size": TEST_SIZE, "nonfinite": False, "momenta": momenta}})
     return runs
@@ -144,7 +147,74 @@ def test_hyperparameter_analysis_tables_and_figure():
     assert all(len(panel.series) == 2 for panel in figure.panels)
 
 
-TINY = HyperparameterConfig(epsilons=(1e-5, 1e-1), usual_epsilons=(1e-5,), steps=10, width=8)
+# ---- The learning rate: tuned on validation at torch's defaults, held for every run -----------
+
+
+def tuning_runs(config: HyperparameterConfig, best: float) -> list[dict]:
+    """Tuning runs whose final validation accuracy is highest at ``best``; their first
+    checkpoint (before training) and a stray test figure both favour another rate, so only a
+    choice made on the final validation accuracy lands on ``best``."""
+    decoy = max(rate for rate in config.tuning_rates if rate != best)
+    return [
+        {"params": params, "result": {
+            "validation_accuracy": [0.9 if params["learning_rate"] == decoy else 0.1,
+                                    0.6 if params["learning_rate"] == best else 0.4],
+            "test_accuracy": 0.9 if params["learning_rate"] == decoy else 0.1,
+        }}
+        for params in EXPERIMENT.tuning.plan(config, False)
+    ]
+
+
+def test_the_rate_is_tuned_at_the_defaults_on_validation():
+    plan = EXPERIMENT.tuning.plan(CONFIG, False)
+    assert {params["eps"] for params in plan} == {DEFAULT_EPS} == {1e-5}
+    assert DEFAULT_MOMENTUM == 0.1  # the layers' own averages, which the tuning score reads
+    assert sorted({params["learning_rate"] for params in plan}) == sorted(CONFIG.tuning_rates)
+    assert {params["seed"] for params in plan} == set(TUNING_SEEDS)
+    assert len(EXPERIMENT.tuning.plan(HyperparameterConfig.quick(), True)) == 1
+    choice = EXPERIMENT.tuning.choose(CONFIG, tuning_runs(CONFIG, best=0.03))
+    assert choice == {"learning_rate": {"1e-05": 0.03}}
+
+
+def test_every_main_run_trains_at_the_chosen_rate(monkeypatch):
+    from batchnorm.lab.data.splits import load_splits
+    from batchnorm.lab.experiments import hyperparameters
+
+    choice = EXPERIMENT.tuning.choose(CONFIG, tuning_runs(CONFIG, best=0.1))
+    applied = [EXPERIMENT.tuning.apply(choice, params) for params in EXPERIMENT.plan(CONFIG, SEEDS)]
+    assert {params["eps"] for params in applied} == set(CONFIG.epsilons)
+    assert {params["learning_rate"] for params in applied} == {0.1}
+    # ... and a run trains at the rate its parameters carry, with the layers at the default
+    # momentum (whose running averages the tuning run was scored with).
+    seen = []
+    original = hyperparameters.fit
+
+    def spy(*args, **kwargs):
+        fitted = original(*args, **kwargs)
+        seen.append((kwargs["learning_rate"],
+                     {layer.momentum for layer in hyperparameters.batch_norms(fitted.model)}))
+        return fitted
+
+    monkeypatch.setattr(hyperparameters, "fit", spy)
+    EXPERIMENT.run(TINY, {"eps": 0.1, "seed": 0, "learning_rate": 0.037},
+                   load_splits(TINY_DATA), "cpu")
+    assert seen == [(0.037, {DEFAULT_MOMENTUM})]
+
+
+def test_a_tuning_run_is_scored_on_validation_only():
+    from batchnorm.lab.data.splits import load_splits
+
+    result = EXPERIMENT.run(TINY, {"eps": DEFAULT_EPS, "seed": TUNING_SEEDS[0],
+                                   "learning_rate": 0.1},
+                            load_splits(TINY_DATA).without_test(), "cpu")
+    json.dumps(result)
+    assert len(result["validation_accuracy"]) == 2  # before training and at the end
+    assert 0 <= result["validation_accuracy"][-1] <= 1
+    assert not any(key.startswith("test") for key in result)
+
+
+TINY = HyperparameterConfig(epsilons=(1e-5, 1e-1), usual_epsilons=(1e-5,), tuning_rates=(0.1,),
+                            steps=10, width=8)
 
 
 def test_a_run_sets_eps_and_scores_every_momentum(monkeypatch):
@@ -159,12 +229,16 @@ def test_a_run_sets_eps_and_scores_every_momentum(monkeypatch):
         return original(model, momenta)
 
     monkeypatch.setattr(hyperparameters, "RunningStatistics", spy)
-    result = EXPERIMENT.run(TINY, {"eps": 0.1, "seed": 0}, load_splits(TINY_DATA), "cpu")
+    result = EXPERIMENT.run(TINY, {"eps": 0.1, "seed": 0, "learning_rate": 0.1},
+                            load_splits(TINY_DATA), "cpu")
     json.dumps(result)
     assert seen and set(seen) == {0.1}
     assert set(result["momenta"]) == {momentum_key(m) for m in TINY.momenta}
     for entry in result["momenta"].values():
         assert 0 <= entry["validation_accuracy"] <= 1 and 0 <= entry["test_accuracy"] <= 1
+    # The record's own test figure is the network with the layers' own averages (0.1).
+    assert result["test_accuracy"] == pytest.approx(result["momenta"]["0.1"]["test_accuracy"],
+                                                    abs=0.01)
 
 
 def test_the_suite_runs_and_reports_it(tmp_path, monkeypatch):
@@ -173,3 +247,11 @@ def test_the_suite_runs_and_reports_it(tmp_path, monkeypatch):
               store=tmp_path / "runs", jobs=1, progress=False)
     report = (tmp_path / "report.md").read_text()
     assert "C14" in report and "hyperparameters" in report
+    (entry,) = json.loads((tmp_path / "results.json").read_text())["experiments"]
+    tuning = entry["tuning"]
+    assert {run["params"]["eps"] for run in tuning["runs"]} == {DEFAULT_EPS}
+    assert all("test_accuracy" not in run["result"] for run in tuning["runs"])
+    (chosen,) = tuning["chosen"]["learning_rate"].values()
+    assert {run["params"]["eps"] for run in entry["runs"]} == set(TINY.epsilons)
+    assert {run["params"]["learning_rate"] for run in entry["runs"]} == {chosen}
+    assert "Learning rate chosen on the validation part" in report

@@ -1,6 +1,8 @@
 """C12, inference: the running averages kept at several momenta from one run equal those of layers
 built with each momentum; each way of scoring a network gives the known answer on hand-built
-models; the findings give the four verdicts on synthetic runs; the experiment runs end to end."""
+models; the findings give the four verdicts on synthetic runs; the learning rate is chosen on the
+validation part at the reference batch and trains every main run; the experiment runs end to
+end."""
 
 from __future__ import annotations
 
@@ -13,15 +15,18 @@ import torch
 from torch import nn
 
 import batchnorm
-from batchnorm.lab.experiments import EXPERIMENTS
+from batchnorm.lab.experiments import EXPERIMENTS, inference
+from batchnorm.lab.experiments.base import TUNING_SEEDS
 from batchnorm.lab.experiments.inference import (
     CUMULATIVE,
+    DEFAULT_MOMENTUM,
     EXPERIMENT,
     InferenceConfig,
     RunningStatistics,
     batch_norms,
     batch_statistics_correct,
     fold_comparison,
+    fold_note,
     momentum_key,
     with_precise_statistics,
 )
@@ -169,7 +174,8 @@ def inference_runs(case: str, config: InferenceConfig | None = None) -> list[dic
             ema = {momentum_key(m): _score(usual - (0.02 if m != 0.1 else 0), seed, 10 + i)
                    for i, m in enumerate(config.momenta)}
             ema["0.1"] = _score(usual, seed, 1)
-            runs.append({"params": {"batch_size": size, "seed": seed}, "result": {
+            params = {"batch_size": size, "seed": seed, "learning_rate": 0.01}
+            runs.append({"params": params, "result": {
                 "data": "synthetic", "validation_size": VALIDATION_SIZE, "test_size": TEST_SIZE,
                 "nonfinite": False,
                 "ema": ema,
@@ -218,14 +224,87 @@ def test_inference_analysis_tables_and_figure():
     assert any("float rounding" in note for note in analysis.notes)
 
 
+def test_the_fold_note_says_whether_folding_changed_more_than_rounding():
+    exact = {"max_logit_difference": 2e-6, "largest_logit": 10.0, "changed_predictions": 0}
+    assert fold_note([exact, exact]).startswith("Folding changed nothing beyond float rounding")
+    off = {**exact, "max_logit_difference": 0.5, "changed_predictions": 3}
+    assert fold_note([exact, off]).startswith("Folding changed more than float rounding")
+    assert "3 predictions changed" in fold_note([exact, off])
+    assert fold_note([]) == ""
+
+
+# ---- The learning rate: tuned on validation at the reference batch, held for every run ---------
+
+
+def tuning_runs(config: InferenceConfig, best: float) -> list[dict]:
+    """Tuning runs whose final validation accuracy is highest at ``best``; their first
+    checkpoint (before training) and a stray test figure both favour another rate, so only a
+    choice made on the final validation accuracy lands on ``best``."""
+    decoy = min(rate for rate in config.tuning_rates if rate != best)
+    return [
+        {"params": params, "result": {
+            "validation_accuracy": [0.9 if params["learning_rate"] == decoy else 0.1,
+                                    0.6 if params["learning_rate"] == best else 0.4],
+            "test_accuracy": 0.9 if params["learning_rate"] == decoy else 0.1,
+        }}
+        for params in EXPERIMENT.tuning.plan(config, False)
+    ]
+
+
+def test_the_rate_is_tuned_at_the_reference_batch_with_the_default_momentum():
+    config = InferenceConfig()
+    plan = EXPERIMENT.tuning.plan(config, False)
+    assert config.reference_batch == min(config.batch_sizes) == 4
+    assert {params["batch_size"] for params in plan} == {4}
+    assert sorted({params["learning_rate"] for params in plan}) == sorted(config.tuning_rates)
+    assert {params["seed"] for params in plan} == set(TUNING_SEEDS)
+    assert len(EXPERIMENT.tuning.plan(InferenceConfig.quick(), True)) == 1
+    assert DEFAULT_MOMENTUM == 0.1  # the running averages the tuning score is read with
+    choice = EXPERIMENT.tuning.choose(config, tuning_runs(config, best=0.03))
+    assert choice == {"learning_rate": {"4": 0.03}}
+
+
+def test_every_main_run_trains_at_the_chosen_rate(monkeypatch, lab_data):
+    config = InferenceConfig()
+    choice = EXPERIMENT.tuning.choose(config, tuning_runs(config, best=0.003))
+    applied = [EXPERIMENT.tuning.apply(choice, params) for params in EXPERIMENT.plan(config, SEEDS)]
+    assert {params["batch_size"] for params in applied} == set(config.batch_sizes)
+    assert {params["learning_rate"] for params in applied} == {0.003}
+    # ... and a run trains at the rate its parameters carry, with the layers at the default
+    # momentum (whose running averages the tuning run was scored with).
+    seen = []
+    original = inference.fit
+
+    def spy(*args, **kwargs):
+        fitted = original(*args, **kwargs)
+        seen.append((kwargs["learning_rate"],
+                     {layer.momentum for layer in batch_norms(fitted.model)}))
+        return fitted
+
+    monkeypatch.setattr(inference, "fit", spy)
+    EXPERIMENT.run(TINY, {"batch_size": 16, "seed": 0, "learning_rate": 0.037}, lab_data, "cpu")
+    assert seen == [(0.037, {DEFAULT_MOMENTUM})]
+
+
+def test_a_tuning_run_is_scored_on_validation_only(lab_data):
+    result = EXPERIMENT.run(TINY, {"batch_size": 4, "seed": TUNING_SEEDS[0],
+                                   "learning_rate": 0.01}, lab_data.without_test(), "cpu")
+    json.dumps(result)
+    assert len(result["validation_accuracy"]) == 2  # before training and at the end
+    assert 0 <= result["validation_accuracy"][-1] <= 1
+    assert not any(key.startswith("test") for key in result)
+
+
 # ---- End to end ----------------------------------------------------------------------------------
 
 
-TINY = InferenceConfig(steps=(12, 8), batch_sizes=(4, 16), width=8, precise_batch=100)
+TINY = InferenceConfig(steps=12, batch_sizes=(4, 16), tuning_rates=(0.01,), width=8,
+                       precise_batch=100)
 
 
 def test_a_run_gives_every_score_on_real_data(lab_data):
-    result = EXPERIMENT.run(TINY, {"batch_size": 4, "seed": 0}, lab_data, "cpu")
+    result = EXPERIMENT.run(TINY, {"batch_size": 4, "seed": 0, "learning_rate": 0.01}, lab_data,
+                            "cpu")
     json.dumps(result)  # plain data
     assert set(result["ema"]) == {"0.01", "0.1", "0.5", CUMULATIVE}
     assert result["tracking_error"] < 1e-5
@@ -233,6 +312,9 @@ def test_a_run_gives_every_score_on_real_data(lab_data):
     for entry in (*result["ema"].values(), result["precise"], result["batch_statistics"]):
         assert 0 <= entry["test_accuracy"] <= 1
     assert np.isfinite(result["fold"]["largest_logit"])
+    # The record's own test figure is the usual inference (the layers' own averages, 0.1).
+    assert result["test_accuracy"] == pytest.approx(result["ema"]["0.1"]["test_accuracy"],
+                                                    abs=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +330,11 @@ def test_the_suite_runs_and_reports_it(tmp_path, monkeypatch):
               store=tmp_path / "runs", jobs=1, progress=False)
     report = (tmp_path / "report.md").read_text()
     assert "C12" in report and "inference" in report
+    (entry,) = json.loads((tmp_path / "results.json").read_text())["experiments"]
+    tuning = entry["tuning"]
+    assert {run["params"]["batch_size"] for run in tuning["runs"]} == {TINY.reference_batch}
+    assert all("test_accuracy" not in run["result"] for run in tuning["runs"])
+    (chosen,) = tuning["chosen"]["learning_rate"].values()
+    assert {run["params"]["batch_size"] for run in entry["runs"]} == set(TINY.batch_sizes)
+    assert {run["params"]["learning_rate"] for run in entry["runs"]} == {chosen}
+    assert "Learning rate chosen on the validation part" in report
