@@ -180,10 +180,10 @@ def test_every_main_run_trains_at_the_chosen_rate(monkeypatch):
     from batchnorm.lab.data.splits import load_splits
     from batchnorm.lab.experiments import hyperparameters
 
-    choice = EXPERIMENT.tuning.choose(CONFIG, tuning_runs(CONFIG, best=0.1))
+    choice = EXPERIMENT.tuning.choose(CONFIG, tuning_runs(CONFIG, best=0.01))
     applied = [EXPERIMENT.tuning.apply(choice, params) for params in EXPERIMENT.plan(CONFIG, SEEDS)]
     assert {params["eps"] for params in applied} == set(CONFIG.epsilons)
-    assert {params["learning_rate"] for params in applied} == {0.1}
+    assert {params["learning_rate"] for params in applied} == {0.01}
     # ... and a run trains at the rate its parameters carry, with the layers at the default
     # momentum (whose running averages the tuning run was scored with).
     seen = []
