@@ -25,6 +25,7 @@ from batchnorm.lab.suite import run_suite
 from batchnorm.lab.verdict import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 from tests.lab.conftest import TINY_DATA
 from tests.lab.synthetic import SEEDS, TEST_SIZE, VALIDATION_SIZE, jitter, outcome
+from tests.lab.test_inference import check_saved_tuning, trained_at, tuning_runs
 
 EXPECTED = {"supported": SUPPORTED, "flipped": NOT_SUPPORTED, "not supported": NOT_SUPPORTED,
             "inconclusive": INCONCLUSIVE}
@@ -150,21 +151,6 @@ def test_hyperparameter_analysis_tables_and_figure():
 # ---- The learning rate: tuned on validation at torch's defaults, held for every run -----------
 
 
-def tuning_runs(config: HyperparameterConfig, best: float) -> list[dict]:
-    """Tuning runs whose final validation accuracy is highest at ``best``; their first
-    checkpoint (before training) and a stray test figure both favour another rate, so only a
-    choice made on the final validation accuracy lands on ``best``."""
-    decoy = max(rate for rate in config.tuning_rates if rate != best)
-    return [
-        {"params": params, "result": {
-            "validation_accuracy": [0.9 if params["learning_rate"] == decoy else 0.1,
-                                    0.6 if params["learning_rate"] == best else 0.4],
-            "test_accuracy": 0.9 if params["learning_rate"] == decoy else 0.1,
-        }}
-        for params in EXPERIMENT.tuning.plan(config, False)
-    ]
-
-
 def test_the_rate_is_tuned_at_the_defaults_on_validation():
     plan = EXPERIMENT.tuning.plan(CONFIG, False)
     assert {params["eps"] for params in plan} == {DEFAULT_EPS} == {1e-5}
@@ -172,7 +158,7 @@ def test_the_rate_is_tuned_at_the_defaults_on_validation():
     assert sorted({params["learning_rate"] for params in plan}) == sorted(CONFIG.tuning_rates)
     assert {params["seed"] for params in plan} == set(TUNING_SEEDS)
     assert len(EXPERIMENT.tuning.plan(HyperparameterConfig.quick(), True)) == 1
-    choice = EXPERIMENT.tuning.choose(CONFIG, tuning_runs(CONFIG, best=0.03))
+    choice = EXPERIMENT.tuning.choose(CONFIG, tuning_runs(EXPERIMENT, CONFIG, best=0.03))
     assert choice == {"learning_rate": {"1e-05": 0.03}}
 
 
@@ -180,25 +166,15 @@ def test_every_main_run_trains_at_the_chosen_rate(monkeypatch):
     from batchnorm.lab.data.splits import load_splits
     from batchnorm.lab.experiments import hyperparameters
 
-    choice = EXPERIMENT.tuning.choose(CONFIG, tuning_runs(CONFIG, best=0.01))
+    choice = EXPERIMENT.tuning.choose(CONFIG, tuning_runs(EXPERIMENT, CONFIG, best=0.01))
     applied = [EXPERIMENT.tuning.apply(choice, params) for params in EXPERIMENT.plan(CONFIG, SEEDS)]
     assert {params["eps"] for params in applied} == set(CONFIG.epsilons)
     assert {params["learning_rate"] for params in applied} == {0.01}
     # ... and a run trains at the rate its parameters carry, with the layers at the default
     # momentum (whose running averages the tuning run was scored with).
-    seen = []
-    original = hyperparameters.fit
-
-    def spy(*args, **kwargs):
-        fitted = original(*args, **kwargs)
-        seen.append((kwargs["learning_rate"],
-                     {layer.momentum for layer in hyperparameters.batch_norms(fitted.model)}))
-        return fitted
-
-    monkeypatch.setattr(hyperparameters, "fit", spy)
-    EXPERIMENT.run(TINY, {"eps": 0.1, "seed": 0, "learning_rate": 0.037},
-                   load_splits(TINY_DATA), "cpu")
-    assert seen == [(0.037, {DEFAULT_MOMENTUM})]
+    params = {"eps": 0.1, "seed": 0, "learning_rate": 0.037}
+    assert trained_at(hyperparameters, monkeypatch, TINY, params, load_splits(TINY_DATA)) == [
+        (0.037, {DEFAULT_MOMENTUM})]
 
 
 def test_a_tuning_run_is_scored_on_validation_only():
@@ -245,13 +221,6 @@ def test_the_suite_runs_and_reports_it(tmp_path, monkeypatch):
     monkeypatch.setitem(EXPERIMENTS, EXPERIMENT.name, EXPERIMENT)
     run_suite({EXPERIMENT.name: TINY}, (0, 1, 2), data=TINY_DATA, out=tmp_path,
               store=tmp_path / "runs", jobs=1, progress=False)
-    report = (tmp_path / "report.md").read_text()
+    # Tuned at eps 1e-5; every eps trains at the chosen rate.
+    report = check_saved_tuning(tmp_path, "eps", 1e-5, set(TINY.epsilons))
     assert "C14" in report and "hyperparameters" in report
-    (entry,) = json.loads((tmp_path / "results.json").read_text())["experiments"]
-    tuning = entry["tuning"]
-    assert {run["params"]["eps"] for run in tuning["runs"]} == {DEFAULT_EPS}
-    assert all("test_accuracy" not in run["result"] for run in tuning["runs"])
-    (chosen,) = tuning["chosen"]["learning_rate"].values()
-    assert {run["params"]["eps"] for run in entry["runs"]} == set(TINY.epsilons)
-    assert {run["params"]["learning_rate"] for run in entry["runs"]} == {chosen}
-    assert "Learning rate chosen on the validation part" in report

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm.lab.experiments import EXPERIMENTS, inference
-from batchnorm.lab.experiments.base import TUNING_SEEDS
+from batchnorm.lab.experiments.base import TUNING_SEEDS, Experiment
 from batchnorm.lab.experiments.inference import (
     CUMULATIVE,
     DEFAULT_MOMENTUM,
@@ -236,19 +237,52 @@ def test_the_fold_note_says_whether_folding_changed_more_than_rounding():
 # ---- The learning rate: tuned on validation at the reference batch, held for every run ---------
 
 
-def tuning_runs(config: InferenceConfig, best: float) -> list[dict]:
-    """Tuning runs whose final validation accuracy is highest at ``best``; their first
-    checkpoint (before training) and a stray test figure both favour another rate, so only a
-    choice made on the final validation accuracy lands on ``best``."""
-    decoy = min(rate for rate in config.tuning_rates if rate != best)
+def tuning_runs(experiment: Experiment, config, best: float) -> list[dict]:
+    """``experiment``'s tuning runs, with results whose final validation accuracy is highest at
+    ``best``; their first checkpoint (before training) and a stray test figure both favour
+    another rate, so only a choice made on the final validation accuracy lands on ``best``."""
+    decoy = next(rate for rate in config.tuning_rates if rate != best)
     return [
         {"params": params, "result": {
             "validation_accuracy": [0.9 if params["learning_rate"] == decoy else 0.1,
                                     0.6 if params["learning_rate"] == best else 0.4],
             "test_accuracy": 0.9 if params["learning_rate"] == decoy else 0.1,
         }}
-        for params in EXPERIMENT.tuning.plan(config, False)
+        for params in experiment.tuning.plan(config, False)
     ]
+
+
+def trained_at(module, monkeypatch, config, params: dict, data) -> list[tuple[float, set]]:
+    """Run ``module``'s experiment once, watching its ``fit``: the learning rate each fit got
+    and the momenta its batch norms ended with."""
+    seen = []
+    original = module.fit
+
+    def spy(*args, **kwargs):
+        fitted = original(*args, **kwargs)
+        seen.append((kwargs["learning_rate"],
+                     {layer.momentum for layer in batch_norms(fitted.model)}))
+        return fitted
+
+    monkeypatch.setattr(module, "fit", spy)
+    module.EXPERIMENT.run(config, params, data, "cpu")
+    return seen
+
+
+def check_saved_tuning(out: Path, key: str, reference, swept: set) -> str:
+    """The suite's saved runs in ``out``: every tuning run at ``key`` = ``reference`` with no
+    test outcome, and every main run (over the ``swept`` values of ``key``) at the chosen rate.
+    Gives the report's text."""
+    (entry,) = json.loads((out / "results.json").read_text())["experiments"]
+    tuning = entry["tuning"]
+    assert {run["params"][key] for run in tuning["runs"]} == {reference}
+    assert all("test_accuracy" not in run["result"] for run in tuning["runs"])
+    (chosen,) = tuning["chosen"]["learning_rate"].values()
+    assert {run["params"][key] for run in entry["runs"]} == swept
+    assert {run["params"]["learning_rate"] for run in entry["runs"]} == {chosen}
+    report = (out / "report.md").read_text()
+    assert "Learning rate chosen on the validation part" in report
+    return report
 
 
 def test_the_rate_is_tuned_at_the_reference_batch_with_the_default_momentum():
@@ -260,30 +294,21 @@ def test_the_rate_is_tuned_at_the_reference_batch_with_the_default_momentum():
     assert {params["seed"] for params in plan} == set(TUNING_SEEDS)
     assert len(EXPERIMENT.tuning.plan(InferenceConfig.quick(), True)) == 1
     assert DEFAULT_MOMENTUM == 0.1  # the running averages the tuning score is read with
-    choice = EXPERIMENT.tuning.choose(config, tuning_runs(config, best=0.03))
+    choice = EXPERIMENT.tuning.choose(config, tuning_runs(EXPERIMENT, config, best=0.03))
     assert choice == {"learning_rate": {"4": 0.03}}
 
 
 def test_every_main_run_trains_at_the_chosen_rate(monkeypatch, lab_data):
     config = InferenceConfig()
-    choice = EXPERIMENT.tuning.choose(config, tuning_runs(config, best=0.003))
+    choice = EXPERIMENT.tuning.choose(config, tuning_runs(EXPERIMENT, config, best=0.003))
     applied = [EXPERIMENT.tuning.apply(choice, params) for params in EXPERIMENT.plan(config, SEEDS)]
     assert {params["batch_size"] for params in applied} == set(config.batch_sizes)
     assert {params["learning_rate"] for params in applied} == {0.003}
     # ... and a run trains at the rate its parameters carry, with the layers at the default
     # momentum (whose running averages the tuning run was scored with).
-    seen = []
-    original = inference.fit
-
-    def spy(*args, **kwargs):
-        fitted = original(*args, **kwargs)
-        seen.append((kwargs["learning_rate"],
-                     {layer.momentum for layer in batch_norms(fitted.model)}))
-        return fitted
-
-    monkeypatch.setattr(inference, "fit", spy)
-    EXPERIMENT.run(TINY, {"batch_size": 16, "seed": 0, "learning_rate": 0.037}, lab_data, "cpu")
-    assert seen == [(0.037, {DEFAULT_MOMENTUM})]
+    params = {"batch_size": 16, "seed": 0, "learning_rate": 0.037}
+    assert trained_at(inference, monkeypatch, TINY, params, lab_data) == [(0.037,
+                                                                          {DEFAULT_MOMENTUM})]
 
 
 def test_a_tuning_run_is_scored_on_validation_only(lab_data):
@@ -328,13 +353,6 @@ def test_the_suite_runs_and_reports_it(tmp_path, monkeypatch):
     monkeypatch.setitem(EXPERIMENTS, EXPERIMENT.name, EXPERIMENT)
     run_suite({EXPERIMENT.name: TINY}, (0, 1, 2), data=TINY_DATA, out=tmp_path,
               store=tmp_path / "runs", jobs=1, progress=False)
-    report = (tmp_path / "report.md").read_text()
+    # Tuned at the smallest batch; every batch size trains at the chosen rate.
+    report = check_saved_tuning(tmp_path, "batch_size", 4, set(TINY.batch_sizes))
     assert "C12" in report and "inference" in report
-    (entry,) = json.loads((tmp_path / "results.json").read_text())["experiments"]
-    tuning = entry["tuning"]
-    assert {run["params"]["batch_size"] for run in tuning["runs"]} == {4}  # the smallest
-    assert all("test_accuracy" not in run["result"] for run in tuning["runs"])
-    (chosen,) = tuning["chosen"]["learning_rate"].values()
-    assert {run["params"]["batch_size"] for run in entry["runs"]} == set(TINY.batch_sizes)
-    assert {run["params"]["learning_rate"] for run in entry["runs"]} == {chosen}
-    assert "Learning rate chosen on the validation part" in report
