@@ -25,7 +25,7 @@ from batchnorm.lab.suite import run_suite
 from batchnorm.lab.verdict import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 from tests.lab.conftest import TINY_DATA
 from tests.lab.synthetic import SEEDS, TEST_SIZE, VALIDATION_SIZE, jitter, outcome
-from tests.lab.test_inference import check_saved_tuning, trained_at, tuning_runs
+from tests.lab.tuning_checks import check_saved_tuning, trained_at, tuning_runs
 
 EXPECTED = {"supported": SUPPORTED, "flipped": NOT_SUPPORTED, "not supported": NOT_SUPPORTED,
             "inconclusive": INCONCLUSIVE}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm.lab.experiments import EXPERIMENTS, inference
-from batchnorm.lab.experiments.base import TUNING_SEEDS, Experiment
+from batchnorm.lab.experiments.base import TUNING_SEEDS
 from batchnorm.lab.experiments.inference import (
     CUMULATIVE,
     DEFAULT_MOMENTUM,
@@ -37,6 +36,7 @@ from batchnorm.lab.suite import run_suite
 from batchnorm.lab.verdict import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 from tests.lab.conftest import TINY_DATA
 from tests.lab.synthetic import SEEDS, TEST_SIZE, VALIDATION_SIZE, jitter, outcome
+from tests.lab.tuning_checks import check_saved_tuning, trained_at, tuning_runs
 
 EXPECTED = {"supported": SUPPORTED, "flipped": NOT_SUPPORTED, "not supported": NOT_SUPPORTED,
             "inconclusive": INCONCLUSIVE}
@@ -235,54 +235,6 @@ def test_the_fold_note_says_whether_folding_changed_more_than_rounding():
 
 
 # ---- The learning rate: tuned on validation at the reference batch, held for every run ---------
-
-
-def tuning_runs(experiment: Experiment, config, best: float) -> list[dict]:
-    """``experiment``'s tuning runs, with results whose final validation accuracy is highest at
-    ``best``; their first checkpoint (before training) and a stray test figure both favour
-    another rate, so only a choice made on the final validation accuracy lands on ``best``."""
-    decoy = next(rate for rate in config.tuning_rates if rate != best)
-    return [
-        {"params": params, "result": {
-            "validation_accuracy": [0.9 if params["learning_rate"] == decoy else 0.1,
-                                    0.6 if params["learning_rate"] == best else 0.4],
-            "test_accuracy": 0.9 if params["learning_rate"] == decoy else 0.1,
-        }}
-        for params in experiment.tuning.plan(config, False)
-    ]
-
-
-def trained_at(module, monkeypatch, config, params: dict, data) -> list[tuple[float, set]]:
-    """Run ``module``'s experiment once, watching its ``fit``: the learning rate each fit got
-    and the momenta its batch norms ended with."""
-    seen = []
-    original = module.fit
-
-    def spy(*args, **kwargs):
-        fitted = original(*args, **kwargs)
-        seen.append((kwargs["learning_rate"],
-                     {layer.momentum for layer in batch_norms(fitted.model)}))
-        return fitted
-
-    monkeypatch.setattr(module, "fit", spy)
-    module.EXPERIMENT.run(config, params, data, "cpu")
-    return seen
-
-
-def check_saved_tuning(out: Path, key: str, reference, swept: set) -> str:
-    """The suite's saved runs in ``out``: every tuning run at ``key`` = ``reference`` with no
-    test outcome, and every main run (over the ``swept`` values of ``key``) at the chosen rate.
-    Gives the report's text."""
-    (entry,) = json.loads((out / "results.json").read_text())["experiments"]
-    tuning = entry["tuning"]
-    assert {run["params"][key] for run in tuning["runs"]} == {reference}
-    assert all("test_accuracy" not in run["result"] for run in tuning["runs"])
-    (chosen,) = tuning["chosen"]["learning_rate"].values()
-    assert {run["params"][key] for run in entry["runs"]} == swept
-    assert {run["params"]["learning_rate"] for run in entry["runs"]} == {chosen}
-    report = (out / "report.md").read_text()
-    assert "Learning rate chosen on the validation part" in report
-    return report
 
 
 def test_the_rate_is_tuned_at_the_reference_batch_with_the_default_momentum():

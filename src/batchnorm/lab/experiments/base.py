@@ -394,6 +394,13 @@ def rate_tuning(
     return Tuning(plan=plan, choose=choose, apply=apply, table=table)
 
 
+def held_rate(choice: dict, params: dict) -> dict:
+    """``Tuning.apply`` for one learning rate tuned at a reference setting: every main run,
+    whatever its setting, trains at that rate."""
+    (rate,) = choice["learning_rate"].values()
+    return {**params, "learning_rate": rate}
+
+
 def final_validation_accuracy(config, result: dict) -> float:
     """The tuning score of most experiments: validation accuracy at the end of training."""
     return result["validation_accuracy"][-1]

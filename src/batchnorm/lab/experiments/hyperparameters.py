@@ -50,6 +50,7 @@ from batchnorm.lab.experiments.base import (
     data_of,
     final_validation_accuracy,
     fit,
+    held_rate,
     interval_band,
     mlp_builder,
     one_per,
@@ -62,7 +63,6 @@ from batchnorm.lab.experiments.base import (
 from batchnorm.lab.experiments.inference import (
     RunningStatistics,
     batch_norms,
-    held_rate,
     momentum_key,
     score,
 )

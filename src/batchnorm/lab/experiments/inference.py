@@ -61,6 +61,7 @@ from batchnorm.lab.experiments.base import (
     data_of,
     final_validation_accuracy,
     fit,
+    held_rate,
     interval_band,
     mlp_builder,
     rate_tuning,
@@ -256,13 +257,6 @@ class InferenceConfig:
 
 def plan(config: InferenceConfig, seeds) -> list[dict]:
     return [{"batch_size": size, "seed": seed} for seed in seeds for size in config.batch_sizes]
-
-
-def held_rate(choice: dict, params: dict) -> dict:
-    """``Tuning.apply`` for one learning rate tuned at a reference setting: every main run,
-    whatever its setting, trains at that rate."""
-    (rate,) = choice["learning_rate"].values()
-    return {**params, "learning_rate": rate}
 
 
 TUNING = replace(
