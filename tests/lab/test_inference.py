@@ -192,13 +192,37 @@ def inference_runs(case: str, config: InferenceConfig | None = None) -> list[dic
 @pytest.mark.parametrize("case", list(EXPECTED))
 def test_inference_findings(case):
     found = EXPERIMENT.findings(InferenceConfig(), inference_runs(case))
-    assert [f.claim for f in found] == ["C12", "C12"]
-    for finding in found:
+    assert [f.claim for f in found] == ["C12", "C12", "C12"]
+    train_mode, estimate, growth = found
+    for finding in (train_mode, estimate):
         assert finding.verdict == EXPECTED[case], finding
         assert finding.threshold == pytest.approx(4.5) and finding.unit == "pp"
         assert finding.example_se > 0 and finding.seeds == len(SEEDS)
-    train_mode, estimate = found
     assert "training mode" in train_mode.measure and "exact population" in estimate.measure
+    # The large batch has no gap in these runs, so the gap's growth is the small batch's gap,
+    # judged against four accuracies' noise (6.4 pp).
+    assert "batch 4 minus the same at batch 64" in growth.measure
+    assert growth.threshold == pytest.approx(6.4, abs=0.05) and growth.example_se > 0
+    assert growth.effect == pytest.approx(train_mode.effect)
+    assert growth.verdict == {"supported": SUPPORTED, "flipped": NOT_SUPPORTED,
+                              "not supported": NOT_SUPPORTED,
+                              "inconclusive": INCONCLUSIVE}[case], growth
+
+
+def test_the_gap_against_the_batch_size_reads_both_sizes():
+    """A gap as large at batch 64 as at batch 4 does not grow as the batch shrinks (here the
+    same gap to the example at both sizes: zero in every seed, a degenerate interval)."""
+    runs = inference_runs("supported")
+    for run in runs:
+        if run["params"]["batch_size"] == 64:
+            small = next(other["result"] for other in runs if other["params"] == {
+                **run["params"], "batch_size": 4})
+            run["result"]["batch_statistics"] = small["batch_statistics"]
+            run["result"]["ema"] = small["ema"]
+    train_mode, _, growth = EXPERIMENT.findings(InferenceConfig(), runs)
+    assert train_mode.verdict == SUPPORTED
+    assert growth.effect == pytest.approx(0.0) and growth.verdict == INCONCLUSIVE
+    assert growth.degenerate
 
 
 def test_inference_findings_judge_the_small_batch_only():
@@ -207,8 +231,8 @@ def test_inference_findings_judge_the_small_batch_only():
     for run in runs:
         if run["params"]["batch_size"] == 64:
             run["result"]["batch_statistics"] = _score(0.9, run["params"]["seed"], 4)
-    verdicts = {f.verdict for f in EXPERIMENT.findings(InferenceConfig(), runs)}
-    assert verdicts == {SUPPORTED}
+    train_mode, estimate, _ = EXPERIMENT.findings(InferenceConfig(), runs)
+    assert {train_mode.verdict, estimate.verdict} == {SUPPORTED}
 
 
 def test_inference_analysis_tables_and_figure():
