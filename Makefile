@@ -1,7 +1,8 @@
 # Two commands set everything up: `make test` and `make lab`.
 # torch==2.13.0 is installed before the package: a bare `torch` requirement in a fresh virtual
-# environment would otherwise pull the full CUDA build. The CPU kernels are compiled (and cached on
-# disk) once during set-up, so that neither the lab's worker processes nor the tests wait for it.
+# environment would otherwise pull the full CUDA build. The CPU kernels' float32 specialisations
+# (what training uses) are compiled and cached on disk once during set-up, so that the lab's worker
+# processes do not each compile them; float64's compile on first use (`batchnorm compile --all`).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

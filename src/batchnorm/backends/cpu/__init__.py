@@ -388,10 +388,11 @@ def updated_running_stats(running_mean, running_var, batch_mean, batch_var, mome
     return new_mean, new_var, finite
 
 
-def warm_up() -> None:
-    """Compile (or load from the disk cache) every kernel specialisation: float32 and float64,
-    planes and rows layouts."""
-    for dtype in (torch.float32, torch.float64):
+def warm_up(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)) -> None:
+    """Compile (or load from the disk cache) the kernel specialisations of ``dtypes`` (float32
+    and float64 by default; float16 and bfloat16 inputs use float32's), planes and rows
+    layouts."""
+    for dtype in dtypes:
         for size in ((4, 3), (4, 3, 5)):
             x = torch.randn(size, dtype=dtype)
             weight, bias = torch.ones(3, dtype=dtype), torch.zeros(3, dtype=dtype)
