@@ -27,7 +27,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     lab.add_argument("experiments", nargs="*", metavar="EXPERIMENT",
                      help="experiments to run (default: all; see --list)")
     lab.add_argument("--quick", action="store_true",
-                     help="the whole suite at reduced size (about two minutes on 2 cores)")
+                     help="the whole suite at reduced size (about a minute on 2 cores, with the "
+                     "kernels compiled: `batchnorm compile`)")
     lab.add_argument("--seeds", type=int, default=None,
                      help=f"evaluation seeds per setting (default {DEFAULT_SEEDS}, or "
                      f"{QUICK_SEEDS} with --quick; a verdict needs 3 distinct values)")
