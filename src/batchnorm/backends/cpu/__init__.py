@@ -332,13 +332,8 @@ def train_forward_update(x, weight, bias, eps, running_mean, running_var, moment
         and running_mean.shape == running_var.shape == mean.shape
     ):
         torch.autograd.graph.increment_version((running_mean, running_var))
-        finite = kernels.running_update_at(
-            running_mean.shape[0], running_mean.data_ptr(), _LIKE[running_mean.dtype],
-            running_var.data_ptr(), _LIKE[running_var.dtype], mean.data_ptr(),
-            _LIKE[mean.dtype], variance.data_ptr(), _LIKE[variance.dtype],
-            count / (count - 1), float(momentum), running_mean.data_ptr(),
-            running_var.data_ptr(),
-        )
+        finite = _update_into(running_mean, running_var, mean, variance, momentum, count,
+                              running_mean, running_var)
         return output, mean, variance, finite
     _, _, finite = updated_running_stats(
         running_mean, running_var, mean, variance, momentum, count, in_place=True
@@ -378,14 +373,22 @@ def updated_running_stats(running_mean, running_var, batch_mean, batch_var, mome
         torch.autograd.graph.increment_version((running_mean, running_var))
     else:
         new_mean, new_var = torch.empty_like(running_mean), torch.empty_like(running_var)
+    finite = _update_into(running_mean, running_var, batch_mean, batch_var, momentum, count,
+                          new_mean, new_var)
+    return new_mean, new_var, finite
+
+
+def _update_into(running_mean, running_var, batch_mean, batch_var, momentum, count, new_mean,
+                 new_var) -> bool:
+    """The update kernel on checked dense CPU vectors of one length: ``new_*`` (which may be the
+    running tensors themselves) receive it; returns whether the batch statistics were finite."""
     bessel = 1.0 if count is None else count / (count - 1)
-    finite = kernels.running_update_at(
+    return kernels.running_update_at(
         running_mean.shape[0], running_mean.data_ptr(), _LIKE[running_mean.dtype],
         running_var.data_ptr(), _LIKE[running_var.dtype], batch_mean.data_ptr(),
         _LIKE[batch_mean.dtype], batch_var.data_ptr(), _LIKE[batch_var.dtype], float(bessel),
         float(momentum), new_mean.data_ptr(), new_var.data_ptr(),
     )
-    return new_mean, new_var, finite
 
 
 def warm_up(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)) -> None:
