@@ -298,7 +298,11 @@ def both_families(verdicts: Sequence[str]) -> str:
 def across_families(config: DepthConfig, runs: list[dict]) -> dict[str, dict[str, str]]:
     """For each measure that every family of the config gives: each family's verdict and, under
     "both", their conjunction."""
-    by_model = {model: model_findings(config, runs, model) for model in config.models}
+    return _reading({model: model_findings(config, runs, model) for model in config.models})
+
+
+def _reading(by_model: dict[str, dict[str, Finding]]) -> dict[str, dict[str, str]]:
+    """:func:`across_families` from each family's findings."""
     reading = {}
     for measure in MEASURES:
         if not all(measure in found for found in by_model.values()):
@@ -309,7 +313,10 @@ def across_families(config: DepthConfig, runs: list[dict]) -> dict[str, dict[str
 
 
 def analyze(config: DepthConfig, runs: list[dict]) -> Analysis:
-    analysis = Analysis(findings=findings(config, runs))
+    # each family's findings once: the findings and the across-families table both read them
+    by_model = {model: model_findings(config, runs, model) for model in config.models}
+    analysis = Analysis(findings=[finding for found in by_model.values()
+                                  for finding in found.values()])
     stops = stopping_depths(config, runs)
     stop_rows = []
     for model in config.models:
@@ -326,7 +333,7 @@ def analyze(config: DepthConfig, runs: list[dict]) -> Analysis:
         "over seeds, 95% CI)",
         ["family", "net", "learning rate", "stopping depth", "per seed"], stop_rows,
     ))
-    reading = across_families(config, runs)
+    reading = _reading(by_model)
     if len(config.models) > 1 and reading:
         labels = [MODEL_LABELS.get(model, model) for model in config.models]
         analysis.tables.append(Table(
