@@ -82,7 +82,14 @@ def _layout(x: torch.Tensor) -> torch.memory_format | None:
 
 
 def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
-    """``x`` detached, in its compute dtype, with a layout the kernels read directly."""
+    """``x`` in its compute dtype, with a layout the kernels read directly (``x`` itself in the
+    common case: the kernels read its memory by address, which needs no detached view)."""
+    if x.dtype in _LIKE and not x.is_neg():
+        if x.is_contiguous():
+            return x, torch.contiguous_format
+        layout = _layout(x)
+        if layout is not None:
+            return x, layout
     compute = _COMPUTE_DTYPE[x.dtype]
     if x.requires_grad:
         x = x.detach()
@@ -100,19 +107,28 @@ def _geometry(x: torch.Tensor, layout: torch.memory_format) -> tuple[int, int, i
     """``(batch, channels, size, planes)`` of ``x`` for the ``kernels.*_at`` entry points:
     ``size`` values per plane, seen as (N, C, S) planes (contiguous with S > 1) or as (N * S, C)
     rows."""
-    batch, channels = x.shape[0], x.shape[1]
+    shape = x.shape
+    batch, channels = shape[0], shape[1]
     size = x.numel() // (batch * channels)
-    return batch, channels, size, size > 1 and layout == torch.contiguous_format
+    return batch, channels, size, size > 1 and layout is torch.contiguous_format
 
 
 def _conformed(t: torch.Tensor, like: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
-    """``t`` (a gradient or residual) detached, in ``like``'s dtype and the given layout.
+    """``t`` (a gradient or residual) in ``like``'s dtype and the given layout.
 
-    Read by address as a tensor of ``like``'s shape: any other shape or memory is refused."""
-    if t.shape != like.shape or not t.is_cpu or _is_wrapped(t):
+    Read by address as a tensor of ``like``'s shape: any other shape or memory is refused (a
+    wrapper without memory of its own is refused by its ``data_ptr()``, as in
+    :func:`_vector`)."""
+    if t.shape != like.shape or not t.is_cpu:
         raise BatchNormValueError(
             f"cpu kernels: expected a tensor of the input's shape {tuple(like.shape)} in CPU "
             f"memory, got shape {tuple(t.shape)} on {t.device}"
+        )
+    if t.dtype is like.dtype and not t.is_neg() and t.is_contiguous(memory_format=layout):
+        return t
+    if _is_wrapped(t):
+        raise BatchNormValueError(
+            "cpu kernels: expected a tensor with memory of its own, got a torch.func wrapper"
         )
     if t.requires_grad:
         t = t.detach()
@@ -130,9 +146,20 @@ def _vector(t: torch.Tensor | None, dtype: torch.dtype, channels: int) -> torch.
     The kernels read ``channels`` values from its address: a shorter vector, or one whose
     memory is not this process's CPU memory (a ``meta`` tensor has none), is refused here too,
     whatever called the backend (the functional forms have validated already; this is the last
-    line, one comparison each)."""
+    line). A torch.func wrapper or a batched tensor has no memory of its own either: its
+    ``data_ptr()`` raises, so the common case below does not ask (it answered in 0.3 of the
+    0.9 us this check cost per vector; a small layer's call checks four)."""
     if t is None:
         return None
+    if (
+        t.dtype is dtype
+        and t.is_cpu
+        and t.dim() == 1
+        and t.shape[0] == channels
+        and t.is_contiguous()
+        and not t.is_neg()
+    ):
+        return t
     if t.dim() != 1 or t.shape[0] != channels or not t.is_cpu or _is_wrapped(t):
         raise BatchNormValueError(
             f"cpu kernels: expected a per-channel vector of shape ({channels},) in CPU memory, "
@@ -178,19 +205,23 @@ def _numba_threads() -> int:
     return count
 
 
-def _run(entry, numel: int, units: int, *arguments) -> None:
+def _run(entry, numel: int, units: int, *arguments):
     """Call ``entry`` on ``_threads(numel)`` threads, appending its number of blocks: one per
     thread, at most one per unit of work (row, plane segment or channel); 1 runs the kernel on
-    the calling thread."""
+    the calling thread. Returns what ``entry`` returns."""
     torch_threads = torch.get_num_threads()
     threads = _threads(numel, torch_threads)
     if _numba_threads() != threads:
         numba.set_num_threads(threads)  # per calling thread in Numba; left set for the next call
-    entry(*arguments, max(1, min(threads, units)))
+    elif threads == 1:
+        # the pool neither starts nor runs: torch's thread count cannot have moved
+        return entry(*arguments, 1)
+    result = entry(*arguments, max(1, min(threads, units)))
     # Numba's OpenMP layer, when it starts, resets the OpenMP thread count that torch shares:
     # put back what the user chose.
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
+    return result
 
 
 # -- entry points -----------------------------------------------------------------------------
@@ -214,33 +245,55 @@ def forward(
     """
     if activation in smooth.ACTIVATIONS:
         return smooth.forward(forward, x, weight, bias, eps, activation, mean, variance, residual)
+    return _forward(x, weight, bias, eps, mean, variance, activation, residual, compute_dtype)[:3]
+
+
+def _forward(x, weight, bias, eps, mean, variance, activation, residual, compute_dtype,
+             running=None):
+    """:func:`forward` for the activations the kernels fuse, returning ``(y, batch_mean,
+    batch_biased_variance, finite)``. ``running``: ``(running_mean, running_var, bessel,
+    momentum)``, dense vectors of the compute dtype and two floats, updated in place by the
+    same kernel call in training (``finite`` then says whether the batch statistics were
+    finite; else it is None)."""
     xc, layout = _prepare(x)
     out = torch.empty_like(xc)
     batch, channels, size, planes = _geometry(xc, layout)
-    like = _LIKE[xc.dtype]
-    residual = None if residual is None else _conformed(residual, xc, layout)
+    dtype = xc.dtype
+    like = _LIKE[dtype]
+    if residual is not None:
+        residual = _conformed(residual, xc, layout)
     xp = xc.data_ptr()
     rp = xp if residual is None else residual.data_ptr()
-    w, b = _vector(weight, xc.dtype, channels), _vector(bias, xc.dtype, channels)
+    w, b = _vector(weight, dtype, channels), _vector(bias, dtype, channels)
     act = kernels.ACTIVATIONS[activation]
     numel = xc.numel()
     # work is shared by channel for planes in training, else by row or by plane segment
     units = channels if planes else batch * size
+    finite = None
     if mean is None:
         # batch statistics in the compute dtype, which is the accumulation dtype of x
-        batch_mean = torch.empty(channels, dtype=xc.dtype)
-        batch_var = torch.empty(channels, dtype=xc.dtype)
-        _run(kernels.train_forward_at, numel, units, like, batch, channels, size, planes, xp,
-             _address(w), _length(w), _address(b), _length(b), float(eps), act, rp,
-             residual is not None, out.data_ptr(), batch_mean.data_ptr(), batch_var.data_ptr())
-        return out if compute_dtype else _in_dtype(out, x.dtype), batch_mean, batch_var
-    mean = _vector(mean, xc.dtype, channels)
-    variance = _vector(variance, xc.dtype, channels)
+        batch_mean = torch.empty(channels, dtype=dtype)
+        batch_var = torch.empty(channels, dtype=dtype)
+        arguments = (
+            like, batch, channels, size, planes, xp, _address(w), _length(w), _address(b),
+            _length(b), float(eps), act, rp, residual is not None, out.data_ptr(),
+            batch_mean.data_ptr(), batch_var.data_ptr(),
+        )
+        if running is None:
+            _run(kernels.train_forward_at, numel, units, *arguments)
+        else:
+            running_mean, running_var, bessel, momentum = running
+            finite = _run(kernels.train_forward_update_at, numel, units, *arguments,
+                          running_mean.data_ptr(), running_var.data_ptr(), bessel, momentum)
+        y = out if compute_dtype else _in_dtype(out, x.dtype)
+        return y, batch_mean, batch_var, finite
+    mean = _vector(mean, dtype, channels)
+    variance = _vector(variance, dtype, channels)
     _run(kernels.eval_forward_at, numel, batch * channels if planes else units, like, batch,
          channels, size, planes, xp, mean.data_ptr(), variance.data_ptr(), _address(w),
          _length(w), _address(b), _length(b), float(eps), act, rp, residual is not None,
          out.data_ptr())
-    return out if compute_dtype else _in_dtype(out, x.dtype), None, None
+    return (out if compute_dtype else _in_dtype(out, x.dtype)), None, None, None
 
 
 def backward(
@@ -303,11 +356,11 @@ def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def train_forward(x, weight, bias, eps):
-    return forward(x, weight, bias, eps)
+    return _forward(x, weight, bias, eps, None, None, "identity", None, False)[:3]
 
 
 def eval_forward(x, mean, variance, weight, bias, eps):
-    return forward(x, weight, bias, eps, mean=mean, variance=variance)[0]
+    return _forward(x, weight, bias, eps, mean, variance, "identity", None, False)[0]
 
 
 def train_backward(grad_out, x, mean, variance, weight, eps, needs):
@@ -320,31 +373,40 @@ def eval_backward(grad_out, x, mean, variance, weight, eps, needs):
 
 def train_forward_update(x, weight, bias, eps, running_mean, running_var, momentum, count):
     """A training step's forward and its in-place running-statistics update in one backend call
-    (``batchnorm.dispatch``): ``(y, mean, biased variance, finite)``. The batch statistics
-    come from :func:`forward` itself, dense and in the compute dtype, so only the running
-    vectors are checked before the update kernel reads them by address."""
-    output, mean, variance = forward(x, weight, bias, eps)
-    if (
-        type(count) is int
-        and not isinstance(momentum, torch.Tensor)
-        and _plain_vector(running_mean)
-        and _plain_vector(running_var)
-        and running_mean.shape == running_var.shape == mean.shape
-    ):
+    (``batchnorm.dispatch``): ``(y, mean, biased variance, finite)``. Where the running
+    statistics are dense vectors of the compute dtype and momentum a number (a model's every
+    step), one kernel call computes all of it; else the update follows the forward (the batch
+    statistics from :func:`forward` are dense and in the compute dtype, so only the running
+    vectors are checked before the update kernel reads them by address)."""
+    dtype = _COMPUTE_DTYPE.get(x.dtype)
+    if type(count) is not int or count < 2 or isinstance(momentum, torch.Tensor):
+        plain = False
+    else:
+        channels = x.shape[1] if x.dim() >= 2 else -1
+        plain = _plain_vector(running_mean, dtype, channels) and _plain_vector(
+            running_var, dtype, channels
+        )
+    if plain:
+        output, mean, variance, finite = _forward(
+            x, weight, bias, eps, None, None, "identity", None, False,
+            (running_mean, running_var, count / (count - 1), float(momentum)),
+        )
         torch.autograd.graph.increment_version((running_mean, running_var))
-        finite = _update_into(running_mean, running_var, mean, variance, momentum, count,
-                              running_mean, running_var)
         return output, mean, variance, finite
+    output, mean, variance = forward(x, weight, bias, eps)
     _, _, finite = updated_running_stats(
         running_mean, running_var, mean, variance, momentum, count, in_place=True
     )
     return output, mean, variance, finite
 
 
-def _plain_vector(t: torch.Tensor) -> bool:
+def _plain_vector(t: torch.Tensor, dtype: torch.dtype | None = None, channels: int = -1) -> bool:
+    """A dense CPU vector the update kernel may read and write by address (of ``dtype`` and
+    ``channels`` values, where given)."""
     return (
-        t.is_cpu and t.dtype in _LIKE and t.dim() == 1 and t.is_contiguous()
-        and not t.requires_grad and not t.is_neg() and not _is_wrapped(t)
+        t.dtype in _LIKE and (dtype is None or t.dtype is dtype)
+        and t.is_cpu and t.dim() == 1 and (channels < 0 or t.shape[0] == channels)
+        and t.is_contiguous() and not t.requires_grad and not t.is_neg() and not _is_wrapped(t)
     )
 
 

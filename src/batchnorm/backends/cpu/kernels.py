@@ -823,6 +823,20 @@ def train_forward_at(like, batch, channels, size, planes, x, weight, weight_leng
 
 
 @_jit()
+def train_forward_update_at(like, batch, channels, size, planes, x, weight, weight_length, bias,
+                            bias_length, eps, act, residual, has_res, out, mean, var,
+                            running_mean, running_var, bessel, momentum, blocks):
+    """:func:`train_forward_at`, then :func:`running_update` of the running statistics (dense
+    vectors of ``channels`` values of ``like``'s dtype, updated in place) from the batch's:
+    a training step's forward in one call. Returns whether the batch statistics were finite."""
+    train_forward_at(like, batch, channels, size, planes, x, weight, weight_length, bias,
+                     bias_length, eps, act, residual, has_res, out, mean, var, blocks)
+    rm, rv = _vector(running_mean, channels, like), _vector(running_var, channels, like)
+    return running_update(rm, rv, _vector(mean, channels, like), _vector(var, channels, like),
+                          bessel, momentum, rm, rv)
+
+
+@_jit()
 def eval_forward_at(like, batch, channels, size, planes, x, mean, var, weight, weight_length,
                     bias, bias_length, eps, act, residual, has_res, out, blocks):
     """:func:`eval_forward_planes` or :func:`eval_forward_rows`."""
