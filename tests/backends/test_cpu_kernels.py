@@ -337,6 +337,75 @@ def test_running_update_kernel_matches_the_core(dtype, momentum, bad):
     assert inplace[2] == (bad is None)
 
 
+@pytest.mark.parametrize("shape, layout", [((6, 5), "contiguous"), ((3, 4, 5, 6), "contiguous"),
+                                           ((3, 4, 5, 6), "channels_last"),
+                                           ((4, 16, 40, 40), "contiguous")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bad", [None, float("nan")])
+def test_one_call_training_step_matches_forward_then_update(shape, layout, dtype, bad):
+    """``train_forward_update`` (the forward and the in-place running update in one kernel call
+    where the running statistics are dense vectors of the compute dtype) gives the output and
+    statistics of ``train_forward`` and the core's running update, non-finite guard included."""
+    from batchnorm.core import running
+
+    x = make_input(shape, dtype, layout, seed=21, scale=2.0, offset=1.0)
+    if bad is not None:
+        x[(1, 2) + (0,) * (x.dim() - 2)] = bad
+    channels = shape[1]
+    weight, bias = _parameters(channels, dtype, seed=22)
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    rm = torch.randn(channels, dtype=stats_dtype)
+    rv = torch.rand(channels, dtype=stats_dtype) + 0.5
+    count = x.numel() // channels
+    y0, mean0, var0 = cpu.train_forward(x, weight, bias, 1e-5)
+    core = running.updated_running_stats(rm, rv, mean0, var0, 0.2, count)
+    separate = cpu.updated_running_stats(rm, rv, mean0, var0, 0.2, count)  # its own kernel
+    versions = rm._version, rv._version
+    y, mean, var, finite = cpu.train_forward_update(x, weight, bias, 1e-5, rm, rv, 0.2, count)
+    for ours, alone in ((y, y0), (mean, mean0), (var, var0), (rm, separate[0]),
+                        (rv, separate[1])):
+        torch.testing.assert_close(ours, alone, rtol=0, atol=0, equal_nan=True)
+    assert bool(finite) == (bad is None)
+    torch.testing.assert_close(rm, core[0])
+    torch.testing.assert_close(rv, core[1])
+    assert rm._version > versions[0] and rv._version > versions[1]
+
+
+def test_one_call_training_step_takes_the_fused_kernel(monkeypatch):
+    """A model's step (dense float32 running statistics, a float momentum) makes one kernel
+    call: the separate update kernel is not reached. Running statistics of another dtype or a
+    tensor momentum take forward-then-update, with the same result."""
+    from batchnorm.core import running
+
+    x = torch.randn(8, 3, 5, 5)
+    rm, rv = torch.zeros(3), torch.ones(3)
+
+    def refuse(*args):
+        raise AssertionError("the separate update kernel ran")
+
+    monkeypatch.setattr(kernels, "running_update_at", refuse)
+    cpu.train_forward_update(x, None, None, 1e-5, rm, rv, 0.1, 200)
+    assert not torch.equal(rm, torch.zeros(3))
+    monkeypatch.undo()
+    _, mean, var = cpu.train_forward(x, None, None, 1e-5)
+    for rm64, momentum in ((torch.zeros(3, dtype=torch.float64), 0.1),
+                           (torch.zeros(3), torch.tensor(0.1))):
+        rv64 = torch.ones(3, dtype=rm64.dtype)
+        expected = running.updated_running_stats(rm64, rv64, mean, var, momentum, 200)
+        cpu.train_forward_update(x, None, None, 1e-5, rm64, rv64, momentum, 200)
+        torch.testing.assert_close(rm64, expected[0])
+        torch.testing.assert_close(rv64, expected[1])
+
+
+def test_one_call_training_step_refuses_short_running_statistics():
+    """Running statistics shorter than the channel count are never read past their end: the
+    update refuses them and changes nothing."""
+    rm, rv = torch.zeros(2), torch.ones(2)
+    with pytest.raises(RuntimeError):
+        cpu.train_forward_update(torch.randn(8, 3), None, None, 1e-5, rm, rv, 0.1, 8)
+    assert torch.equal(rm, torch.zeros(2)) and torch.equal(rv, torch.ones(2))
+
+
 @pytest.mark.parametrize("shape, layout", [((4, 2, 512, 513), "contiguous"),
                                            ((4, 2, 512, 513), "channels_last")])
 def test_blocked_float32_sums_stay_accurate_on_many_values(shape, layout):
