@@ -104,6 +104,17 @@ def test_large_input_on_the_parallel_kernels():
     _check((2, 8, 30, 30), "contiguous", torch.float32, "gelu", False, 5)  # planes over 512
 
 
+@pytest.mark.parametrize("shape", [(4, 64, 3, 3), (3, 50, 2, 2), (8, 1200, 3, 3)])
+def test_short_planes_in_eval(shape):
+    """Planes of at most ``SHORT_PLANE`` values: eval normalizes each sample as one flat run on
+    the calling thread (the first two shapes), by segments on the parallel path (the last)."""
+    from batchnorm.backends.cpu import kernels
+
+    assert shape[2] * shape[3] <= kernels.SHORT_PLANE
+    _check(shape, "contiguous", torch.float32, "relu", True, 6)
+    _check(shape, "contiguous", torch.float64, "identity", False, 7)
+
+
 @pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
 def test_double_backward(activation):
     module = batchnorm.BatchNormAct1d(3, activation=activation, dtype=torch.float64)
