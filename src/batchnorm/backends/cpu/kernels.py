@@ -168,6 +168,25 @@ def _prefetches(grad, act):
     return wanted, max(1, PREFETCH_AHEAD_BYTES // (grad.shape[1] * grad.itemsize))
 
 
+# -- scratch arrays ---------------------------------------------------------------------------
+#
+# Inside a function compiled with ``parallel=True``, Numba turns ``np.zeros`` (and any array
+# expression) into a parallel loop of its own, launched on the thread pool: about 1 us each, even
+# on one thread. Four of them made up most of the fixed cost of a small layer's rows kernels
+# (training forward on (1, 256): 5.9 us against 1.9 in eval). Scratch arrays are therefore made
+# by this plain loop.
+
+
+@_jit(inline="always")
+def _zeros(rows, columns):
+    """A float64 (rows, columns) array of zeros, filled by a plain loop (see above)."""
+    out = np.empty((rows, columns), dtype=np.float64)
+    for r in range(rows):
+        for c in range(columns):
+            out[r, c] = 0.0
+    return out
+
+
 # -- per-channel coefficients -----------------------------------------------------------------
 
 
@@ -636,8 +655,8 @@ def train_forward_rows(x, weight, bias, eps, act, residual, has_res, out, mean, 
     shift = np.empty(channels, dtype=np.float64)
     for c in range(channels):
         shift[c] = x[0, c]
-    s1 = np.zeros((blocks, channels), dtype=np.float64)
-    s2 = np.zeros((blocks, channels), dtype=np.float64)
+    s1 = _zeros(blocks, channels)
+    s2 = _zeros(blocks, channels)
     if blocks == 1:
         _row_sums(x, shift, 0, rows, s1[0], s2[0])
     else:
@@ -778,8 +797,8 @@ def backward_rows(
     rows, channels = x.shape
     m, s, b = _coefficients(x, mean, var, weight, bias, eps)
     prefetch, ahead = _prefetches(grad, act)
-    s1 = np.zeros((blocks, channels), dtype=np.float64)
-    s2 = np.zeros((blocks, channels), dtype=np.float64)
+    s1 = _zeros(blocks, channels)
+    s2 = _zeros(blocks, channels)
     if blocks == 1:
         _row_grad_sums(grad, x, residual, has_res, mean, m, s, b, act, 0, rows, s1[0], s2[0],
                        prefetch, ahead)
@@ -789,8 +808,8 @@ def backward_rows(
                            k * rows // blocks, (k + 1) * rows // blocks, s1[k], s2[k],
                            prefetch, ahead)
     gain = np.empty(channels, dtype=x.dtype)
-    k_centred = np.zeros(channels, dtype=x.dtype)
-    k_offset = np.zeros(channels, dtype=x.dtype)
+    k_centred = np.empty(channels, dtype=x.dtype)
+    k_offset = np.empty(channels, dtype=x.dtype)
     for c in range(channels):
         sum_d = 0.0
         sum_dxc = 0.0
@@ -801,9 +820,8 @@ def backward_rows(
         grad_weight[c] = sum_dxc * invstd
         grad_bias[c] = sum_d
         gain[c] = scale
-        if train:
-            k_centred[c] = -scale * invstd * invstd * sum_dxc / rows
-            k_offset[c] = -scale * sum_d / rows
+        k_centred[c] = -scale * invstd * invstd * sum_dxc / rows if train else 0.0
+        k_offset[c] = -scale * sum_d / rows if train else 0.0
     if not (need_input or need_residual):
         return
     if blocks == 1:
