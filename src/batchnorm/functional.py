@@ -34,18 +34,15 @@ def validate_arguments(
     batch-size rule where batch statistics are used."""
     if not input_checked:
         checks.check_input(input, owner=owner)
-    channels, device = input.shape[1], input.device
     if (
         mask is None
-        and checks.accepts_per_channel(running_mean, running_var, weight, bias, channels, device)
-        and checks.accepts_hyperparameters(momentum, eps, use_batch_stats)
         and forward_ad._current_level < 0  # (else a tangent on the statistics is refused)
+        and checks.accepts_common_call(
+            input, running_mean, running_var, weight, bias, momentum, eps, use_batch_stats
+        )
     ):
-        # everything below would pass (the common call, answered in one expression each);
-        # only the batch-size rule remains
-        if use_batch_stats:
-            checks.check_batch_statistics_possible(input, owner)
-        return
+        return  # everything below would pass (the common call, answered in one function)
+    channels, device = input.shape[1], input.device
     checks.check_mask(mask, input, owner)
     if (running_mean is None) != (running_var is None):
         raise BatchNormValueError(
@@ -174,11 +171,16 @@ def batch_norm_core(
             return output, None, None, None
         return output, running_mean, running_var, True
     backend = select_backend(input, mask)  # the one dispatch of this call
+    needs_grad = _needs_grad(input, weight, bias)
     if not use_batch_stats:
-        output = normalize_with(input, running_mean, running_var, weight, bias, eps, backend)
+        # (normalize_with, in place: one call less on every eval call)
+        if needs_grad:
+            output = apply_eval(input, running_mean, running_var, weight, bias, eps)
+        else:
+            output = backend.eval_forward(input, running_mean, running_var, weight, bias, eps)
         return output, None, None, None
     updating = training and running_mean is not None
-    if updating and in_place and _needs_grad(input, weight, bias):
+    if updating and in_place and needs_grad:
         # a training step: output, statistics and the running update in one Function
         done = apply_train_update(
             input, weight, bias, eps, mask, backend, running_mean, running_var, momentum,

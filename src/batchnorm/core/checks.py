@@ -89,43 +89,48 @@ def check_per_channel(
 _FLOATING = frozenset(FLOATING_DTYPES)
 
 
-def accepts_per_channel(
+def accepts_common_call(
+    x: torch.Tensor,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    num_channels: int,
-    device: torch.device,
+    momentum,
+    eps,
+    use_batch_stats: bool,
 ) -> bool:
-    """Whether :func:`check_per_channel` accepts all four on ``device`` and the two statistics
-    are both given or both None: the question the common call asks, answered without a
-    function call per check. False sends the caller to the full checks, which name what is
-    wrong (or accept what this fast test leaves to them, such as a tensor subclass)."""
-    if (running_mean is None) != (running_var is None):
+    """Whether a call with this (checked) input and no mask passes every check of the functional
+    forms: the four per-channel tensors as :func:`check_per_channel` wants them on the input's
+    device (the two statistics both given or both None), momentum (None or a float in [0, 1])
+    and eps as :func:`check_momentum` and :func:`check_eps` accept them given as floats, and,
+    with batch statistics, the batch-size rule of :func:`check_batch_statistics_possible`.
+
+    One function for the question every batch norm call asks (in a model, each call on the
+    path costs more than the tests in it). False sends the caller to the full checks, which
+    name what is wrong or accept what this test leaves to them (a tensor momentum, a subclass)."""
+    if not (
+        (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0))
+        and type(eps) is float
+        and (eps > 0.0 if use_batch_stats else eps >= 0.0)
+        and eps < math.inf
+        and (running_mean is None) == (running_var is None)
+    ):
         return False
-    # (comparing devices builds a device object per tensor, 0.25 us; a CPU input asks is_cpu)
-    on_cpu = device.type == "cpu"
+    shape = x.shape
+    channels = shape[1]
+    on_cpu = x.is_cpu
+    device = None if on_cpu else x.device
     for vector in (running_mean, running_var, weight, bias):
         if vector is not None and not (
             isinstance(vector, torch.Tensor)
             and vector.dtype in _FLOATING
             and vector.dim() == 1
-            and vector.shape[0] == num_channels
+            and vector.shape[0] == channels
             and (vector.is_cpu if on_cpu else vector.device == device)
         ):
             return False
-    return True
-
-
-def accepts_hyperparameters(momentum, eps, use_batch_stats: bool) -> bool:
-    """Whether :func:`check_momentum` and :func:`check_eps` accept ``momentum`` and ``eps``
-    given as Python floats (or momentum None); anything else goes to the full checks."""
-    return (
-        (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0))
-        and type(eps) is float
-        and (eps > 0.0 if use_batch_stats else eps >= 0.0)
-        and eps < math.inf
-    )
+    # more than one value per channel (``values_per_channel``, in place), or none at all
+    return not use_batch_stats or x.numel() != channels
 
 
 def check_device(tensor: torch.Tensor, device: torch.device, what: str, owner: str) -> None:

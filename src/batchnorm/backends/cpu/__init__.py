@@ -39,6 +39,8 @@ _COMPUTE_DTYPE = {
 # the dtype of the arrays an entry point builds, carried by a NumPy scalar
 _LIKE = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
 _is_wrapped = is_opaque
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda tensor: False)
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -53,8 +55,10 @@ def supports(x: torch.Tensor) -> bool:
         and x.dtype in _COMPUTE_DTYPE
         and x.dim() >= 2
         and x.numel() > 0
-        and not _is_wrapped(x)
         and not transforms_active()
+        # (is_opaque's two questions asked here: a call less, see batchnorm.modules.batchnorm)
+        and not _functorch_wrapped(x)
+        and not _legacy_batched(x)
     )
 
 
@@ -81,15 +85,34 @@ def _layout(x: torch.Tensor) -> torch.memory_format | None:
     return None
 
 
-def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
+def _input(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format, int, int, int, bool]:
     """``x`` in its compute dtype, with a layout the kernels read directly (``x`` itself in the
-    common case: the kernels read its memory by address, which needs no detached view)."""
-    if x.dtype in _LIKE and not x.is_neg():
-        if x.is_contiguous():
-            return x, torch.contiguous_format
-        layout = _layout(x)
-        if layout is not None:
-            return x, layout
+    common case: the kernels read its memory by address, which needs no detached view), and its
+    geometry for the ``kernels.*_at`` entry points: ``(xc, layout, batch, channels, size,
+    planes)``, ``size`` values per plane, seen as (N, C, S) planes (contiguous with S > 1) or
+    as (N * S, C) rows.
+
+    One function for all of it: in a model, where each batch norm's Python runs with cold
+    caches between convolutions, every call on the path costs microseconds (see
+    ``batchnorm.modules.batchnorm``)."""
+    if x.dtype in _LIKE and not x.is_neg() and x.is_contiguous():
+        layout = _CONTIGUOUS
+    else:
+        x, layout = _converted(x)
+    shape = x.shape
+    batch, channels = shape[0], shape[1]
+    size = x.numel() // (batch * channels)
+    return x, layout, batch, channels, size, size > 1 and layout is _CONTIGUOUS
+
+
+_CONTIGUOUS = torch.contiguous_format
+
+
+def _converted(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
+    """``x`` detached, in its compute dtype, dense in a layout the kernels read."""
+    layout = _layout(x)
+    if x.dtype in _LIKE and not x.is_neg() and layout is not None:
+        return x, layout
     compute = _COMPUTE_DTYPE[x.dtype]
     if x.requires_grad:
         x = x.detach()
@@ -99,18 +122,8 @@ def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
         x = x.resolve_neg()  # holds the values' negatives
     layout = _layout(x)
     if layout is None:
-        return x.contiguous(), torch.contiguous_format
+        return x.contiguous(), _CONTIGUOUS
     return x, layout
-
-
-def _geometry(x: torch.Tensor, layout: torch.memory_format) -> tuple[int, int, int, bool]:
-    """``(batch, channels, size, planes)`` of ``x`` for the ``kernels.*_at`` entry points:
-    ``size`` values per plane, seen as (N, C, S) planes (contiguous with S > 1) or as (N * S, C)
-    rows."""
-    shape = x.shape
-    batch, channels = shape[0], shape[1]
-    size = x.numel() // (batch * channels)
-    return batch, channels, size, size > 1 and layout is torch.contiguous_format
 
 
 def _conformed(t: torch.Tensor, like: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
@@ -139,27 +152,32 @@ def _conformed(t: torch.Tensor, like: torch.Tensor, layout: torch.memory_format)
     return t.contiguous(memory_format=layout)
 
 
-def _vector(t: torch.Tensor | None, dtype: torch.dtype, channels: int) -> torch.Tensor | None:
-    """A per-channel parameter or statistic as a dense tensor of the compute dtype (to pass by
-    address with :func:`_length`).
+def _vectors(dtype: torch.dtype, channels: int, *vectors: torch.Tensor | None) -> list:
+    """Per-channel parameters or statistics as dense tensors of the compute dtype (to pass by
+    address with :func:`_address` and :func:`_length`; None stays None).
 
-    The kernels read ``channels`` values from its address: a shorter vector, or one whose
+    The kernels read ``channels`` values from each address: a shorter vector, or one whose
     memory is not this process's CPU memory (a ``meta`` tensor has none), is refused here too,
     whatever called the backend (the functional forms have validated already; this is the last
     line). A torch.func wrapper or a batched tensor has no memory of its own either: its
-    ``data_ptr()`` raises, so the common case below does not ask (it answered in 0.3 of the
-    0.9 us this check cost per vector; a small layer's call checks four)."""
-    if t is None:
-        return None
-    if (
-        t.dtype is dtype
-        and t.is_cpu
-        and t.dim() == 1
-        and t.shape[0] == channels
-        and t.is_contiguous()
-        and not t.is_neg()
-    ):
-        return t
+    ``data_ptr()`` raises, so the common case does not ask (that question cost 0.3 us of the 0.9
+    this check took per vector)."""
+    dense = []
+    for t in vectors:
+        if t is not None and not (
+            t.dtype is dtype
+            and t.is_cpu
+            and t.dim() == 1
+            and t.shape[0] == channels
+            and t.is_contiguous()
+            and not t.is_neg()
+        ):
+            t = _converted_vector(t, dtype, channels)
+        dense.append(t)
+    return dense
+
+
+def _converted_vector(t: torch.Tensor, dtype: torch.dtype, channels: int) -> torch.Tensor:
     if t.dim() != 1 or t.shape[0] != channels or not t.is_cpu or _is_wrapped(t):
         raise BatchNormValueError(
             f"cpu kernels: expected a per-channel vector of shape ({channels},) in CPU memory, "
@@ -186,15 +204,6 @@ def _length(t: torch.Tensor | None) -> int:
 SERIAL_BELOW = 1 << 16
 
 
-def _threads(numel: int, torch_threads: int | None = None) -> int:
-    """Kernel threads for an input: one below the grain size, else torch's own thread count
-    (so ``torch.set_num_threads`` governs our kernels too), within Numba's pool."""
-    if numel < SERIAL_BELOW:
-        return 1
-    torch_threads = torch.get_num_threads() if torch_threads is None else torch_threads
-    return max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
-
-
 def _numba_threads() -> int:
     """Numba's thread count for the calling thread. ``numba.get_num_threads`` makes sure the
     pool is running on every call (a lock, 0.6 us); once it has, Numba's C getter answers alone
@@ -206,11 +215,16 @@ def _numba_threads() -> int:
 
 
 def _run(entry, numel: int, units: int, *arguments):
-    """Call ``entry`` on ``_threads(numel)`` threads, appending its number of blocks: one per
-    thread, at most one per unit of work (row, plane segment or channel); 1 runs the kernel on
-    the calling thread. Returns what ``entry`` returns."""
+    """Call ``entry`` on threads for an input of ``numel`` values (one below the grain size,
+    else torch's own thread count, so ``torch.set_num_threads`` governs our kernels too, within
+    Numba's pool), appending its number of blocks: one per thread, at most one per unit of work
+    (row, plane segment or channel); 1 runs the kernel on the calling thread. Returns what
+    ``entry`` returns."""
     torch_threads = torch.get_num_threads()
-    threads = _threads(numel, torch_threads)
+    if numel < SERIAL_BELOW:
+        threads = 1
+    else:
+        threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     if _numba_threads() != threads:
         numba.set_num_threads(threads)  # per calling thread in Numba; left set for the next call
     elif threads == 1:
@@ -255,16 +269,15 @@ def _forward(x, weight, bias, eps, mean, variance, activation, residual, compute
     momentum)``, dense vectors of the compute dtype and two floats, updated in place by the
     same kernel call in training (``finite`` then says whether the batch statistics were
     finite; else it is None)."""
-    xc, layout = _prepare(x)
-    out = torch.empty_like(xc)
-    batch, channels, size, planes = _geometry(xc, layout)
+    xc, layout, batch, channels, size, planes = _input(x)
     dtype = xc.dtype
+    out = torch.empty_like(xc)
     like = _LIKE[dtype]
     if residual is not None:
         residual = _conformed(residual, xc, layout)
     xp = xc.data_ptr()
     rp = xp if residual is None else residual.data_ptr()
-    w, b = _vector(weight, dtype, channels), _vector(bias, dtype, channels)
+    w, b, mean, variance = _vectors(dtype, channels, weight, bias, mean, variance)
     act = kernels.ACTIVATIONS[activation]
     numel = xc.numel()
     # work is shared by channel for planes in training, else by row or by plane segment
@@ -285,15 +298,13 @@ def _forward(x, weight, bias, eps, mean, variance, activation, residual, compute
             running_mean, running_var, bessel, momentum = running
             finite = _run(kernels.train_forward_update_at, numel, units, *arguments,
                           running_mean.data_ptr(), running_var.data_ptr(), bessel, momentum)
-        y = out if compute_dtype else _in_dtype(out, x.dtype)
+        y = out if compute_dtype or dtype is x.dtype else out.to(x.dtype)
         return y, batch_mean, batch_var, finite
-    mean = _vector(mean, dtype, channels)
-    variance = _vector(variance, dtype, channels)
     _run(kernels.eval_forward_at, numel, batch * channels if planes else units, like, batch,
          channels, size, planes, xp, mean.data_ptr(), variance.data_ptr(), _address(w),
          _length(w), _address(b), _length(b), float(eps), act, rp, residual is not None,
          out.data_ptr())
-    return (out if compute_dtype else _in_dtype(out, x.dtype)), None, None, None
+    return (out if compute_dtype or dtype is x.dtype else out.to(x.dtype)), None, None, None
 
 
 def backward(
@@ -319,8 +330,7 @@ def backward(
         return smooth.backward(forward, backward, grad_out, x, mean, variance, weight, bias, eps,
                                needs, train, activation, residual, need_residual)
     need_input, need_weight, need_bias = needs
-    xc, layout = _prepare(x)
-    batch, channels, size, planes = _geometry(xc, layout)
+    xc, layout, batch, channels, size, planes = _input(x)
     grad_out = _conformed(grad_out, xc, layout)
     residual = None if residual is None else _conformed(residual, xc, layout)
     grad_input = torch.empty_like(xc) if need_input else None
@@ -329,9 +339,7 @@ def backward(
     # the accumulation dtype of x
     grad_weight = torch.empty(channels, dtype=xc.dtype)
     grad_bias = torch.empty(channels, dtype=xc.dtype)
-    mean = _vector(mean, xc.dtype, channels)
-    variance = _vector(variance, xc.dtype, channels)
-    w, b = _vector(weight, xc.dtype, channels), _vector(bias, xc.dtype, channels)
+    mean, variance, w, b = _vectors(xc.dtype, channels, mean, variance, weight, bias)
     xp = xc.data_ptr()
     _run(
         kernels.backward_at, xc.numel(), channels if planes else batch * size, _LIKE[xc.dtype],
