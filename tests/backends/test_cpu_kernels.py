@@ -35,9 +35,11 @@ CASES = [
     ((2048, 48), "contiguous"),
     # 35 (sample, channel) segments in two eval blocks: the second starts mid-sample (channel 3)
     ((5, 7, 60, 40), "contiguous"),
-    # 3x3 planes: in eval one flat run per sample when serial, segments on the parallel path
+    # 3x3 planes: one flat run per sample when serial, segments on the parallel path
     ((4, 24, 3, 3), "contiguous"),
     ((6, 1300, 3, 3), "contiguous"),
+    # short planes with more samples than one float32 block of per-position sums takes
+    ((kernels.PLANE_BLOCK + 7, 3, 2, 2), "contiguous"),
 ]
 
 

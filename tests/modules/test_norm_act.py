@@ -105,9 +105,10 @@ def test_large_input_on_the_parallel_kernels():
 
 
 @pytest.mark.parametrize("shape", [(4, 64, 3, 3), (3, 50, 2, 2), (8, 1200, 3, 3)])
-def test_short_planes_in_eval(shape):
-    """Planes of at most ``SHORT_PLANE`` values: eval normalizes each sample as one flat run on
-    the calling thread (the first two shapes), by segments on the parallel path (the last)."""
+def test_short_planes(shape):
+    """Planes of at most ``SHORT_PLANE`` values: training and eval run each sample as one flat
+    run on the calling thread (the first two shapes), by segments on the parallel path (the
+    last); ReLU and the residual included."""
     from batchnorm.backends.cpu import kernels
 
     assert shape[2] * shape[3] <= kernels.SHORT_PLANE

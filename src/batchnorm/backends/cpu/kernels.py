@@ -335,29 +335,17 @@ def _train_forward_channel(x, weight, bias, eps, act, rs, has_res, xs, outs, mea
         _normalize_segment(xs, rs, has_res, mc, sc, bc, act, outs, n * channels + c)
 
 
-@_jit(**_PARALLEL)
-def train_forward_planes(x, weight, bias, eps, act, residual, has_res, out, mean, var, blocks):
-    """Batch statistics into ``mean``/``var`` (biased, x's dtype) and ``out = f(BN(x) [+ r])``.
-
-    Channels are shared among threads; ``blocks == 1`` runs them on the calling thread (as in
-    every kernel here: a parallel loop costs about 1.3 us to launch even on one thread, a tenth
-    of a small layer's kernel time)."""
-    channels = x.shape[1]
-    xs, rs, outs = _segments(x), _segments(residual), _segments(out)
-    if blocks == 1:
-        for c in range(channels):
-            _train_forward_channel(x, weight, bias, eps, act, rs, has_res, xs, outs, mean, var, c)
-        return
-    for c in prange(channels):
-        _train_forward_channel(x, weight, bias, eps, act, rs, has_res, xs, outs, mean, var, c)
-
-
-# Planes of at most this many values are normalized in eval as one flat run of C * S values per
-# sample, each channel's coefficients repeated over its S positions: on 3x3 planes a loop per
-# (sample, channel) segment spends more entering its vector loop than on its 9 values. Kernel
-# alone, serial, segments against the flat run: (4, 512, 3, 3) 16.6 vs 9.0 us, (4, 1024, 3, 3)
-# 25.5 vs 17.9; (4, 128, 6, 6) 5.8 vs 7.1 and (4, 512, 6, 6) 14.6 vs 24.9, so 6x6 planes stay on
-# segments.
+# -- short planes, on the calling thread --------------------------------------------------------
+#
+# Planes of at most SHORT_PLANE values (3x3, 4x4) are seen as one flat run of C * S values per
+# sample, each channel's coefficients repeated over its S positions, and the statistics and
+# gradient sums are taken per position over the samples (vectorized across positions) before
+# each channel's S partial sums are joined. A loop per (sample, channel) segment of 9 values
+# spends more entering its vector loop, and on the horizontal sum of a reduction, than on the
+# values. Eval, kernel alone, serial, segments against the flat run: (4, 512, 3, 3) 16.6 vs
+# 9.0 us, (4, 1024, 3, 3) 25.5 vs 17.9; (4, 128, 6, 6) 5.8 vs 7.1 and (4, 512, 6, 6) 14.6 vs 24.9,
+# so 6x6 planes stay on segments. Per position, a float32 partial sum takes at most PLANE_BLOCK
+# samples before it is joined in float64 (the bound of the module docstring).
 SHORT_PLANE = 16
 
 
@@ -402,6 +390,148 @@ def _eval_short_planes(x, m, s, b, act, residual, has_res, out):
     xf, rf, of = x.reshape(shape), residual.reshape(shape), out.reshape(shape)
     for n in range(batch):
         _normalize_run(xf, rf, has_res, me, se, be, act, of, n, 0, width)
+
+
+@_jit(inline="always")
+def _join_positions(t1, t2, size, s1, s2):
+    """Add each channel's ``size`` per-position partial sums of t1, t2 into s1[c], s2[c]."""
+    for c in range(s1.shape[0]):
+        a = 0.0
+        b = 0.0
+        for i in range(c * size, (c + 1) * size):
+            a += t1[i]
+            b += t2[i]
+        s1[c] += a
+        s2[c] += b
+
+
+@_jit(inline="always")
+def _train_short_planes(x, weight, bias, eps, act, residual, has_res, out, mean, var):
+    """:func:`train_forward_planes` on planes of at most ``SHORT_PLANE`` values, on the calling
+    thread: shifted sums per position (the shift is each channel's first value, as in
+    :func:`_plane_sums`), joined per channel, then the flat normalizing pass."""
+    batch, channels, size = x.shape
+    width = channels * size
+    xf = x.reshape((batch, width))
+    shift = np.empty(channels, dtype=x.dtype)
+    for c in range(channels):
+        shift[c] = x[0, c, 0]
+    k = _repeated(shift, size)
+    t1 = np.empty(width, dtype=x.dtype)
+    t2 = np.empty(width, dtype=x.dtype)
+    s1 = _zeros(1, channels)[0]
+    s2 = _zeros(1, channels)[0]
+    for first in range(0, batch, PLANE_BLOCK):
+        for j in range(width):
+            t1[j] = 0
+            t2[j] = 0
+        for n in range(first, min(first + PLANE_BLOCK, batch)):
+            for j in range(width):
+                d = xf[n, j] - k[j]
+                t1[j] += d
+                t2[j] += d * d
+        _join_positions(t1, t2, size, s1, s2)
+    count = batch * size
+    for c in range(channels):
+        centre = s1[c] / count
+        variance = s2[c] / count - centre * centre
+        mean[c] = np.float64(shift[c]) + centre
+        var[c] = variance if not variance < 0 else 0.0  # NaN stays NaN
+    m, s, b = _coefficients(x, mean, var, weight, bias, eps)
+    _eval_short_planes(x, m, s, b, act, residual, has_res, out)
+
+
+@_jit(inline="always")
+def _backward_short_planes(grad, x, residual, has_res, mean, var, weight, bias, eps, act, train,
+                           need_input, grad_input, grad_residual, need_residual, grad_weight,
+                           grad_bias):
+    """:func:`backward_planes` on planes of at most ``SHORT_PLANE`` values, on the calling
+    thread: sum d and sum d (x - mean) per position, joined per channel, then the flat pass
+    for the input and residual gradients."""
+    batch, channels, size = x.shape
+    width = channels * size
+    shape = (batch, width)
+    gf, xf, rf = grad.reshape(shape), x.reshape(shape), residual.reshape(shape)
+    m, s, b = _coefficients(x, mean, var, weight, bias, eps)
+    me, se, be = _repeated(m, size), _repeated(s, size), _repeated(b, size)
+    zero = x.dtype.type(0)
+    u1 = np.empty(width, dtype=x.dtype)
+    u2 = np.empty(width, dtype=x.dtype)
+    sum_d = _zeros(1, channels)[0]
+    sum_dxc = _zeros(1, channels)[0]
+    for first in range(0, batch, PLANE_BLOCK):
+        for j in range(width):
+            u1[j] = 0
+            u2[j] = 0
+        for n in range(first, min(first + PLANE_BLOCK, batch)):
+            if act == IDENTITY:
+                for j in range(width):
+                    g = gf[n, j]
+                    u1[j] += g
+                    u2[j] += g * (xf[n, j] - me[j])
+            else:
+                for j in range(width):
+                    xv = xf[n, j]
+                    d = _grad_value(gf[n, j], xv, rf[n, j], has_res, me[j], se[j], be[j], act,
+                                    zero)
+                    u1[j] += d
+                    u2[j] += d * (xv - me[j])
+        _join_positions(u1, u2, size, sum_d, sum_dxc)
+    count = batch * size
+    k_centred = np.empty(channels, dtype=x.dtype)
+    k_offset = np.empty(channels, dtype=x.dtype)
+    for c in range(channels):
+        invstd, scale, _ = _channel_coefficients(mean, var, weight, bias, eps, c)
+        grad_weight[c] = sum_dxc[c] * invstd
+        grad_bias[c] = sum_d[c]
+        k_centred[c] = -scale * invstd * invstd * sum_dxc[c] / count if train else 0.0
+        k_offset[c] = -scale * sum_d[c] / count if train else 0.0
+    if not (need_input or need_residual):
+        return
+    kc, ko = _repeated(k_centred, size), _repeated(k_offset, size)
+    gi, gr = grad_input.reshape(shape), grad_residual.reshape(shape)
+    for n in range(batch):
+        if act == IDENTITY:
+            if need_input:
+                for j in range(width):
+                    gi[n, j] = gf[n, j] * se[j] + (xf[n, j] - me[j]) * kc[j] + ko[j]
+            if need_residual:
+                for j in range(width):
+                    gr[n, j] = gf[n, j]
+        else:
+            if need_input:
+                for j in range(width):
+                    xv = xf[n, j]
+                    d = _grad_value(gf[n, j], xv, rf[n, j], has_res, me[j], se[j], be[j], act,
+                                    zero)
+                    gi[n, j] = d * se[j] + (xv - me[j]) * kc[j] + ko[j]
+            if need_residual:
+                for j in range(width):
+                    gr[n, j] = _grad_value(gf[n, j], xf[n, j], rf[n, j], has_res, me[j], se[j],
+                                           be[j], act, zero)
+
+
+# -- planes kernels ---------------------------------------------------------------------------
+
+
+@_jit(**_PARALLEL)
+def train_forward_planes(x, weight, bias, eps, act, residual, has_res, out, mean, var, blocks):
+    """Batch statistics into ``mean``/``var`` (biased, x's dtype) and ``out = f(BN(x) [+ r])``.
+
+    Channels are shared among threads; ``blocks == 1`` runs them on the calling thread (as in
+    every kernel here: a parallel loop costs about 1.3 us to launch even on one thread, a tenth
+    of a small layer's kernel time)."""
+    channels = x.shape[1]
+    if blocks == 1 and x.shape[2] <= SHORT_PLANE:
+        _train_short_planes(x, weight, bias, eps, act, residual, has_res, out, mean, var)
+        return
+    xs, rs, outs = _segments(x), _segments(residual), _segments(out)
+    if blocks == 1:
+        for c in range(channels):
+            _train_forward_channel(x, weight, bias, eps, act, rs, has_res, xs, outs, mean, var, c)
+        return
+    for c in prange(channels):
+        _train_forward_channel(x, weight, bias, eps, act, rs, has_res, xs, outs, mean, var, c)
 
 
 @_jit(**_PARALLEL)
@@ -561,6 +691,11 @@ def backward_planes(
     """Gradients of ``f(BN(x) [+ r])``; ``grad_weight``/``grad_bias`` (x's dtype, summed in float64)
     receive sum(d * x_hat) and sum(d). ``blocks == 1``: on the calling thread."""
     channels, size = x.shape[1], x.shape[2]
+    if blocks == 1 and size <= SHORT_PLANE:
+        _backward_short_planes(grad, x, residual, has_res, mean, var, weight, bias, eps, act,
+                               train, need_input, grad_input, grad_residual, need_residual,
+                               grad_weight, grad_bias)
+        return
     # a scratch segment only where d = g f'(z) is materialized (relu on long planes), one per
     # channel; elsewhere one empty array for all channels (allocating one per channel, with the
     # per-channel call of the input-gradient loop (now inlined) and the residual read on the
