@@ -33,6 +33,9 @@ from batchnorm.core.context import is_opaque, transforms_active
 from batchnorm.core.moments import batch_moments
 from batchnorm.dispatch import select_backend
 
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda tensor: False)
+
 
 def _cast_grads(grads, inputs):
     """Each gradient in its input's dtype (the kernels may return the accumulation dtype)."""
@@ -85,7 +88,7 @@ def _train_grads(ctx, grad_out):
     if grad_out is None:  # no gradient reached the output (gradcheck tries this case)
         return None, None, None
     x, weight, bias, mean, variance, mask = ctx.saved_tensors
-    needs = tuple(ctx.needs_input_grad[:3])
+    needs = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():
         mean, variance = batch_moments(x, mask)
     args = (grad_out, x, mean, variance, weight, ctx.eps, needs)
@@ -189,6 +192,12 @@ def _run_backward(entry: str, args: tuple, grad_out, x, mask=None, backend=None)
     it runs the eager path's differentiable (out-of-place) form on detached operands."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return getattr(eager, entry)(*args)
+    if backend is not None and not (
+        # (is_opaque's two questions asked here: one call less on every backward, see
+        # batchnorm.modules.batchnorm on the cost of each call inside a model)
+        transforms_active() or _functorch_wrapped(grad_out) or _legacy_batched(grad_out)
+    ):
+        return getattr(backend, entry)(*args)
     if is_opaque(grad_out) or transforms_active():
         args = tuple(
             a.detach() if isinstance(a, torch.Tensor) and not is_opaque(a) else a for a in args
