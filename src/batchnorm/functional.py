@@ -171,7 +171,16 @@ def batch_norm_core(
             return output, None, None, None
         return output, running_mean, running_var, True
     backend = select_backend(input, mask)  # the one dispatch of this call
-    needs_grad = _needs_grad(input, weight, bias)
+    # (_needs_grad, in place: the dispatch has asked whether a graph is captured)
+    needs_grad = backend is not traceable and (
+        forward_ad._current_level >= 0
+        or torch.is_grad_enabled()
+        and (
+            input.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        )
+    )
     if not use_batch_stats:
         # (normalize_with, in place: one call less on every eval call)
         if needs_grad:
