@@ -29,7 +29,7 @@ from batchnorm.core.context import transforms_active
 from batchnorm.core.errors import BatchNormValueError
 from batchnorm.core.layout import values_per_channel
 from batchnorm.core.running import commit_running_stats, warn_nonfinite
-from batchnorm.functional import batch_norm_core, validate_arguments
+from batchnorm.functional import batch_norm_core, normalize_with, validate_arguments
 from batchnorm.tracing import RefusesScripting, is_proxy, record_as_leaf
 
 # torch added the keyword-only ``bias`` (a weight without a shift) in 2.13; on older versions the
@@ -52,10 +52,14 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
     # whether the input rule is this class's (dims and channels), so that the common input can
     # be accepted without calling _check_input_dim; False in subclasses with a rule of their own
     _plain_input_rule: bool = True
+    # whether _core is this class's (plain batch norm), so that eval can skip it; False in the
+    # variants that normalize in their own way
+    _plain_core: bool = True
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         cls._plain_input_rule = cls._check_input_dim is _BatchNorm._check_input_dim
+        cls._plain_core = cls._core is _BatchNorm._core
     warn_on_nonfinite: bool = True
     # What a training batch with a single value per channel does (the last batch of a loader):
     # "error" (torch's refusal, the default) or "running" (normalize it with the running
@@ -152,6 +156,15 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
             return record_as_leaf(self, input, *(() if mask is None else (mask,)))
         buffers, training = self._buffers, self.training
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        if not training and running_mean is not None and mask is None and self._plain_core:
+            # eval with running statistics, the inference call: validated, then normalized by
+            # the one functional that does only that (what _core would reach, two calls later)
+            self._validate(input, running_mean, running_var, False, None)
+            parameters = self._parameters
+            return normalize_with(
+                input, running_mean, running_var, parameters["weight"], parameters["bias"],
+                self.eps,
+            )
         updating = training and self.track_running_stats and running_mean is not None
         use_running = not training or self.track_running_stats
         running_mean = running_mean if use_running else None
