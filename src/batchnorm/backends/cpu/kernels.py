@@ -337,22 +337,22 @@ def _train_forward_channel(x, weight, bias, eps, act, rs, has_res, xs, outs, mea
 
 # -- short planes, on the calling thread --------------------------------------------------------
 #
-# Planes of at most SHORT_PLANE values (3x3, 4x4) are seen as one flat run of C * S values per
-# sample, each channel's coefficients repeated over its S positions, and the statistics and
-# gradient sums are taken per position over the samples (vectorized across positions) before
-# each channel's S partial sums are joined. A loop per (sample, channel) segment of 9 values
-# spends more entering its vector loop, and on the horizontal sum of a reduction, than on the
-# values. Eval, kernel alone, serial, segments against the flat run: (4, 512, 3, 3) 16.6 vs
-# 9.0 us, (4, 1024, 3, 3) 25.5 vs 17.9; (4, 128, 6, 6) 5.8 vs 7.1 and (4, 512, 6, 6) 14.6 vs 24.9,
-# so 6x6 planes stay on segments. Per position, a float32 partial sum takes at most PLANE_BLOCK
-# samples before it is joined in float64 (the bound of the module docstring).
+# Planes of at most SHORT_PLANE values (3x3, 4x4) are seen as rows: an (N, C, S) input is an
+# (N, C * S) one whose every column is one position of one channel, so the rows kernels serve,
+# with each channel's coefficients repeated over its S columns; the per-column sums they return
+# are then joined per channel. A loop per (sample, channel) segment of 9 values spends more
+# entering its vector loop, and on the horizontal sum of a reduction, than on the values. Eval,
+# kernel alone, serial, segments against the flat run: (4, 512, 3, 3) 16.6 vs 9.0 us,
+# (4, 1024, 3, 3) 25.5 vs 17.9; (4, 128, 6, 6) 5.8 vs 7.1 and (4, 512, 6, 6) 14.6 vs 24.9, so 6x6
+# planes stay on segments. (On two threads the flat loops measured 2-3x slower than on one, where
+# the segments gain: the parallel path keeps the segments.)
 SHORT_PLANE = 16
 
 
 @_jit(inline="always")
 def _repeated(v, size):
     """Each value of the per-channel vector ``v`` repeated ``size`` times, channel after
-    channel (the coefficient of every position of a sample's C * size values)."""
+    channel (the coefficient of every column of the (N, C * size) view)."""
     out = np.empty(v.shape[0] * size, dtype=v.dtype)
     for c in range(v.shape[0]):
         value = v[c]
@@ -362,80 +362,57 @@ def _repeated(v, size):
 
 
 @_jit(inline="always")
-def _normalize_run(xf, rf, has_res, m, s, b, act, of, n, start, stop):
-    """``of[n, j] = f((xf[n, j] - m[j]) s[j] + b[j] [+ rf[n, j]])`` for j in [start, stop): one
-    sample's positions of planes seen as (N, C * S), with per-position coefficients."""
-    if has_res:
-        for j in range(start, stop):
-            of[n, j] = (xf[n, j] - m[j]) * s[j] + b[j] + rf[n, j]
-    else:
-        for j in range(start, stop):
-            of[n, j] = (xf[n, j] - m[j]) * s[j] + b[j]
-    if act == RELU:
-        for j in range(start, stop):
-            v = of[n, j]
-            of[n, j] = 0 if v < 0 else v  # NaN stays NaN, as in torch.relu
+def _as_rows(x):
+    """A (N, C, S) array as the (N, C * S) rows it is in memory."""
+    return x.reshape((x.shape[0], x.shape[1] * x.shape[2]))
+
+
+@_jit(inline="always")
+def _joined(column_sums1, column_sums2, size):
+    """Per-channel float64 totals of per-column sums (``size`` columns a channel)."""
+    channels = column_sums1.shape[0] // size
+    s1 = np.empty(channels, dtype=np.float64)
+    s2 = np.empty(channels, dtype=np.float64)
+    for c in range(channels):
+        a = 0.0
+        b = 0.0
+        for i in range(c * size, (c + 1) * size):
+            a += column_sums1[i]
+            b += column_sums2[i]
+        s1[c] = a
+        s2[c] = b
+    return s1, s2
 
 
 @_jit(inline="always")
 def _eval_short_planes(x, m, s, b, act, residual, has_res, out):
-    """Eval on planes of at most ``SHORT_PLANE`` values, on the calling thread, one sample's
-    C * S values at a time. (Run over row blocks on two threads, the same loops measured 2-3x
-    slower than on one, where the segments kernel gains on two: the parallel path keeps the
-    segments.)"""
-    batch, channels, size = x.shape
-    width = channels * size
-    me, se, be = _repeated(m, size), _repeated(s, size), _repeated(b, size)
-    shape = (batch, width)
-    xf, rf, of = x.reshape(shape), residual.reshape(shape), out.reshape(shape)
-    for n in range(batch):
-        _normalize_run(xf, rf, has_res, me, se, be, act, of, n, 0, width)
-
-
-@_jit(inline="always")
-def _join_positions(t1, t2, size, s1, s2):
-    """Add each channel's ``size`` per-position partial sums of t1, t2 into s1[c], s2[c]."""
-    for c in range(s1.shape[0]):
-        a = 0.0
-        b = 0.0
-        for i in range(c * size, (c + 1) * size):
-            a += t1[i]
-            b += t2[i]
-        s1[c] += a
-        s2[c] += b
+    """Eval on planes of at most ``SHORT_PLANE`` values, on the calling thread, by the rows
+    kernel's normalizing pass."""
+    size = x.shape[2]
+    xf = _as_rows(x)
+    _normalize_row_block(xf, _repeated(m, size), _repeated(s, size), _repeated(b, size), act,
+                         _as_rows(residual), has_res, _as_rows(out), 0, xf.shape[0])
 
 
 @_jit(inline="always")
 def _train_short_planes(x, weight, bias, eps, act, residual, has_res, out, mean, var):
     """:func:`train_forward_planes` on planes of at most ``SHORT_PLANE`` values, on the calling
-    thread: shifted sums per position (the shift is each channel's first value, as in
-    :func:`_plane_sums`), joined per channel, then the flat normalizing pass."""
+    thread: the rows kernel's shifted sums per column (the shift is each channel's first value,
+    as in :func:`_plane_sums`), joined per channel, then its normalizing pass."""
     batch, channels, size = x.shape
-    width = channels * size
-    xf = x.reshape((batch, width))
-    shift = np.empty(channels, dtype=x.dtype)
+    shift = np.empty(channels, dtype=np.float64)
     for c in range(channels):
         shift[c] = x[0, c, 0]
-    k = _repeated(shift, size)
-    t1 = np.empty(width, dtype=x.dtype)
-    t2 = np.empty(width, dtype=x.dtype)
-    s1 = _zeros(1, channels)[0]
-    s2 = _zeros(1, channels)[0]
-    for first in range(0, batch, PLANE_BLOCK):
-        for j in range(width):
-            t1[j] = 0
-            t2[j] = 0
-        for n in range(first, min(first + PLANE_BLOCK, batch)):
-            for j in range(width):
-                d = xf[n, j] - k[j]
-                t1[j] += d
-                t2[j] += d * d
-        _join_positions(t1, t2, size, s1, s2)
+    xf = _as_rows(x)
+    columns1 = _zeros(1, xf.shape[1])[0]
+    columns2 = _zeros(1, xf.shape[1])[0]
+    _row_sums(xf, _repeated(shift, size), 0, batch, columns1, columns2)
+    s1, s2 = _joined(columns1, columns2, size)
     count = batch * size
     for c in range(channels):
         centre = s1[c] / count
         variance = s2[c] / count - centre * centre
-        mean[c] = np.float64(shift[c]) + centre
+        mean[c] = shift[c] + centre
         var[c] = variance if not variance < 0 else 0.0  # NaN stays NaN
     m, s, b = _coefficients(x, mean, var, weight, bias, eps)
     _eval_short_planes(x, m, s, b, act, residual, has_res, out)
@@ -446,37 +423,17 @@ def _backward_short_planes(grad, x, residual, has_res, mean, var, weight, bias, 
                            need_input, grad_input, grad_residual, need_residual, grad_weight,
                            grad_bias):
     """:func:`backward_planes` on planes of at most ``SHORT_PLANE`` values, on the calling
-    thread: sum d and sum d (x - mean) per position, joined per channel, then the flat pass
-    for the input and residual gradients."""
+    thread: the rows kernel's sums of d and d (x - mean) per column, joined per channel, then
+    its pass for the input and residual gradients."""
     batch, channels, size = x.shape
-    width = channels * size
-    shape = (batch, width)
-    gf, xf, rf = grad.reshape(shape), x.reshape(shape), residual.reshape(shape)
     m, s, b = _coefficients(x, mean, var, weight, bias, eps)
     me, se, be = _repeated(m, size), _repeated(s, size), _repeated(b, size)
-    zero = x.dtype.type(0)
-    u1 = np.empty(width, dtype=x.dtype)
-    u2 = np.empty(width, dtype=x.dtype)
-    sum_d = _zeros(1, channels)[0]
-    sum_dxc = _zeros(1, channels)[0]
-    for first in range(0, batch, PLANE_BLOCK):
-        for j in range(width):
-            u1[j] = 0
-            u2[j] = 0
-        for n in range(first, min(first + PLANE_BLOCK, batch)):
-            if act == IDENTITY:
-                for j in range(width):
-                    g = gf[n, j]
-                    u1[j] += g
-                    u2[j] += g * (xf[n, j] - me[j])
-            else:
-                for j in range(width):
-                    xv = xf[n, j]
-                    d = _grad_value(gf[n, j], xv, rf[n, j], has_res, me[j], se[j], be[j], act,
-                                    zero)
-                    u1[j] += d
-                    u2[j] += d * (xv - me[j])
-        _join_positions(u1, u2, size, sum_d, sum_dxc)
+    gf, xf, rf = _as_rows(grad), _as_rows(x), _as_rows(residual)
+    columns1 = _zeros(1, xf.shape[1])[0]
+    columns2 = _zeros(1, xf.shape[1])[0]
+    _row_grad_sums(gf, xf, rf, has_res, me, me, se, be, act, 0, batch, columns1, columns2, False,
+                   1)
+    sum_d, sum_dxc = _joined(columns1, columns2, size)
     count = batch * size
     k_centred = np.empty(channels, dtype=x.dtype)
     k_offset = np.empty(channels, dtype=x.dtype)
@@ -488,27 +445,9 @@ def _backward_short_planes(grad, x, residual, has_res, mean, var, weight, bias, 
         k_offset[c] = -scale * sum_d[c] / count if train else 0.0
     if not (need_input or need_residual):
         return
-    kc, ko = _repeated(k_centred, size), _repeated(k_offset, size)
-    gi, gr = grad_input.reshape(shape), grad_residual.reshape(shape)
-    for n in range(batch):
-        if act == IDENTITY:
-            if need_input:
-                for j in range(width):
-                    gi[n, j] = gf[n, j] * se[j] + (xf[n, j] - me[j]) * kc[j] + ko[j]
-            if need_residual:
-                for j in range(width):
-                    gr[n, j] = gf[n, j]
-        else:
-            if need_input:
-                for j in range(width):
-                    xv = xf[n, j]
-                    d = _grad_value(gf[n, j], xv, rf[n, j], has_res, me[j], se[j], be[j], act,
-                                    zero)
-                    gi[n, j] = d * se[j] + (xv - me[j]) * kc[j] + ko[j]
-            if need_residual:
-                for j in range(width):
-                    gr[n, j] = _grad_value(gf[n, j], xf[n, j], rf[n, j], has_res, me[j], se[j],
-                                           be[j], act, zero)
+    _row_grad_input_block(gf, xf, rf, has_res, me, se, be, act, se, _repeated(k_centred, size),
+                          _repeated(k_offset, size), need_input, _as_rows(grad_input),
+                          need_residual, _as_rows(grad_residual), 0, batch, False, 1)
 
 
 # -- planes kernels ---------------------------------------------------------------------------
