@@ -470,6 +470,8 @@ def warm_up(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)) ->
             x = torch.randn(size, dtype=dtype)
             weight, bias = torch.ones(3, dtype=dtype), torch.zeros(3, dtype=dtype)
             y, mean, var = train_forward(x, weight, bias, 1e-5)
+            train_forward_update(x, weight, bias, 1e-5, mean.clone(), var.clone(), 0.1,
+                                 x.numel() // 3)
             eval_forward(x, mean, var, weight, bias, 1e-5)
             backward(y, x, mean, var, weight, bias, 1e-5, (True, True, True), train=True,
                      residual=x, need_residual=True)
