@@ -402,6 +402,35 @@ def test_one_call_training_step_takes_the_fused_kernel(monkeypatch):
         torch.testing.assert_close(rv64, expected[1])
 
 
+def test_inputs_outside_cpu_memory_are_refused_by_every_entry():
+    """Called directly, the backend refuses an input without CPU memory (a ``meta`` tensor's
+    address is 0) with a clear error instead of handing its address to a kernel. In a
+    subprocess: a read from there would end the process."""
+    script = (
+        "import torch\n"
+        "from batchnorm.backends import cpu\n"
+        "x = torch.empty(4, 3, 2, device='meta')\n"
+        "one, zero = torch.ones(3), torch.zeros(3)\n"
+        "calls = [lambda: cpu.train_forward(x, None, None, 1e-5),\n"
+        "         lambda: cpu.eval_forward(x, zero, one, None, None, 1e-5),\n"
+        "         lambda: cpu.train_forward_update(x, None, None, 1e-5, zero.clone(),\n"
+        "                                          one.clone(), 0.1, 8),\n"
+        "         lambda: cpu.train_backward(x, x, zero, one, None, 1e-5, (True, True, True))]\n"
+        "for call in calls:\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ValueError as error:\n"
+        "        assert 'CPU memory' in str(error), error\n"
+        "    else:\n"
+        "        raise AssertionError('accepted')\n"
+        "print('refused')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "refused"
+
+
 def test_one_call_training_step_refuses_short_running_statistics():
     """Running statistics shorter than the channel count are never read past their end: the
     update refuses them and changes nothing."""

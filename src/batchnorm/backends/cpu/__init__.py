@@ -95,6 +95,10 @@ def _input(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format, int, int
     One function for all of it: in a model, where each batch norm's Python runs with cold
     caches between convolutions, every call on the path costs microseconds (see
     ``batchnorm.modules.batchnorm``)."""
+    if not x.is_cpu:  # (a meta tensor's address is 0: the kernels would read from there)
+        raise BatchNormValueError(
+            f"cpu kernels: expected an input in CPU memory, got one on {x.device}"
+        )
     if x.dtype in _LIKE and not x.is_neg() and x.is_contiguous():
         layout = _CONTIGUOUS
     else:
@@ -131,7 +135,7 @@ def _conformed(t: torch.Tensor, like: torch.Tensor, layout: torch.memory_format)
 
     Read by address as a tensor of ``like``'s shape: any other shape or memory is refused (a
     wrapper without memory of its own is refused by its ``data_ptr()``, as in
-    :func:`_vector`)."""
+    :func:`_vectors`)."""
     if t.shape != like.shape or not t.is_cpu:
         raise BatchNormValueError(
             f"cpu kernels: expected a tensor of the input's shape {tuple(like.shape)} in CPU "
