@@ -29,12 +29,14 @@ from torch.autograd import forward_ad
 
 from batchnorm.backends import eager
 from batchnorm.core import tangents
-from batchnorm.core.context import is_opaque, transforms_active
+from batchnorm.core.context import (
+    is_functorch_wrapped,
+    is_legacy_batched,
+    is_opaque,
+    transforms_active,
+)
 from batchnorm.core.moments import batch_moments
 from batchnorm.dispatch import select_backend
-
-_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda tensor: False)
 
 
 def _cast_grads(grads, inputs):
@@ -195,7 +197,7 @@ def _run_backward(entry: str, args: tuple, grad_out, x, mask=None, backend=None)
     if backend is not None and not (
         # (is_opaque's two questions asked here: one call less on every backward, see
         # batchnorm.modules.batchnorm on the cost of each call inside a model)
-        transforms_active() or _functorch_wrapped(grad_out) or _legacy_batched(grad_out)
+        transforms_active() or is_functorch_wrapped(grad_out) or is_legacy_batched(grad_out)
     ):
         return getattr(backend, entry)(*args)
     if is_opaque(grad_out) or transforms_active():

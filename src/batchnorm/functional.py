@@ -72,8 +72,11 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     Never while a graph is captured (``torch.export``, ``torch.jit.trace``): the traceable
     backend's operations are recorded instead, and autograd differentiates the recorded graph
     (``torch.export`` would inline a Function's forward and drop its backward)."""
-    if traceable.capturing():
-        return False
+    return not traceable.capturing() and _grads_wanted(*tensors)
+
+
+def _grads_wanted(*tensors: torch.Tensor | None) -> bool:
+    """:func:`_needs_grad` without its capture check, for a caller whose dispatch has asked."""
     if forward_ad._current_level >= 0:
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -171,16 +174,8 @@ def batch_norm_core(
             return output, None, None, None
         return output, running_mean, running_var, True
     backend = select_backend(input, mask)  # the one dispatch of this call
-    # (_needs_grad, in place: the dispatch has asked whether a graph is captured)
-    needs_grad = backend is not traceable and (
-        forward_ad._current_level >= 0
-        or torch.is_grad_enabled()
-        and (
-            input.requires_grad
-            or (weight is not None and weight.requires_grad)
-            or (bias is not None and bias.requires_grad)
-        )
-    )
+    # (the dispatch has asked whether a graph is captured: it chose traceable if so)
+    needs_grad = backend is not traceable and _grads_wanted(input, weight, bias)
     if not use_batch_stats:
         # (normalize_with, in place: one call less on every eval call)
         if needs_grad:

@@ -15,12 +15,13 @@ transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None) 
 )
 
 _functorch = torch._C._functorch
-_is_wrapped = _functorch.is_functorch_wrapped_tensor
-_is_legacy_batched = getattr(_functorch, "is_legacy_batchedtensor", lambda tensor: False)
+# is_opaque's two questions, for hot paths that ask them inline (a call less each)
+is_functorch_wrapped = _functorch.is_functorch_wrapped_tensor
+is_legacy_batched = getattr(_functorch, "is_legacy_batchedtensor", lambda tensor: False)
 
 
 def is_opaque(tensor: torch.Tensor) -> bool:
     """A tensor without memory of its own to read: a torch.func wrapper (batched or
     gradient-tracking) or a batched tensor of the older vmap that ``gradcheck``'s batched
     gradients and ``autograd.grad(..., is_grads_batched=True)`` use."""
-    return _is_wrapped(tensor) or _is_legacy_batched(tensor)
+    return is_functorch_wrapped(tensor) or is_legacy_batched(tensor)

@@ -22,7 +22,12 @@ from numba.np.ufunc import parallel as numba_parallel
 from batchnorm.backends import smooth
 from batchnorm.backends.cpu import kernels
 from batchnorm.core import running
-from batchnorm.core.context import is_opaque, transforms_active
+from batchnorm.core.context import (
+    is_functorch_wrapped,
+    is_legacy_batched,
+    is_opaque,
+    transforms_active,
+)
 from batchnorm.core.errors import BatchNormValueError
 
 name = "cpu"
@@ -39,8 +44,6 @@ _COMPUTE_DTYPE = {
 # the dtype of the arrays an entry point builds, carried by a NumPy scalar
 _LIKE = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
 _is_wrapped = is_opaque
-_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda tensor: False)
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -57,8 +60,8 @@ def supports(x: torch.Tensor) -> bool:
         and x.numel() > 0
         and not transforms_active()
         # (is_opaque's two questions asked here: a call less, see batchnorm.modules.batchnorm)
-        and not _functorch_wrapped(x)
-        and not _legacy_batched(x)
+        and not is_functorch_wrapped(x)
+        and not is_legacy_batched(x)
     )
 
 
