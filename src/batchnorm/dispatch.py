@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 
 from batchnorm.backends import eager, reference, traceable
+from batchnorm.core.context import transforms_active
 
 
 class Backend(Protocol):
@@ -118,6 +119,25 @@ def select_backend(x: torch.Tensor, mask: torch.Tensor | None = None) -> Backend
         if backend.supports(x):
             return backend
     return eager
+
+
+def common_backend(x: torch.Tensor) -> Backend | ModuleType | None:
+    """The backend :func:`select_backend` would choose for the common call, where the answer
+    is quick to give (``batchnorm.functional.normalize_common``): the CPU kernels for a CPU
+    input while no override chooses, no graph is captured and no torch.func transform is active
+    (the caller has asked torch.compile's question first). None: ask :func:`select_backend`.
+
+    The kernels' own acceptance (``eval_common``) asks the rest of ``supports``: dtype, layout,
+    values, and whether the input has memory of its own."""
+    if (
+        _override is None
+        and _cpu_kernels is not None
+        and x.is_cpu
+        and not traceable.capturing()
+        and not transforms_active()
+    ):
+        return _cpu_kernels
+    return None
 
 
 def running_stats_updater(x: torch.Tensor, mask: torch.Tensor | None = None):

@@ -11,6 +11,8 @@ buffer cannot.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd import forward_ad
 
@@ -19,7 +21,7 @@ from batchnorm.backends import traceable
 from batchnorm.core import checks, running
 from batchnorm.core.errors import BatchNormValueError
 from batchnorm.core.layout import as_channel, valid_per_channel
-from batchnorm.dispatch import select_backend
+from batchnorm.dispatch import common_backend, select_backend
 
 Momentum = float | torch.Tensor
 
@@ -130,6 +132,44 @@ def normalize_with(
         return apply_eval(input, mean, variance, weight, bias, eps)
     backend = select_backend(input) if backend is None else backend
     return backend.eval_forward(input, mean, variance, weight, bias, eps)
+
+
+def normalize_common(
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor | None:
+    """:func:`normalize_with` for a module's common inference call, checked, or None when the
+    call is not the common one (then :func:`validate_arguments` and :func:`normalize_with`
+    answer it). The caller has applied its input rule (dimensions and channels).
+
+    The common call: no gradient to compute (``torch.no_grad``, or nothing that requires one),
+    no forward-mode AD, outside torch.compile, eps a finite float >= 0, and a backend that takes
+    the call whole (``batchnorm.dispatch.common_backend``; its ``eval_common`` accepts the
+    input and the four per-channel tensors only in the form its kernels read, which passes
+    every check of :func:`validate_arguments`). The questions are asked once each and in one
+    place: see ``batchnorm.backends.cpu.eval_common`` for what each costs inside a model."""
+    if (
+        torch.compiler.is_compiling()  # first: the tracer must not see the questions below
+        or forward_ad._current_level >= 0
+        or not (type(eps) is float and 0.0 <= eps < math.inf)
+        or (
+            torch.is_grad_enabled()
+            and (
+                input.requires_grad
+                or (weight is not None and weight.requires_grad)
+                or (bias is not None and bias.requires_grad)
+            )
+        )
+    ):
+        return None
+    backend = common_backend(input)
+    if backend is None:
+        return None
+    return backend.eval_common(input, mean, variance, weight, bias, eps)
 
 
 def batch_norm_core(

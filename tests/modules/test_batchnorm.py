@@ -264,3 +264,103 @@ def test_training_step_counts_as_in_place_change_of_running_statistics():
     module(torch.randn(6, 3))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def _eval_pair(channels: int = 5, **flags):
+    ours, theirs = make_pair(4, channels, seed=3, **flags)
+    with torch.no_grad():
+        ours.running_mean.copy_(torch.linspace(-1.0, 1.0, channels))
+        ours.running_var.copy_(torch.linspace(0.5, 2.0, channels))
+    theirs.load_state_dict(ours.state_dict())
+    return ours.eval(), theirs.eval()
+
+
+# Per-channel tensors in forms the common inference call declines (batchnorm.functional's
+# normalize_common; the kernels would read them wrongly by address), each replacing one tensor
+# of the module with the same values: the general path must answer, with torch's result.
+def _strided(t):
+    wide = torch.zeros(2 * t.shape[0], dtype=t.dtype)
+    wide[::2] = t
+    return wide[::2]
+
+
+def _negated_view(t):
+    # dense, with the negative bit: its memory holds the values' negatives
+    view = torch._neg_view(-t)
+    assert view.is_neg() and view.is_contiguous()
+    return view
+
+
+def _expanded(t):
+    return t[:1].expand(t.shape[0])
+
+
+UNCOMMON_FORMS = {
+    "strided running_var": ("running_var", _strided),
+    "negated running_mean": ("running_mean", _negated_view),
+    "float64 running_var": ("running_var", lambda t: t.double()),
+    "strided weight": ("weight", lambda t: nn.Parameter(_strided(t.detach()))),
+    "expanded bias": ("bias", lambda t: nn.Parameter(_expanded(t.detach()))),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("form", [None, *UNCOMMON_FORMS])
+def test_inference_call_takes_the_common_path_only_for_dense_statistics(monkeypatch, form,
+                                                                        layout):
+    """An eval forward of a plain model is answered by the backend's common call (one check of
+    everything, one kernel call); any per-channel tensor in another form is declined there and
+    still normalized with its own values, as torch does."""
+    from batchnorm.backends import cpu
+
+    ours, theirs = _eval_pair()
+    if form is not None:
+        name, change = UNCOMMON_FORMS[form]
+        changed = change(getattr(ours, name))
+        setattr(ours, name, changed)
+        with torch.no_grad():  # torch's module gets the same values, densely
+            getattr(theirs, name).copy_(changed.to(getattr(theirs, name).dtype))
+    answered = []
+    common = cpu.eval_common
+
+    def spy(*args):
+        result = common(*args)
+        answered.append(result is not None)
+        return result
+
+    monkeypatch.setattr(cpu, "eval_common", spy)
+    x = make_input((6, 5, 3, 4), torch.float32, layout, seed=1)
+    with torch.no_grad():
+        y = ours(x)
+    assert answered == [form is None]
+    assert_close(y, theirs(x), torch.float32)
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                           torch.contiguous_format)
+
+
+def test_inference_call_with_misplaced_statistics_is_refused_by_the_full_checks():
+    ours, _ = _eval_pair()
+    ours.running_var = torch.ones(4)
+    with pytest.raises(RuntimeError, match="running_var"):
+        with torch.no_grad():
+            ours(torch.randn(2, 5, 3, 3))
+    ours, _ = _eval_pair()
+    ours.running_mean = torch.zeros(5, device="meta")
+    with pytest.raises(RuntimeError, match="running_mean"):
+        with torch.no_grad():
+            ours(torch.randn(2, 5, 3, 3))
+
+
+@pytest.mark.parametrize("form", ["negated", "strided", "float16"])
+def test_inference_call_on_an_uncommon_input_is_normalized_by_its_values(form):
+    ours, theirs = _eval_pair()
+    x = make_input((6, 5, 3, 4), torch.float32, "strided" if form == "strided" else "contiguous")
+    if form == "negated":
+        x = _negated_view(x)
+    with torch.no_grad():
+        if form == "float16":
+            y = ours(x.half())
+            assert y.dtype == torch.float16
+            assert_close(y.float(), theirs(x.half().float()), torch.float16)
+        else:
+            assert_close(ours(x), theirs(x.clone()), torch.float32)

@@ -29,7 +29,12 @@ from batchnorm.core.context import transforms_active
 from batchnorm.core.errors import BatchNormValueError
 from batchnorm.core.layout import values_per_channel
 from batchnorm.core.running import commit_running_stats, warn_nonfinite
-from batchnorm.functional import batch_norm_core, normalize_with, validate_arguments
+from batchnorm.functional import (
+    batch_norm_core,
+    normalize_common,
+    normalize_with,
+    validate_arguments,
+)
 from batchnorm.tracing import RefusesScripting, is_proxy, record_as_leaf
 
 # torch added the keyword-only ``bias`` (a weight without a shift) in 2.13; on older versions the
@@ -157,10 +162,24 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
         buffers, training = self._buffers, self.training
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         if not training and running_mean is not None and mask is None and self._plain_core:
-            # eval with running statistics, the inference call: validated, then normalized by
-            # the one functional that does only that (what _core would reach, two calls later)
-            self._validate(input, running_mean, running_var, False, None)
+            # eval with running statistics, the inference call: the common one (this module's
+            # input rule, inline) checked and normalized in one functional call, any other
+            # validated in full, then normalized by the one functional that does only that
+            # (what _core would reach, two calls later)
             parameters = self._parameters
+            if (
+                self._plain_input_rule
+                and type(input) is torch.Tensor
+                and input.dim() in self._allowed_dims
+                and input.shape[1] == self.num_features
+            ):
+                output = normalize_common(
+                    input, running_mean, running_var, parameters["weight"], parameters["bias"],
+                    self.eps,
+                )
+                if output is not None:
+                    return output
+            self._validate(input, running_mean, running_var, False, None)
             return normalize_with(
                 input, running_mean, running_var, parameters["weight"], parameters["bias"],
                 self.eps,

@@ -44,6 +44,7 @@ _COMPUTE_DTYPE = {
 # the dtype of the arrays an entry point builds, carried by a NumPy scalar
 _LIKE = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
 _is_wrapped = is_opaque
+_IDENTITY = kernels.ACTIVATIONS["identity"]
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -376,6 +377,64 @@ def train_forward(x, weight, bias, eps):
 
 def eval_forward(x, mean, variance, weight, bias, eps):
     return _forward(x, weight, bias, eps, mean, variance, "identity", None, False)[0]
+
+
+def eval_common(x, mean, variance, weight, bias, eps):
+    """:func:`eval_forward` for the common inference call, or None to send the call to the
+    general path (``batchnorm.functional.normalize_common``, which has asked the context and
+    the autograd questions): an input of float32 or float64, contiguous or channels_last, with
+    every per-channel tensor a dense vector of its dtype and channel count in CPU memory.
+
+    Accepting the call is its validation: what this asks of the per-channel tensors is more
+    than the functional forms' checks ask, and a call it declines is validated in full. In a
+    model each batch norm runs with caches the layers before it have filled, and there every
+    Python call and tensor query on the path costs a microsecond or more; so the common call
+    asks each question once, in one function: inside torchvision's efficientnet_b0 (batch 8,
+    96x96, 2 threads) the median eval call of its layers under 65536 values went from 92 us to
+    49, where torch's took 40 to 51 in the same runs (the kernel call alone: 34 to 38)."""
+    dtype = x.dtype
+    like = _LIKE.get(dtype)
+    if like is None or not x.is_cpu or x.is_neg():
+        return None
+    if x.is_contiguous():
+        contiguous = True
+    elif x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else
+                         torch.channels_last_3d):
+        contiguous = False
+    else:
+        return None
+    shape = x.shape
+    channels = shape[1]
+    vector_shape = (channels,)
+    for t in (mean, variance, weight, bias):
+        if not (
+            t is not None
+            and t.dtype is dtype
+            and t.is_cpu
+            and t.shape == vector_shape
+            and t.is_contiguous()
+            and not t.is_neg()
+        ):
+            return None
+    numel = x.numel()
+    if numel == 0 or is_functorch_wrapped(x) or is_legacy_batched(x):
+        return None
+    batch = shape[0]
+    size = numel // (batch * channels)
+    planes = contiguous and size > 1
+    out = torch.empty_like(x)
+    xp = x.data_ptr()
+    arguments = (
+        like, batch, channels, size, planes, xp, mean.data_ptr(), variance.data_ptr(),
+        weight.data_ptr(), channels, bias.data_ptr(), channels, eps, _IDENTITY, xp, False,
+        out.data_ptr(),
+    )
+    if numel < SERIAL_BELOW:
+        kernels.eval_forward_at(*arguments, 1)
+    else:
+        _run(kernels.eval_forward_at, numel, batch * channels if planes else batch * size,
+             *arguments)
+    return out
 
 
 def train_backward(grad_out, x, mean, variance, weight, eps, needs):
