@@ -141,9 +141,11 @@ def normalize_common(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
+    activation: str = "identity",
 ) -> torch.Tensor | None:
-    """:func:`normalize_with` for a module's common inference call, checked, or None when the
-    call is not the common one (then :func:`validate_arguments` and :func:`normalize_with`
+    """:func:`normalize_with` (then ``activation``, for the fused layers of
+    ``batchnorm.modules.norm_act``) for a module's common inference call, checked, or None when
+    the call is not the common one (then :func:`validate_arguments` and :func:`normalize_with`
     answer it). The caller has applied its input rule (dimensions and channels).
 
     The common call: no gradient to compute (``torch.no_grad``, or nothing that requires one),
@@ -169,7 +171,7 @@ def normalize_common(
     backend = common_backend(input)
     if backend is None:
         return None
-    return backend.eval_common(input, mean, variance, weight, bias, eps)
+    return backend.eval_common(input, mean, variance, weight, bias, eps, activation)
 
 
 def batch_norm_core(

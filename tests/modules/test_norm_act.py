@@ -500,3 +500,41 @@ def test_the_memory_benchmark_compares_the_same_network():
     assert memory.saved_bytes(ours, batch) <= budget < memory.saved_bytes(ours, batch + 1)
     table = memory.format_memory(memory.run_memory(budget_mib=16))
     assert "| ours, in-place |" in table and "0.50 |" in table
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu", "identity", "leaky_relu"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_inference_call_is_one_backend_call_for_the_activations_it_takes(monkeypatch,
+                                                                         activation, layout):
+    """An eval forward under no_grad is answered by the backend's common call (the kernels'
+    activations fused, silu and gelu applied in place after them); leaky ReLU is declined there
+    and answered by the general path. Either way the result is torch's."""
+    from batchnorm.backends import cpu
+
+    ours = batchnorm.BatchNormAct2d(6, activation=activation).eval()
+    theirs = nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.normal_()
+        ours.running_mean.normal_()
+        ours.running_var.uniform_(0.5, 2.0)
+    theirs.load_state_dict(ours.state_dict())
+    answered = []
+    common = cpu.eval_common
+
+    def spy(*args):
+        result = common(*args)
+        answered.append(result is not None)
+        return result
+
+    monkeypatch.setattr(cpu, "eval_common", spy)
+    x = make_input((4, 6, 5, 7), torch.float32, layout, seed=2, scale=2.0)
+    with torch.no_grad():
+        y = ours(x)
+        after = (lambda t: F.leaky_relu(t, 0.01)) if activation == "leaky_relu" else (
+            TORCH_ACTIVATIONS[activation])
+        expected = after(theirs(x))
+    # leaky ReLU: declined with the activation, then the plain batch norm the general path
+    # runs (before the activation) is a common call of its own
+    assert answered == ([False, True] if activation == "leaky_relu" else [True])
+    assert_close(y, expected, torch.float32)

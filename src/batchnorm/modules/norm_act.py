@@ -59,6 +59,7 @@ from batchnorm.core.normalize import eval_backward, inverse_std, train_backward
 from batchnorm.dispatch import running_stats_updater, select_backend
 from batchnorm.functional import (
     batch_norm,
+    normalize_common,
     normalize_with,
     normalize_with_batch_statistics,
     validate_arguments,
@@ -381,6 +382,26 @@ class _BatchNormAct(_BatchNorm):
         Everything is checked before the running statistics are touched."""
         if is_proxy(input):  # torch.fx: one call_module node, as torch's batch norms
             return record_as_leaf(self, input, *(() if residual is None else (residual,)))
+        if (
+            # the common inference call, checked and computed in one functional call (see
+            # batchnorm.modules.batchnorm); any other is validated in full below
+            not self.training
+            and residual is None
+            and not self.inplace
+            and self._plain_input_rule
+            and type(input) is torch.Tensor
+            and input.dim() in self._allowed_dims
+            and input.shape[1] == self.num_features
+        ):
+            buffers, parameters = self._buffers, self._parameters
+            running_mean = buffers["running_mean"]
+            if running_mean is not None:
+                output = normalize_common(
+                    input, running_mean, buffers["running_var"], parameters["weight"],
+                    parameters["bias"], self.eps, self.activation,
+                )
+                if output is not None:
+                    return output
         owner = type(self).__name__
         self._check_input_dim(input)
         check_residual(residual, input, owner)
