@@ -95,6 +95,15 @@ def _bench_models(args: argparse.Namespace) -> int:
     import time
 
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    if args.per_call:
+        calls = []
+        for spec in specs:
+            found = models.per_call_times(spec.name, models.build(spec), models.input_for(spec),
+                                          rounds=args.rounds, clock=clock)
+            calls.extend(found)
+            print(models.format_call_times(found).splitlines()[-1], flush=True)
+        print()
+        return _emit(models.format_call_times(calls), args.markdown)
     rows = models.run_models(specs, rounds=args.rounds, progress=progress, clock=clock)
     print()
     notes = "".join(f"\nnote: {line}" for line in models.step_time_warnings(rows))
@@ -201,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--models", nargs="+",
         help="--suite models: only models whose name contains one of these strings",
+    )
+    bench.add_argument(
+        "--per-call", action="store_true",
+        help="--suite models: time each batch norm call inside the models instead (ours vs "
+        "torch per input size, forward only), where caches are cold as in real use",
     )
     bench.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case")
     bench.add_argument(

@@ -137,3 +137,26 @@ def test_model_shapes_are_in_the_layer_bench():
     assert (4, 1024, 3, 3) in sizes  # densenet121's last concatenation at 96x96
     assert sum(s.calls for s in shapes.MODEL_SHAPES) == 20 + 53 + 34 + 49 + 121 + 20 + 49 + 34
     assert shapes.SHAPE_SETS["all"][-2:] == shapes.SMALL
+
+
+def test_per_call_times_time_each_batch_norm_inside_the_model():
+    model = _tiny()
+    model[4] = nn.BatchNorm2d(8)  # a second plain batch norm, of the first one's size
+    x = torch.randn(2, 3, 6, 6)
+    ticks = iter(range(10**6))
+    rows = models.per_call_times("tiny", model, x, rounds=3, clock=lambda: float(next(ticks)))
+    assert {(r.mode, r.size, r.layers) for r in rows} == {
+        ("train", (2, 8, 6, 6), 2), ("eval", (2, 8, 6, 6), 2)}
+    for row in rows:  # a fake clock that ticks once per reading: every interval is positive
+        assert row.torch_us > 0 and row.ours_us > 0
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    table = models.format_call_times(rows)
+    assert "| tiny | train | 2x8x6x6 | 2 |" in table and "all calls of a forward" in table
+
+
+def test_cli_per_call(monkeypatch, capsys):
+    monkeypatch.setattr(models, "QUICK", [models.ModelSpec("tiny.net", 2, 6)])
+    monkeypatch.setattr(models, "build", lambda spec: nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 10)))
+    assert main(["bench", "--suite", "models", "--quick", "--per-call", "--rounds", "1"]) == 0
+    assert "| tiny.net | eval | 2x4x4x4 | 1 |" in capsys.readouterr().out

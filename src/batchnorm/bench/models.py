@@ -341,6 +341,109 @@ def step_time_warnings(rows: list[ModelRow]) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class CallTimes:
+    """One model's batch norm calls of one input size in one mode, timed inside the model: the
+    median over rounds of each call's time, averaged over the layers of that size."""
+
+    model: str
+    mode: str  # "train" (the forward of a training step) or "eval"
+    size: tuple[int, ...]
+    layers: int  # calls of this size per forward
+    torch_us: float
+    ours_us: float
+
+
+def per_call_times(
+    name: str, model: nn.Module, x: torch.Tensor, rounds: int = 7,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[CallTimes]:
+    """Each batch norm's forward timed where it runs, inside the model (torch's as built, ours
+    converted; training steps and eval forwards interleaved as in :func:`measure`): hooks read
+    ``clock`` before and after each batch norm module's forward. In a model every call runs
+    with caches the convolutions before it filled, which a layer timed alone never sees (see
+    BENCHMARKS.md on what that does to each call). In training only the forward is timed; its
+    backward runs inside autograd's engine, where no hook reaches."""
+    model.train()
+    variants = {"torch": model, "ours": convert(copy.deepcopy(model))}
+    started: dict[int, float] = {}
+    spent: dict[tuple[str, str, str], list[float]] = {}
+    sizes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for variant, module_tree in variants.items():
+        for layer, module in module_tree.named_modules():
+            if not isinstance(module, _BatchNorm):
+                continue
+
+            def before(module, args, layer=layer):
+                sizes.setdefault(layer, tuple(args[0].shape))
+                started[id(module)] = clock()
+
+            def after(module, args, output, variant=variant, layer=layer):
+                mode = "train" if module.training else "eval"
+                spent.setdefault((variant, mode, layer), []).append(clock() - started[id(module)])
+
+            handles.append(module.register_forward_pre_hook(before))
+            handles.append(module.register_forward_hook(after))
+    labels = torch.randint(0, CLASSES, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    together = {
+        **{("train", n): _training_step(m, x, labels) for n, m in variants.items()},
+        **{("eval", n): _eval_forward(m, x) for n, m in variants.items()},
+    }
+    try:
+        interleaved_times(together, rounds, warmup=1, clock=clock)  # type: ignore[arg-type]
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = []
+    for mode in ("train", "eval"):
+        by_size: dict[tuple[int, ...], list[tuple[float, float]]] = {}
+        for layer, size in sizes.items():
+            theirs, ours = spent.get(("torch", mode, layer)), spent.get(("ours", mode, layer))
+            if theirs and ours:  # (the warm-up round is left out)
+                by_size.setdefault(size, []).append(
+                    (statistics.median(theirs[1:] or theirs), statistics.median(ours[1:] or ours))
+                )
+        for size, pairs in by_size.items():
+            rows.append(CallTimes(
+                name, mode, size, len(pairs),
+                1e6 * statistics.fmean(p[0] for p in pairs),
+                1e6 * statistics.fmean(p[1] for p in pairs),
+            ))
+    return rows
+
+
+def format_call_times(rows: list[CallTimes]) -> str:
+    """Per model and mode, a line per input size (the most time first) and the sum over every
+    call of one forward."""
+    lines = [
+        "Median us of one batch norm forward inside the model (hooks around each call; "
+        "training: the forward of a training step, its backward not included), averaged over "
+        "the layers of each size.",
+        "",
+        "| model | mode | input size | layers | torch (us) | ours (us) | ours/torch |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    groups: dict[tuple[str, str], list[CallTimes]] = {}
+    for row in rows:
+        groups.setdefault((row.model, row.mode), []).append(row)
+    for (model, mode), group in groups.items():
+        group = sorted(group, key=lambda r: -r.layers * max(r.torch_us, r.ours_us))
+        for row in group:
+            lines.append(
+                f"| {model} | {mode} | {'x'.join(map(str, row.size))} | {row.layers} | "
+                f"{row.torch_us:.1f} | {row.ours_us:.1f} | {row.ours_us / row.torch_us:.2f} |"
+            )
+        theirs = sum(r.layers * r.torch_us for r in group)
+        ours = sum(r.layers * r.ours_us for r in group)
+        lines.append(
+            f"| {model} | {mode} | **all calls of a forward** | "
+            f"{sum(r.layers for r in group)} | {theirs:.0f} | {ours:.0f} | "
+            f"**{ours / theirs:.2f}** |"
+        )
+    return "\n".join(lines)
+
+
 def distinct_shapes(specs: list[ModelSpec]) -> list:
     """Every distinct batch-norm input size of the models' training forwards, in the order
     first met, as ``batchnorm.bench.shapes.Shape`` named after the first layer that has it and
