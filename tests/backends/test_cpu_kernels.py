@@ -288,28 +288,34 @@ def test_kernels_compile_without_a_writable_cache(monkeypatch):
 
 
 def test_kernels_follow_and_keep_torchs_thread_count():
-    """torch.set_num_threads governs the kernels, and the kernels' first parallel launch (which
-    starts Numba's OpenMP layer) leaves torch's count as the user set it. Later calls read
-    Numba's count through its C getter; they follow torch's changes both ways."""
+    """torch.set_num_threads governs the kernels (the blocks a training call is cut into), and
+    the kernels' first parallel launch (which starts Numba's OpenMP layer) leaves torch's count
+    as the user set it. They follow torch's changes both ways; a call on one thread leaves
+    Numba's count alone."""
     code = (
         "import torch, numba, batchnorm\n"
+        "from batchnorm.backends.cpu import kernels\n"
+        "entry, blocks = kernels.train_forward_update_at, []\n"
+        "def spy(*args):\n"
+        "    blocks.append(args[-1])\n"
+        "    return entry(*args)\n"
+        "kernels.train_forward_update_at = spy\n"
         "bn, x = batchnorm.BatchNorm2d(8), torch.randn(64, 8, 32, 32)\n"
-        "torch.set_num_threads(1)\n"
-        "bn(x)\n"
-        "print(torch.get_num_threads(), numba.get_num_threads())\n"
-        "torch.set_num_threads(2)\n"
-        "bn(x)\n"
-        "print(torch.get_num_threads(), numba.get_num_threads())\n"
-        "torch.set_num_threads(1)\n"
-        "bn(x)\n"
-        "print(torch.get_num_threads(), numba.get_num_threads())\n"
+        "for threads in (1, 2, 1):\n"
+        "    torch.set_num_threads(threads)\n"
+        "    bn(x)\n"
+        "    print(torch.get_num_threads(), blocks[-1], numba.get_num_threads())\n"
         "print(numba.config.NUMBA_NUM_THREADS)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120, check=True)
     *counts, pool = result.stdout.split()
     two = str(min(2, int(pool)))
-    assert counts == ["1", "1", "2", two, "1", "1"]
+    # per call: torch's count after it, the blocks it ran in, Numba's count after it
+    torch_counts, call_blocks, numba_counts = counts[0::3], counts[1::3], counts[2::3]
+    assert torch_counts == ["1", "2", "1"]
+    assert call_blocks == ["1", two, "1"]
+    assert numba_counts[1] == two
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -222,27 +222,35 @@ def _numba_threads() -> int:
     return count
 
 
+_pool_started = False  # whether Numba's thread pool has started (see _run)
+
+
 def _run(entry, numel: int, units: int, *arguments):
     """Call ``entry`` on threads for an input of ``numel`` values (one below the grain size,
     else torch's own thread count, so ``torch.set_num_threads`` governs our kernels too, within
     Numba's pool), appending its number of blocks: one per thread, at most one per unit of work
     (row, plane segment or channel); 1 runs the kernel on the calling thread. Returns what
-    ``entry`` returns."""
-    torch_threads = torch.get_num_threads()
-    if numel < SERIAL_BELOW:
-        threads = 1
-    else:
-        threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
-    if _numba_threads() != threads:
-        numba.set_num_threads(threads)  # per calling thread in Numba; left set for the next call
-    elif threads == 1:
-        # the pool neither starts nor runs: torch's thread count cannot have moved
+    ``entry`` returns.
+
+    One block never reaches the pool (every kernel runs ``blocks == 1`` without ``prange``), so
+    once the pool has started such a call leaves Numba's and torch's thread counts alone:
+    setting Numba's to 1 for a small layer and back for the next large one cost two calls of
+    ``numba.set_num_threads`` whenever a model alternated sizes. The first call of a kernel
+    starts the pool even on one block, and that start resets the OpenMP thread count torch
+    shares: the first call of the process therefore takes the full path, which puts it back."""
+    global _pool_started
+    if numel < SERIAL_BELOW and _pool_started:
         return entry(*arguments, 1)
+    torch_threads = torch.get_num_threads()
+    threads = 1 if numel < SERIAL_BELOW else min(torch_threads, numba.config.NUMBA_NUM_THREADS)
+    if threads > 1 and _numba_threads() != threads:
+        numba.set_num_threads(threads)  # per calling thread in Numba; left set for the next call
     result = entry(*arguments, max(1, min(threads, units)))
     # Numba's OpenMP layer, when it starts, resets the OpenMP thread count that torch shares:
     # put back what the user chose.
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
+    _pool_started = True
     return result
 
 
@@ -438,11 +446,8 @@ def eval_common(x, mean, variance, weight, bias, eps, activation="identity"):
         weight.data_ptr(), channels, bias.data_ptr(), channels, eps, act, xp, False,
         out.data_ptr(),
     )
-    if numel < SERIAL_BELOW:
-        kernels.eval_forward_at(*arguments, 1)
-    else:
-        _run(kernels.eval_forward_at, numel, batch * channels if planes else batch * size,
-             *arguments)
+    _run(kernels.eval_forward_at, numel, batch * channels if planes else batch * size,
+         *arguments)
     if after is not None:
         after[0](out)
     return out
