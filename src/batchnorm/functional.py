@@ -174,6 +174,53 @@ def normalize_common(
     return backend.eval_common(input, mean, variance, weight, bias, eps, activation)
 
 
+def train_common(
+    input: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    momentum: float,
+) -> tuple[torch.Tensor, bool | torch.Tensor] | None:
+    """A module's common training call, checked and computed: ``(output, finite)`` with the
+    running statistics updated in place (``finite`` as :func:`batch_norm_core` returns it), or
+    None when the call is not the common one (then the general path validates and computes it).
+    The caller has applied its input rule (dimensions and channels).
+
+    The common call: outside torch.compile, graph capture, torch.func transforms and
+    forward-mode AD, eps a finite float > 0, momentum a float in [0, 1], and a backend that
+    accepts the tensors whole (``batchnorm.dispatch.common_backend`` and its ``train_common``;
+    what it accepts passes every check of :func:`validate_arguments`). See
+    :func:`normalize_common` for why the questions are asked in one place."""
+    if (
+        torch.compiler.is_compiling()  # first: the tracer must not see the questions below
+        or forward_ad._current_level >= 0
+        or not (type(eps) is float and 0.0 < eps < math.inf)
+        or not (type(momentum) is float and 0.0 <= momentum <= 1.0)
+    ):
+        return None
+    backend = common_backend(input)
+    if backend is None:
+        return None
+    count = backend.train_common(input, weight, bias, running_mean, running_var)
+    if not count:
+        return None
+    if torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        return apply_train_update(
+            input, weight, bias, eps, None, backend, running_mean, running_var, momentum, count,
+            checked=True,
+        )
+    output, _, _, finite = backend.train_forward_update(
+        input, weight, bias, eps, running_mean, running_var, momentum, count, checked=True
+    )
+    return output, finite
+
+
 def batch_norm_core(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,

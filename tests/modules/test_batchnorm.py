@@ -364,3 +364,61 @@ def test_inference_call_on_an_uncommon_input_is_normalized_by_its_values(form):
             assert_close(y.float(), theirs(x.half().float()), torch.float16)
         else:
             assert_close(ours(x), theirs(x.clone()), torch.float32)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("form", [None, *UNCOMMON_FORMS])
+def test_training_step_takes_the_common_path_only_for_dense_tensors(monkeypatch, form, layout,
+                                                                    grad):
+    """A training step of a plain model is accepted whole by the backend (one check of
+    everything, then the one-call forward and running update); any per-channel tensor in
+    another form is declined and the step still gives torch's output, gradients, running
+    statistics and count."""
+    from batchnorm.backends import cpu
+
+    ours, theirs = _eval_pair()
+    ours.train(), theirs.train()
+    if form is not None:
+        name, change = UNCOMMON_FORMS[form]
+        changed = change(getattr(ours, name))
+        setattr(ours, name, changed)
+        with torch.no_grad():
+            getattr(theirs, name).copy_(changed.to(getattr(theirs, name).dtype))
+    answered = []
+    accept = cpu.train_common
+
+    def spy(*args):
+        count = accept(*args)
+        answered.append(count)
+        return count
+
+    monkeypatch.setattr(cpu, "train_common", spy)
+    x = make_input((6, 5, 3, 4), torch.float32, layout, seed=4, scale=2.0, offset=0.5)
+    g = make_input((6, 5, 3, 4), torch.float32, layout, seed=5)
+    for _ in range(2):
+        if grad:
+            mine, expected = run_steps(ours, [x], [g])[0], run_steps(theirs, [x], [g])[0]
+        else:
+            with torch.no_grad():
+                mine, expected = (ours(x),), (theirs(x),)
+        for a, b in zip(mine, expected, strict=True):
+            assert_close(a, b, torch.float32)
+    assert answered == [0 if form is not None else 6 * 3 * 4] * 2
+    for key, value in theirs.state_dict().items():
+        assert_close(ours.state_dict()[key].to(value.dtype), value, torch.float32)
+
+
+def test_training_step_with_running_statistics_that_require_grad_is_declined(monkeypatch):
+    from batchnorm.backends import cpu
+
+    ours, theirs = _eval_pair()
+    ours.train(), theirs.train()
+    ours.running_mean.requires_grad_(True)
+    answered = []
+    accept = cpu.train_common
+    monkeypatch.setattr(cpu, "train_common", lambda *args: answered.append(accept(*args)) or 0)
+    x = make_input((6, 5, 3, 4), torch.float32, seed=4)
+    with torch.no_grad():
+        assert_close(ours(x), theirs(x), torch.float32)
+    assert answered == [0]

@@ -33,6 +33,7 @@ from batchnorm.functional import (
     batch_norm_core,
     normalize_common,
     normalize_with,
+    train_common,
     validate_arguments,
 )
 from batchnorm.tracing import RefusesScripting, is_proxy, record_as_leaf
@@ -41,6 +42,7 @@ from batchnorm.tracing import RefusesScripting, is_proxy, record_as_leaf
 # modules implement it themselves, with the same state dict (no "bias" key) and repr.
 _TORCH_TAKES_BIAS = "bias" in inspect.signature(_TorchBatchNorm.__init__).parameters
 _FLOATING = frozenset(FLOATING_DTYPES)
+_SINGLE_SAMPLE_CHOICES = ("error", "running")
 
 
 class _BatchNorm(RefusesScripting, _TorchBatchNorm):
@@ -184,6 +186,30 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
                 input, running_mean, running_var, parameters["weight"], parameters["bias"],
                 self.eps,
             )
+        if (
+            # the common training step: this module's input rule inline, then checked and
+            # computed in one functional call (any other call is validated in full below)
+            training
+            and running_mean is not None
+            and mask is None
+            and self._plain_core
+            and self._plain_input_rule
+            and self.track_running_stats
+            # (a batch of one value per channel is declined there: the general path applies
+            # single_sample to it; an unknown choice is named there on every call)
+            and self.single_sample in _SINGLE_SAMPLE_CHOICES
+            and type(input) is torch.Tensor
+            and input.dim() in self._allowed_dims
+            and input.shape[1] == self.num_features
+        ):
+            parameters = self._parameters
+            done = train_common(
+                input, running_mean, running_var, parameters["weight"], parameters["bias"],
+                self.eps, self.momentum,
+            )
+            if done is not None:
+                self._commit_running_stats(running_mean, running_var, done[1])
+                return done[0]
         updating = training and self.track_running_stats and running_mean is not None
         use_running = not training or self.track_running_stats
         running_mean = running_mean if use_running else None

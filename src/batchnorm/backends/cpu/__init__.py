@@ -279,12 +279,13 @@ def forward(
 
 
 def _forward(x, weight, bias, eps, mean, variance, activation, residual, compute_dtype,
-             running=None):
+             running=None, checked=False):
     """:func:`forward` for the activations the kernels fuse, returning ``(y, batch_mean,
     batch_biased_variance, finite)``. ``running``: ``(running_mean, running_var, bessel,
     momentum)``, dense vectors of the compute dtype and two floats, updated in place by the
     same kernel call in training (``finite`` then says whether the batch statistics were
-    finite; else it is None)."""
+    finite; else it is None). ``checked``: the per-channel tensors are dense vectors of the
+    input's dtype (:func:`_common_layout` has said so)."""
     xc, layout, batch, channels, size, planes = _input(x)
     dtype = xc.dtype
     out = torch.empty_like(xc)
@@ -293,7 +294,10 @@ def _forward(x, weight, bias, eps, mean, variance, activation, residual, compute
         residual = _conformed(residual, xc, layout)
     xp = xc.data_ptr()
     rp = xp if residual is None else residual.data_ptr()
-    w, b, mean, variance = _vectors(dtype, channels, weight, bias, mean, variance)
+    if checked:
+        w, b = weight, bias
+    else:
+        w, b, mean, variance = _vectors(dtype, channels, weight, bias, mean, variance)
     act = kernels.ACTIVATIONS[activation]
     numel = xc.numel()
     # work is shared by channel for planes in training, else by row or by plane segment
@@ -409,33 +413,15 @@ def eval_common(x, mean, variance, weight, bias, eps, activation="identity"):
         if after is None:
             return None
         act = _IDENTITY
-    dtype = x.dtype
-    like = _LIKE.get(dtype)
-    if like is None or not x.is_cpu or x.is_neg():
+    accepted = _common_layout(x, mean, variance, weight, bias)
+    if accepted is None:
         return None
-    if x.is_contiguous():
-        contiguous = True
-    elif x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else
-                         torch.channels_last_3d):
-        contiguous = False
-    else:
+    like, contiguous = accepted
+    numel = x.numel()
+    if numel == 0:
         return None
     shape = x.shape
     channels = shape[1]
-    vector_shape = (channels,)
-    for t in (mean, variance, weight, bias):
-        if not (
-            t is not None
-            and t.dtype is dtype
-            and t.is_cpu
-            and t.shape == vector_shape
-            and t.is_contiguous()
-            and not t.is_neg()
-        ):
-            return None
-    numel = x.numel()
-    if numel == 0 or is_functorch_wrapped(x) or is_legacy_batched(x):
-        return None
     batch = shape[0]
     size = numel // (batch * channels)
     planes = contiguous and size > 1
@@ -453,6 +439,61 @@ def eval_common(x, mean, variance, weight, bias, eps, activation="identity"):
     return out
 
 
+def _common_layout(x, *vectors) -> tuple[np.generic, bool] | None:
+    """What the common calls (:func:`eval_common`, :func:`train_common`) accept, asked once
+    each: an input of float32 or float64 in CPU memory with values (not a lazily negated
+    view, not a torch.func wrapper), contiguous or channels_last, and every one of ``vectors``
+    a dense vector of its dtype and channel count in CPU memory. Returns ``(like, contiguous)``
+    (the dtype's NumPy scalar for the entry points, and whether the input is contiguous rather
+    than channels_last), or None."""
+    dtype = x.dtype
+    like = _LIKE.get(dtype)
+    if like is None or not x.is_cpu or x.is_neg():
+        return None
+    if x.is_contiguous():
+        contiguous = True
+    elif x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else
+                         torch.channels_last_3d):
+        contiguous = False
+    else:
+        return None
+    vector_shape = (x.shape[1],)
+    for t in vectors:
+        if not (
+            t is not None
+            and t.dtype is dtype
+            and t.is_cpu
+            and t.shape == vector_shape
+            and t.is_contiguous()
+            and not t.is_neg()
+        ):
+            return None
+    if is_functorch_wrapped(x) or is_legacy_batched(x):
+        return None
+    return like, contiguous
+
+
+def train_common(x, weight, bias, running_mean, running_var) -> int:
+    """Whether a training call with these tensors is the common one, for
+    :func:`train_forward_update` with ``checked=True``: the values per channel of ``x``, or 0
+    to send the call to the general path (``batchnorm.functional.train_common``, which has
+    asked the context questions and checked eps and momentum).
+
+    The common call: what :func:`eval_common` accepts, the running statistics needing no
+    gradient (they are written in place by address), and more than one value per channel (one
+    is refused, or normalized with the running statistics, by the general path). As there,
+    accepting the call is its validation, asked once."""
+    if (
+        running_mean.requires_grad
+        or running_var.requires_grad
+        or _common_layout(x, weight, bias, running_mean, running_var) is None
+    ):
+        return 0
+    channels = x.shape[1]
+    count = x.numel() // channels if channels else 0
+    return count if count > 1 else 0
+
+
 def train_backward(grad_out, x, mean, variance, weight, eps, needs):
     return backward(grad_out, x, mean, variance, weight, None, eps, needs, train=True)[:3]
 
@@ -461,15 +502,21 @@ def eval_backward(grad_out, x, mean, variance, weight, eps, needs):
     return backward(grad_out, x, mean, variance, weight, None, eps, needs, train=False)[:3]
 
 
-def train_forward_update(x, weight, bias, eps, running_mean, running_var, momentum, count):
+def train_forward_update(x, weight, bias, eps, running_mean, running_var, momentum, count,
+                         checked=False):
     """A training step's forward and its in-place running-statistics update in one backend call
     (``batchnorm.dispatch``): ``(y, mean, biased variance, finite)``. Where the running
     statistics are dense vectors of the compute dtype and momentum a number (a model's every
     step), one kernel call computes all of it; else the update follows the forward (the batch
     statistics from :func:`forward` are dense and in the compute dtype, so only the running
-    vectors are checked before the update kernel reads them by address)."""
+    vectors are checked before the update kernel reads them by address).
+
+    ``checked``: :func:`train_common` has accepted these tensors (and momentum is a float), so
+    nothing is asked again."""
     dtype = _COMPUTE_DTYPE.get(x.dtype)
-    if type(count) is not int or count < 2 or isinstance(momentum, torch.Tensor):
+    if checked:
+        plain = True
+    elif type(count) is not int or count < 2 or isinstance(momentum, torch.Tensor):
         plain = False
     else:
         channels = x.shape[1] if x.dim() >= 2 else -1
@@ -479,7 +526,7 @@ def train_forward_update(x, weight, bias, eps, running_mean, running_var, moment
     if plain:
         output, mean, variance, finite = _forward(
             x, weight, bias, eps, None, None, "identity", None, False,
-            (running_mean, running_var, count / (count - 1), float(momentum)),
+            (running_mean, running_var, count / (count - 1), float(momentum)), checked,
         )
         torch.autograd.graph.increment_version((running_mean, running_var))
         return output, mean, variance, finite
