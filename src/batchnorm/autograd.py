@@ -110,11 +110,12 @@ class _BatchNormTrainUpdate(torch.autograd.Function):
     def forward(ctx, x, weight, bias, rest):
         # all but the differentiable inputs travel as one tuple: Function.apply walks every
         # argument (the mask needs no gradient: it is saved, not an input)
-        eps, mask, backend, running_mean, running_var, momentum, count, checked = rest
+        eps, mask, backend, running_mean, running_var, momentum, count, checked, tracked = rest
         fused = getattr(backend, "train_forward_update", None) if mask is None else None
         if checked:  # the backend accepted the call (its train_common): nothing asked again
             output, mean, variance, finite = fused(
-                x, weight, bias, eps, running_mean, running_var, momentum, count, checked=True
+                x, weight, bias, eps, running_mean, running_var, momentum, count, checked=True,
+                tracked=tracked,
             )
         elif fused is not None:  # one backend call for the output and both statistics
             output, mean, variance, finite = fused(
@@ -141,19 +142,21 @@ class _BatchNormTrainUpdate(torch.autograd.Function):
 
 
 def apply_train_update(x, weight, bias, eps, mask, backend, running_mean, running_var,
-                       momentum, count, checked=False):
+                       momentum, count, checked=False, tracked=None):
     """``(output, finite)`` with the running statistics updated in place, for a call that
     needs gradients; None where this path does not serve (compile, transforms, forward-mode
     AD): the caller then takes :func:`apply_train` and updates apart.
 
     ``checked``: the caller has asked those questions and the backend has accepted the call as
-    its common one (``batchnorm.functional.train_common``)."""
+    its common one (``batchnorm.functional.train_common``), with ``tracked``, the count of
+    batches it counts (or None)."""
     if not checked and (
         torch.compiler.is_compiling() or transforms_active() or forward_ad._current_level >= 0
     ):
         return None
     return _BatchNormTrainUpdate.apply(
-        x, weight, bias, (eps, mask, backend, running_mean, running_var, momentum, count, checked)
+        x, weight, bias,
+        (eps, mask, backend, running_mean, running_var, momentum, count, checked, tracked),
     )
 
 

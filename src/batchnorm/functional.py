@@ -182,11 +182,13 @@ def train_common(
     bias: torch.Tensor | None,
     eps: float,
     momentum: float,
+    tracked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, bool | torch.Tensor] | None:
     """A module's common training call, checked and computed: ``(output, finite)`` with the
     running statistics updated in place (``finite`` as :func:`batch_norm_core` returns it), or
     None when the call is not the common one (then the general path validates and computes it).
-    The caller has applied its input rule (dimensions and channels).
+    The caller has applied its input rule (dimensions and channels). ``tracked``: a module's
+    count of batches, which the same backend call then counts (adds 1 to, when ``finite``).
 
     The common call: outside torch.compile, graph capture, torch.func transforms and
     forward-mode AD, eps a finite float > 0, momentum a float in [0, 1], and a backend that
@@ -203,7 +205,7 @@ def train_common(
     backend = common_backend(input)
     if backend is None:
         return None
-    count = backend.train_common(input, weight, bias, running_mean, running_var)
+    count = backend.train_common(input, weight, bias, running_mean, running_var, tracked)
     if not count:
         return None
     if torch.is_grad_enabled() and (
@@ -213,10 +215,11 @@ def train_common(
     ):
         return apply_train_update(
             input, weight, bias, eps, None, backend, running_mean, running_var, momentum, count,
-            checked=True,
+            checked=True, tracked=tracked,
         )
     output, _, _, finite = backend.train_forward_update(
-        input, weight, bias, eps, running_mean, running_var, momentum, count, checked=True
+        input, weight, bias, eps, running_mean, running_var, momentum, count, checked=True,
+        tracked=tracked,
     )
     return output, finite
 

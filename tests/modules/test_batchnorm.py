@@ -397,6 +397,8 @@ def test_training_step_takes_the_common_path_only_for_dense_tensors(monkeypatch,
     x = make_input((6, 5, 3, 4), torch.float32, layout, seed=4, scale=2.0, offset=0.5)
     g = make_input((6, 5, 3, 4), torch.float32, layout, seed=5)
     for _ in range(2):
+        versions = [t._version for t in (ours.running_mean, ours.running_var,
+                                         ours.num_batches_tracked)]
         if grad:
             mine, expected = run_steps(ours, [x], [g])[0], run_steps(theirs, [x], [g])[0]
         else:
@@ -404,7 +406,11 @@ def test_training_step_takes_the_common_path_only_for_dense_tensors(monkeypatch,
                 mine, expected = (ours(x),), (theirs(x),)
         for a, b in zip(mine, expected, strict=True):
             assert_close(a, b, torch.float32)
+        # each step is an in-place change of the statistics and of the count, as in torch
+        assert all(t._version > v for t, v in zip(
+            (ours.running_mean, ours.running_var, ours.num_batches_tracked), versions))
     assert answered == [0 if form is not None else 6 * 3 * 4] * 2
+    assert int(ours.num_batches_tracked) == 2
     for key, value in theirs.state_dict().items():
         assert_close(ours.state_dict()[key].to(value.dtype), value, torch.float32)
 

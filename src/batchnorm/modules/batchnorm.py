@@ -205,10 +205,11 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
             parameters = self._parameters
             done = train_common(
                 input, running_mean, running_var, parameters["weight"], parameters["bias"],
-                self.eps, self.momentum,
+                self.eps, self.momentum, buffers["num_batches_tracked"],
             )
             if done is not None:
-                self._commit_running_stats(running_mean, running_var, done[1])
+                if done[1] is not True:  # (a finite batch is counted by the same call)
+                    self._commit_running_stats(running_mean, running_var, done[1])
                 return done[0]
         updating = training and self.track_running_stats and running_mean is not None
         use_running = not training or self.track_running_stats

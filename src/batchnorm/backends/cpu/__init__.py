@@ -282,9 +282,10 @@ def _forward(x, weight, bias, eps, mean, variance, activation, residual, compute
              running=None, checked=False):
     """:func:`forward` for the activations the kernels fuse, returning ``(y, batch_mean,
     batch_biased_variance, finite)``. ``running``: ``(running_mean, running_var, bessel,
-    momentum)``, dense vectors of the compute dtype and two floats, updated in place by the
-    same kernel call in training (``finite`` then says whether the batch statistics were
-    finite; else it is None). ``checked``: the per-channel tensors are dense vectors of the
+    momentum, tracked)``, dense vectors of the compute dtype and two floats, updated in place
+    by the same kernel call in training (``finite`` then says whether the batch statistics were
+    finite; else it is None), and the count of batches (a one-value int64 CPU tensor, or None)
+    that the same call adds 1 to when they were. ``checked``: the per-channel tensors are dense vectors of the
     input's dtype (:func:`_common_layout` has said so)."""
     xc, layout, batch, channels, size, planes = _input(x)
     dtype = xc.dtype
@@ -315,9 +316,10 @@ def _forward(x, weight, bias, eps, mean, variance, activation, residual, compute
         if running is None:
             _run(kernels.train_forward_at, numel, units, *arguments)
         else:
-            running_mean, running_var, bessel, momentum = running
+            running_mean, running_var, bessel, momentum, tracked = running
             finite = _run(kernels.train_forward_update_at, numel, units, *arguments,
-                          running_mean.data_ptr(), running_var.data_ptr(), bessel, momentum)
+                          running_mean.data_ptr(), running_var.data_ptr(), bessel, momentum,
+                          _address(tracked))
         y = out if compute_dtype or dtype is x.dtype else out.to(x.dtype)
         return y, batch_mean, batch_var, finite
     _run(kernels.eval_forward_at, numel, batch * channels if planes else units, like, batch,
@@ -473,7 +475,7 @@ def _common_layout(x, *vectors) -> tuple[np.generic, bool] | None:
     return like, contiguous
 
 
-def train_common(x, weight, bias, running_mean, running_var) -> int:
+def train_common(x, weight, bias, running_mean, running_var, tracked=None) -> int:
     """Whether a training call with these tensors is the common one, for
     :func:`train_forward_update` with ``checked=True``: the values per channel of ``x``, or 0
     to send the call to the general path (``batchnorm.functional.train_common``, which has
@@ -481,12 +483,17 @@ def train_common(x, weight, bias, running_mean, running_var) -> int:
 
     The common call: what :func:`eval_common` accepts, the running statistics needing no
     gradient (they are written in place by address), and more than one value per channel (one
-    is refused, or normalized with the running statistics, by the general path). As there,
-    accepting the call is its validation, asked once."""
+    is refused, or normalized with the running statistics, by the general path), and
+    ``tracked``, the count of batches where given, one int64 value in CPU memory (the kernel
+    adds to it by address). As there, accepting the call is its validation, asked once."""
     if (
         running_mean.requires_grad
         or running_var.requires_grad
         or _common_layout(x, weight, bias, running_mean, running_var) is None
+        or not (
+            tracked is None
+            or (tracked.dtype is torch.int64 and tracked.is_cpu and tracked.numel() == 1)
+        )
     ):
         return 0
     channels = x.shape[1]
@@ -503,7 +510,7 @@ def eval_backward(grad_out, x, mean, variance, weight, eps, needs):
 
 
 def train_forward_update(x, weight, bias, eps, running_mean, running_var, momentum, count,
-                         checked=False):
+                         checked=False, tracked=None):
     """A training step's forward and its in-place running-statistics update in one backend call
     (``batchnorm.dispatch``): ``(y, mean, biased variance, finite)``. Where the running
     statistics are dense vectors of the compute dtype and momentum a number (a model's every
@@ -512,7 +519,9 @@ def train_forward_update(x, weight, bias, eps, running_mean, running_var, moment
     vectors are checked before the update kernel reads them by address).
 
     ``checked``: :func:`train_common` has accepted these tensors (and momentum is a float), so
-    nothing is asked again."""
+    nothing is asked again; then ``tracked`` (the count of batches it accepted, or None) is
+    counted by the same kernel call when the batch statistics are finite, as the module's
+    ``num_batches_tracked += 1`` would (its version moves with the running statistics')."""
     dtype = _COMPUTE_DTYPE.get(x.dtype)
     if checked:
         plain = True
@@ -524,11 +533,15 @@ def train_forward_update(x, weight, bias, eps, running_mean, running_var, moment
             running_var, dtype, channels
         )
     if plain:
+        tracked = tracked if checked else None
         output, mean, variance, finite = _forward(
             x, weight, bias, eps, None, None, "identity", None, False,
-            (running_mean, running_var, count / (count - 1), float(momentum)), checked,
+            (running_mean, running_var, count / (count - 1), float(momentum), tracked), checked,
         )
-        torch.autograd.graph.increment_version((running_mean, running_var))
+        torch.autograd.graph.increment_version(
+            (running_mean, running_var) if tracked is None or not finite
+            else (running_mean, running_var, tracked)
+        )
         return output, mean, variance, finite
     output, mean, variance = forward(x, weight, bias, eps)
     _, _, finite = updated_running_stats(

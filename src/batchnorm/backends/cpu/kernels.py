@@ -972,15 +972,20 @@ def train_forward_at(like, batch, channels, size, planes, x, weight, weight_leng
 @_jit()
 def train_forward_update_at(like, batch, channels, size, planes, x, weight, weight_length, bias,
                             bias_length, eps, act, residual, has_res, out, mean, var,
-                            running_mean, running_var, bessel, momentum, blocks):
+                            running_mean, running_var, bessel, momentum, tracked, blocks):
     """:func:`train_forward_at`, then :func:`running_update` of the running statistics (dense
     vectors of ``channels`` values of ``like``'s dtype, updated in place) from the batch's:
-    a training step's forward in one call. Returns whether the batch statistics were finite."""
+    a training step's forward in one call. Returns whether the batch statistics were finite;
+    if they were, adds 1 to the int64 at ``tracked`` (the count of batches; 0: none)."""
     train_forward_at(like, batch, channels, size, planes, x, weight, weight_length, bias,
                      bias_length, eps, act, residual, has_res, out, mean, var, blocks)
     rm, rv = _vector(running_mean, channels, like), _vector(running_var, channels, like)
-    return running_update(rm, rv, _vector(mean, channels, like), _vector(var, channels, like),
-                          bessel, momentum, rm, rv)
+    finite = running_update(rm, rv, _vector(mean, channels, like), _vector(var, channels, like),
+                            bessel, momentum, rm, rv)
+    if finite and tracked != 0:
+        count = _vector(tracked, 1, np.int64(0))
+        count[0] += 1
+    return finite
 
 
 @_jit()
