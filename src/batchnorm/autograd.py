@@ -96,6 +96,11 @@ def _train_grads(ctx, grad_out):
     args = (grad_out, x, mean, variance, weight, ctx.eps, needs)
     if mask is not None:
         args = (*args, mask)
+    if getattr(ctx, "checked", False):  # a common step: the backend reads them as they are
+        grads = _run_backward("train_backward", args, grad_out, x, None, ctx.backend,
+                              checked=True)
+        if grads is not None:
+            return grads  # (in the input's dtype: the common step takes float32 and float64)
     grads = _run_backward("train_backward", args, grad_out, x, mask,
                           getattr(ctx, "backend", None))
     return _cast_grads(grads, (x, weight, bias))
@@ -130,7 +135,7 @@ class _BatchNormTrainUpdate(torch.autograd.Function):
                 running_mean, running_var, mean, variance, momentum, count, in_place=True
             )
         ctx.save_for_backward(x, weight, bias, mean, variance, mask)
-        ctx.eps, ctx.backend = eps, backend
+        ctx.eps, ctx.backend, ctx.checked = eps, backend, checked
         if isinstance(finite, torch.Tensor):
             ctx.mark_non_differentiable(finite)
         ctx.set_materialize_grads(False)
@@ -194,9 +199,15 @@ class BatchNormEval(torch.autograd.Function):
         )
 
 
-def _run_backward(entry: str, args: tuple, grad_out, x, mask=None, backend=None):
+def _run_backward(entry: str, args: tuple, grad_out, x, mask=None, backend=None,
+                  checked=False):
     """Call a backward entry on the right backend (``backend``: the one the forward ran on,
     when it said; else chosen here).
+
+    ``checked``: the forward was the backend's common call (its tensors dense vectors of the
+    input's float32 or float64), so the backend's entry is told not to check them again; where
+    the backward does not run on that backend (double backward, a batched gradient) this
+    returns None and the caller asks again without it.
 
     Double backward (grad enabled) takes the eager path, whose operations autograd
     differentiates. A batched incoming gradient (a vmapped backward, as
@@ -211,7 +222,11 @@ def _run_backward(entry: str, args: tuple, grad_out, x, mask=None, backend=None)
         # batchnorm.modules.batchnorm on the cost of each call inside a model)
         transforms_active() or is_functorch_wrapped(grad_out) or is_legacy_batched(grad_out)
     ):
-        return getattr(backend, entry)(*args)
+        return getattr(backend, entry)(*args, checked=True) if checked else (
+            getattr(backend, entry)(*args)
+        )
+    if checked:
+        return None
     if is_opaque(grad_out) or transforms_active():
         args = tuple(
             a.detach() if isinstance(a, torch.Tensor) and not is_opaque(a) else a for a in args

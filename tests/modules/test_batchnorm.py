@@ -394,6 +394,14 @@ def test_training_step_takes_the_common_path_only_for_dense_tensors(monkeypatch,
         return count
 
     monkeypatch.setattr(cpu, "train_common", spy)
+    backward_checked = []
+    backward = cpu.train_backward
+
+    def backward_spy(*args, checked=False):
+        backward_checked.append(checked)
+        return backward(*args, checked=checked)
+
+    monkeypatch.setattr(cpu, "train_backward", backward_spy)
     x = make_input((6, 5, 3, 4), torch.float32, layout, seed=4, scale=2.0, offset=0.5)
     g = make_input((6, 5, 3, 4), torch.float32, layout, seed=5)
     for _ in range(2):
@@ -408,8 +416,11 @@ def test_training_step_takes_the_common_path_only_for_dense_tensors(monkeypatch,
             assert_close(a, b, torch.float32)
         # each step is an in-place change of the statistics and of the count, as in torch
         assert all(t._version > v for t, v in zip(
-            (ours.running_mean, ours.running_var, ours.num_batches_tracked), versions))
+            (ours.running_mean, ours.running_var, ours.num_batches_tracked), versions,
+            strict=True))
     assert answered == [0 if form is not None else 6 * 3 * 4] * 2
+    # the backward of a common step does not ask again either
+    assert backward_checked == ([form is None] * 2 if grad else [])
     assert int(ours.num_batches_tracked) == 2
     for key, value in theirs.state_dict().items():
         assert_close(ours.state_dict()[key].to(value.dtype), value, torch.float32)

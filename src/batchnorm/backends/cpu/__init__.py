@@ -285,8 +285,8 @@ def _forward(x, weight, bias, eps, mean, variance, activation, residual, compute
     momentum, tracked)``, dense vectors of the compute dtype and two floats, updated in place
     by the same kernel call in training (``finite`` then says whether the batch statistics were
     finite; else it is None), and the count of batches (a one-value int64 CPU tensor, or None)
-    that the same call adds 1 to when they were. ``checked``: the per-channel tensors are dense vectors of the
-    input's dtype (:func:`_common_layout` has said so)."""
+    that the same call adds 1 to when they were. ``checked``: the per-channel tensors are
+    dense vectors of the input's dtype (:func:`_common_layout` has said so)."""
     xc, layout, batch, channels, size, planes = _input(x)
     dtype = xc.dtype
     out = torch.empty_like(xc)
@@ -343,10 +343,14 @@ def backward(
     activation: str = "identity",
     residual: torch.Tensor | None = None,
     need_residual: bool = False,
+    checked: bool = False,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of ``f(BN(x) [+ residual])``: (dx, dweight, dbias, dresidual).
 
     ``train``: the statistics were the batch's own (they depend on x) or fixed ones.
+    ``checked``: ``x`` and the per-channel tensors are those a common call accepted
+    (:func:`_common_layout`; the statistics its kernel wrote), so they are not asked again;
+    the incoming gradient is, as always.
     """
     if activation in smooth.ACTIVATIONS:
         return smooth.backward(forward, backward, grad_out, x, mean, variance, weight, bias, eps,
@@ -361,7 +365,10 @@ def backward(
     # the accumulation dtype of x
     grad_weight = torch.empty(channels, dtype=xc.dtype)
     grad_bias = torch.empty(channels, dtype=xc.dtype)
-    mean, variance, w, b = _vectors(xc.dtype, channels, mean, variance, weight, bias)
+    if checked:
+        w, b = weight, bias
+    else:
+        mean, variance, w, b = _vectors(xc.dtype, channels, mean, variance, weight, bias)
     xp = xc.data_ptr()
     _run(
         kernels.backward_at, xc.numel(), channels if planes else batch * size, _LIKE[xc.dtype],
@@ -501,8 +508,10 @@ def train_common(x, weight, bias, running_mean, running_var, tracked=None) -> in
     return count if count > 1 else 0
 
 
-def train_backward(grad_out, x, mean, variance, weight, eps, needs):
-    return backward(grad_out, x, mean, variance, weight, None, eps, needs, train=True)[:3]
+def train_backward(grad_out, x, mean, variance, weight, eps, needs, checked=False):
+    """``checked``: the forward was :func:`train_common`'s (see :func:`backward`)."""
+    return backward(grad_out, x, mean, variance, weight, None, eps, needs, train=True,
+                    checked=checked)[:3]
 
 
 def eval_backward(grad_out, x, mean, variance, weight, eps, needs):
