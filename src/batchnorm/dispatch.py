@@ -15,6 +15,12 @@ the signatures. A backend may also offer ``train_forward_update(x, weight, bias,
 running_mean, running_var, momentum, count)``, the training forward and the in-place running
 update in one call, returning ``(y, mean, variance, finite)``: a training step then makes one
 backend call instead of two (``batchnorm.autograd.apply_train_update``).
+
+The common calls of a module (an eval forward, a training step) ask :func:`common_backend`
+instead, which answers for the CPU kernels in a few questions; their ``eval_common`` and
+``train_common`` then accept the tensors whole or decline, and a declined call comes back to
+:func:`select_backend` through the general path (``batchnorm.functional.normalize_common`` and
+``train_common``). Inside a model each question costs microseconds (BENCHMARKS.md).
 """
 
 from __future__ import annotations
