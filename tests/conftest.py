@@ -120,3 +120,18 @@ def make_input(shape, dtype=torch.float32, layout="contiguous", seed=0, scale=1.
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)
+
+
+def record_answers(monkeypatch, owner, name: str, judge=lambda result: result) -> list:
+    """Replace ``owner.name`` with a wrapper that calls it and records ``judge(result)`` of
+    each call in the returned list (which path a call took, in the tests of the common calls)."""
+    original = getattr(owner, name)
+    answers: list = []
+
+    def recording(*args, **kwargs):
+        result = original(*args, **kwargs)
+        answers.append(judge(result))
+        return result
+
+    monkeypatch.setattr(owner, name, recording)
+    return answers

@@ -146,6 +146,16 @@ class _BatchNormTrainUpdate(torch.autograd.Function):
         return (*_train_grads(ctx, grad_out), None)
 
 
+# The common training step applies the Function without ``Function.apply``'s Python wrapper,
+# whose work (a closure, the setup_context question, the transforms question, unwrapping dead
+# torch.func wrappers) the common call has no use for: the backend accepted plain tensors
+# outside transforms. What remains is torch's own apply, bound to the class.
+try:
+    _apply_common_step = super(torch.autograd.Function, _BatchNormTrainUpdate).apply
+except AttributeError:  # a torch whose Function has no C apply below it
+    _apply_common_step = _BatchNormTrainUpdate.apply
+
+
 def apply_train_update(x, weight, bias, eps, mask, backend, running_mean, running_var,
                        momentum, count, checked=False, tracked=None):
     """``(output, finite)`` with the running statistics updated in place, for a call that
@@ -155,9 +165,12 @@ def apply_train_update(x, weight, bias, eps, mask, backend, running_mean, runnin
     ``checked``: the caller has asked those questions and the backend has accepted the call as
     its common one (``batchnorm.functional.train_common``), with ``tracked``, the count of
     batches it counts (or None)."""
-    if not checked and (
-        torch.compiler.is_compiling() or transforms_active() or forward_ad._current_level >= 0
-    ):
+    if checked:
+        return _apply_common_step(
+            x, weight, bias,
+            (eps, mask, backend, running_mean, running_var, momentum, count, checked, tracked),
+        )
+    if torch.compiler.is_compiling() or transforms_active() or forward_ad._current_level >= 0:
         return None
     return _BatchNormTrainUpdate.apply(
         x, weight, bias,

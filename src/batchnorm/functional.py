@@ -84,6 +84,17 @@ def _grads_wanted(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _wants_grad(input: torch.Tensor, weight: torch.Tensor | None,
+                bias: torch.Tensor | None) -> bool:
+    """Whether a common call (forward-mode AD asked apart) computes a gradient: the question of
+    :func:`_grads_wanted` for exactly these three tensors, without building a sequence."""
+    return torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+
+
 def _empty_batch_output(
     input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -158,14 +169,7 @@ def normalize_common(
         torch.compiler.is_compiling()  # first: the tracer must not see the questions below
         or forward_ad._current_level >= 0
         or not (type(eps) is float and 0.0 <= eps < math.inf)
-        or (
-            torch.is_grad_enabled()
-            and (
-                input.requires_grad
-                or (weight is not None and weight.requires_grad)
-                or (bias is not None and bias.requires_grad)
-            )
-        )
+        or _wants_grad(input, weight, bias)
     ):
         return None
     backend = common_backend(input)
@@ -208,11 +212,7 @@ def train_common(
     count = backend.train_common(input, weight, bias, running_mean, running_var, tracked)
     if not count:
         return None
-    if torch.is_grad_enabled() and (
-        input.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
+    if _wants_grad(input, weight, bias):
         return apply_train_update(
             input, weight, bias, eps, None, backend, running_mean, running_var, momentum, count,
             checked=True, tracked=tracked,

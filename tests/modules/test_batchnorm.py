@@ -14,7 +14,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import reference
-from tests.conftest import assert_close, make_input
+from tests.conftest import assert_close, make_input, record_answers
 
 OURS = {
     2: batchnorm.BatchNorm1d,
@@ -320,15 +320,7 @@ def test_inference_call_takes_the_common_path_only_for_dense_statistics(monkeypa
         setattr(ours, name, changed)
         with torch.no_grad():  # torch's module gets the same values, densely
             getattr(theirs, name).copy_(changed.to(getattr(theirs, name).dtype))
-    answered = []
-    common = cpu.eval_common
-
-    def spy(*args):
-        result = common(*args)
-        answered.append(result is not None)
-        return result
-
-    monkeypatch.setattr(cpu, "eval_common", spy)
+    answered = record_answers(monkeypatch, cpu, "eval_common", lambda y: y is not None)
     x = make_input((6, 5, 3, 4), torch.float32, layout, seed=1)
     with torch.no_grad():
         y = ours(x)
@@ -385,15 +377,7 @@ def test_training_step_takes_the_common_path_only_for_dense_tensors(monkeypatch,
         setattr(ours, name, changed)
         with torch.no_grad():
             getattr(theirs, name).copy_(changed.to(getattr(theirs, name).dtype))
-    answered = []
-    accept = cpu.train_common
-
-    def spy(*args):
-        count = accept(*args)
-        answered.append(count)
-        return count
-
-    monkeypatch.setattr(cpu, "train_common", spy)
+    answered = record_answers(monkeypatch, cpu, "train_common")
     backward_checked = []
     backward = cpu.train_backward
 
@@ -432,9 +416,7 @@ def test_training_step_with_running_statistics_that_require_grad_is_declined(mon
     ours, theirs = _eval_pair()
     ours.train(), theirs.train()
     ours.running_mean.requires_grad_(True)
-    answered = []
-    accept = cpu.train_common
-    monkeypatch.setattr(cpu, "train_common", lambda *args: answered.append(accept(*args)) or 0)
+    answered = record_answers(monkeypatch, cpu, "train_common")
     x = make_input((6, 5, 3, 4), torch.float32, seed=4)
     with torch.no_grad():
         assert_close(ours(x), theirs(x), torch.float32)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import batchnorm
-from tests.conftest import assert_close, make_input
+from tests.conftest import assert_close, make_input, record_answers
 
 TORCH_ACTIVATIONS = {"identity": lambda t: t, "relu": torch.relu, "silu": F.silu, "gelu": F.gelu}
 TORCH_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}
@@ -519,15 +519,7 @@ def test_inference_call_is_one_backend_call_for_the_activations_it_takes(monkeyp
         ours.running_mean.normal_()
         ours.running_var.uniform_(0.5, 2.0)
     theirs.load_state_dict(ours.state_dict())
-    answered = []
-    common = cpu.eval_common
-
-    def spy(*args):
-        result = common(*args)
-        answered.append(result is not None)
-        return result
-
-    monkeypatch.setattr(cpu, "eval_common", spy)
+    answered = record_answers(monkeypatch, cpu, "eval_common", lambda y: y is not None)
     x = make_input((4, 6, 5, 7), torch.float32, layout, seed=2, scale=2.0)
     with torch.no_grad():
         y = ours(x)
