@@ -421,3 +421,18 @@ def test_training_step_with_running_statistics_that_require_grad_is_declined(mon
     with torch.no_grad():
         assert_close(ours(x), theirs(x), torch.float32)
     assert answered == [0]
+
+
+def test_a_subclass_with_its_own_commit_keeps_it_on_every_step():
+    """The common training step commits inside the backend; a subclass that commits in its own
+    way is not given that path (nor its eval shortcut), so its override still runs."""
+    commits = []
+
+    class Counting(batchnorm.BatchNorm2d):
+        def _commit_running_stats(self, new_mean, new_var, finite):
+            commits.append(finite)
+            super()._commit_running_stats(new_mean, new_var, finite)
+
+    module = Counting(3)
+    module(torch.randn(4, 3, 2, 2))
+    assert commits == [True] and int(module.num_batches_tracked) == 1

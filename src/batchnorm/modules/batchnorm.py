@@ -59,14 +59,17 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
     # whether the input rule is this class's (dims and channels), so that the common input can
     # be accepted without calling _check_input_dim; False in subclasses with a rule of their own
     _plain_input_rule: bool = True
-    # whether _core is this class's (plain batch norm), so that eval can skip it; False in the
-    # variants that normalize in their own way
+    # whether _core (and _commit_running_stats) are this class's (plain batch norm), so that the
+    # common calls can skip them; False in the variants that normalize in their own way
     _plain_core: bool = True
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         cls._plain_input_rule = cls._check_input_dim is _BatchNorm._check_input_dim
-        cls._plain_core = cls._core is _BatchNorm._core
+        cls._plain_core = (
+            cls._core is _BatchNorm._core
+            and cls._commit_running_stats is _BatchNorm._commit_running_stats
+        )
     warn_on_nonfinite: bool = True
     # What a training batch with a single value per channel does (the last batch of a loader):
     # "error" (torch's refusal, the default) or "running" (normalize it with the running
