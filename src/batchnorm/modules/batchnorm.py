@@ -137,21 +137,24 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
             input_checked=True, in_place=True, **options,
         )
 
+    def _common_input(self, input) -> bool:
+        """Whether ``input`` passes this module's input rule as the common input does, without
+        the calls of the full check (in a model each call on the path costs a microsecond or
+        more with caches the layers before have filled: see the class docstring). False also
+        where a subclass has a rule of its own; then ask :meth:`_check_input_dim`."""
+        return (
+            self._plain_input_rule
+            and type(input) is torch.Tensor
+            and input.dim() in self._allowed_dims
+            and input.shape[1] == self.num_features
+        )
+
     def _validate(self, input, running_mean, running_var, use_batch_stats, mask) -> None:
         """Everything a call uses, checked once before anything runs: the input (dims and
         channels, the module's own rule), then what the functional form checks. Parameters and
         buffers are re-checked on every call: a hand-assigned or loosely loaded tensor of the
         wrong size or device must never reach a kernel."""
-        if not (
-            # the common input, accepted here without the calls of the full check (in a model,
-            # each call on this path costs a microsecond or more with caches the layers before
-            # have filled: see the class docstring of _BatchNorm)
-            self._plain_input_rule
-            and type(input) is torch.Tensor
-            and input.dtype in _FLOATING
-            and input.dim() in self._allowed_dims
-            and input.shape[1] == self.num_features
-        ):
+        if not (self._common_input(input) and input.dtype in _FLOATING):
             self._check_input_dim(input)
         parameters = self._parameters
         validate_arguments(
@@ -166,18 +169,15 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
             return record_as_leaf(self, input, *(() if mask is None else (mask,)))
         buffers, training = self._buffers, self.training
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        if not training and running_mean is not None and mask is None and self._plain_core:
-            # eval with running statistics, the inference call: the common one (this module's
-            # input rule, inline) checked and normalized in one functional call, any other
-            # validated in full, then normalized by the one functional that does only that
-            # (what _core would reach, two calls later)
+        plain = running_mean is not None and mask is None and self._plain_core
+        common = plain and self._common_input(input)
+        if plain and not training:
+            # eval with running statistics, the inference call: the common one checked and
+            # normalized in one functional call, any other validated in full, then normalized
+            # by the one functional that does only that (what _core would reach, two calls
+            # later)
             parameters = self._parameters
-            if (
-                self._plain_input_rule
-                and type(input) is torch.Tensor
-                and input.dim() in self._allowed_dims
-                and input.shape[1] == self.num_features
-            ):
+            if common:
                 output = normalize_common(
                     input, running_mean, running_var, parameters["weight"], parameters["bias"],
                     self.eps,
@@ -190,20 +190,13 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
                 self.eps,
             )
         if (
-            # the common training step: this module's input rule inline, then checked and
-            # computed in one functional call (any other call is validated in full below)
-            training
-            and running_mean is not None
-            and mask is None
-            and self._plain_core
-            and self._plain_input_rule
+            # the common training step (eval returned above), checked and computed in one
+            # functional call; any other call is validated in full below
+            common
             and self.track_running_stats
             # (a batch of one value per channel is declined there: the general path applies
             # single_sample to it; an unknown choice is named there on every call)
             and self.single_sample in _SINGLE_SAMPLE_CHOICES
-            and type(input) is torch.Tensor
-            and input.dim() in self._allowed_dims
-            and input.shape[1] == self.num_features
         ):
             parameters = self._parameters
             done = train_common(

@@ -388,10 +388,7 @@ class _BatchNormAct(_BatchNorm):
             not self.training
             and residual is None
             and not self.inplace
-            and self._plain_input_rule
-            and type(input) is torch.Tensor
-            and input.dim() in self._allowed_dims
-            and input.shape[1] == self.num_features
+            and self._common_input(input)
         ):
             buffers, parameters = self._buffers, self._parameters
             running_mean = buffers["running_mean"]
