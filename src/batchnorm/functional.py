@@ -21,7 +21,7 @@ from batchnorm.backends import traceable
 from batchnorm.core import checks, running
 from batchnorm.core.errors import BatchNormValueError
 from batchnorm.core.layout import as_channel, valid_per_channel
-from batchnorm.dispatch import common_backend, select_backend
+from batchnorm.dispatch import Backend, common_backend, select_backend
 
 Momentum = float | torch.Tensor
 
@@ -84,8 +84,8 @@ def _grads_wanted(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _wants_grad(input: torch.Tensor, weight: torch.Tensor | None,
-                bias: torch.Tensor | None) -> bool:
+def wants_grad(input: torch.Tensor, weight: torch.Tensor | None,
+               bias: torch.Tensor | None) -> bool:
     """Whether a common call (forward-mode AD asked apart) computes a gradient: the question of
     :func:`_grads_wanted` for exactly these three tensors, without building a sequence."""
     return torch.is_grad_enabled() and (
@@ -169,13 +169,44 @@ def normalize_common(
         torch.compiler.is_compiling()  # first: the tracer must not see the questions below
         or forward_ad._current_level >= 0
         or not (type(eps) is float and 0.0 <= eps < math.inf)
-        or _wants_grad(input, weight, bias)
+        or wants_grad(input, weight, bias)
     ):
         return None
     backend = common_backend(input)
     if backend is None:
         return None
     return backend.eval_common(input, mean, variance, weight, bias, eps, activation)
+
+
+def common_step(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    momentum: float,
+    tracked: torch.Tensor | None = None,
+    activation: str = "identity",
+) -> tuple[Backend, int] | None:
+    """``(backend, values per channel)`` where a module's training call is the common one
+    (see :func:`train_common`, which then computes it; the fused layers of
+    ``batchnorm.modules.norm_act`` compute theirs, ``activation`` included, with the same
+    backend call), else None."""
+    if (
+        torch.compiler.is_compiling()  # first: the tracer must not see the questions below
+        or forward_ad._current_level >= 0
+        or not (type(eps) is float and 0.0 < eps < math.inf)
+        or not (type(momentum) is float and 0.0 <= momentum <= 1.0)
+    ):
+        return None
+    backend = common_backend(input)
+    if backend is None or not (
+        activation == "identity" or activation in getattr(backend, "ACTIVATIONS", ())
+    ):
+        return None
+    count = backend.train_common(input, weight, bias, running_mean, running_var, tracked)
+    return (backend, count) if count else None
 
 
 def train_common(
@@ -199,20 +230,11 @@ def train_common(
     accepts the tensors whole (``batchnorm.dispatch.common_backend`` and its ``train_common``;
     what it accepts passes every check of :func:`validate_arguments`). See
     :func:`normalize_common` for why the questions are asked in one place."""
-    if (
-        torch.compiler.is_compiling()  # first: the tracer must not see the questions below
-        or forward_ad._current_level >= 0
-        or not (type(eps) is float and 0.0 < eps < math.inf)
-        or not (type(momentum) is float and 0.0 <= momentum <= 1.0)
-    ):
+    step = common_step(input, weight, bias, running_mean, running_var, eps, momentum, tracked)
+    if step is None:
         return None
-    backend = common_backend(input)
-    if backend is None:
-        return None
-    count = backend.train_common(input, weight, bias, running_mean, running_var, tracked)
-    if not count:
-        return None
-    if _wants_grad(input, weight, bias):
+    backend, count = step
+    if wants_grad(input, weight, bias):
         return apply_train_update(
             input, weight, bias, eps, None, backend, running_mean, running_var, momentum, count,
             checked=True, tracked=tracked,
@@ -284,6 +306,14 @@ def batch_norm_core(
         )
         if done is not None:
             return done[0], running_mean, running_var, done[1]
+    one_call = getattr(backend, "train_forward_update", None) if mask is None else None
+    if updating and in_place and not needs_grad and one_call is not None:
+        # the same step without gradients: one backend call as well
+        output, _, _, finite = one_call(
+            input, weight, bias, eps, running_mean, running_var, momentum,
+            valid_per_channel(input, mask),
+        )
+        return output, running_mean, running_var, finite
     output, mean, variance = normalize_with_batch_statistics(
         input, weight, bias, eps, mask, backend
     )

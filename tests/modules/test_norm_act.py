@@ -530,3 +530,121 @@ def test_inference_call_is_one_backend_call_for_the_activations_it_takes(monkeyp
     # runs (before the activation) is a common call of its own
     assert answered == ([False, True] if activation == "leaky_relu" else [True])
     assert_close(y, expected, torch.float32)
+
+
+FUSED_UNCOMMON_FORMS = {
+    "float64 running_var": ("running_var", lambda t: t.double()),
+    "strided weight": ("weight", lambda t: nn.Parameter(t.detach().repeat(2)[::2])),
+}
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("form", [None, *FUSED_UNCOMMON_FORMS])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu", "identity", "leaky_relu"])
+def test_training_step_is_one_backend_call_for_the_activations_it_takes(
+    monkeypatch, activation, layout, form, grad
+):
+    """A training step of a fused layer, as timm's models run it, is accepted whole by the
+    backend and computed in one call: output, batch statistics, running statistics and the
+    count, with no update call of its own and, in the backward, nothing asked again. Per-channel
+    tensors in another form are declined there (and still computed, one backend call for the
+    output and both statistics); leaky ReLU is declined and runs as plain batch norm's common
+    step followed by the activation. Each way gives torch's output, gradients and state."""
+    from batchnorm.backends import cpu
+
+    ours = batchnorm.BatchNormAct2d(6, activation=activation)
+    theirs = nn.BatchNorm2d(6)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.normal_()
+    if form is not None:
+        name, change = FUSED_UNCOMMON_FORMS[form]
+        setattr(ours, name, change(getattr(ours, name)))
+    theirs.load_state_dict({k: v.float() for k, v in ours.state_dict().items()})
+    after = (lambda t: F.leaky_relu(t, 0.01)) if activation == "leaky_relu" else (
+        TORCH_ACTIVATIONS[activation])
+    answered = record_answers(monkeypatch, cpu, "train_common")
+    updates = record_answers(monkeypatch, cpu, "updated_running_stats", lambda _: True)
+    backward_checked = []
+    backward = cpu.backward
+
+    def backward_spy(*args, checked=False, **kwargs):
+        backward_checked.append(checked)
+        return backward(*args, checked=checked, **kwargs)
+
+    monkeypatch.setattr(cpu, "backward", backward_spy)
+    shape = (4, 6, 5, 7)
+    x = make_input(shape, torch.float32, layout, seed=6, scale=2.0, offset=0.5)
+    g = make_input(shape, torch.float32, layout, seed=7)
+    for _ in range(2):
+        versions = [t._version for t in (ours.running_mean, ours.running_var,
+                                         ours.num_batches_tracked)]
+        if grad:
+            mine = _step(ours, x, None, g)
+            x_theirs = x.detach().clone().requires_grad_(True)
+            y = after(theirs(x_theirs))
+            expected = (y.detach(), *torch.autograd.grad(
+                y, [x_theirs, theirs.weight, theirs.bias], g))
+        else:
+            with torch.no_grad():
+                mine, expected = (ours(x),), (after(theirs(x)),)
+        for a, b in zip(mine, expected, strict=True):
+            assert_close(a, b, torch.float32)
+        assert all(t._version > v for t, v in zip(
+            (ours.running_mean, ours.running_var, ours.num_batches_tracked), versions,
+            strict=True))
+    common = form is None and activation != "leaky_relu"
+    values = shape[0] * shape[2] * shape[3]
+    if activation == "leaky_relu":  # the plain batch norm's common step, twice
+        assert answered == [0 if form is not None else values] * 2
+    else:
+        assert answered == [values if common else 0] * 2
+    # one call a step, with no update call of its own after the forward, wherever the running
+    # statistics are dense vectors of the compute dtype (float64 ones are updated apart)
+    assert updates == ([True] * 2 if form == "float64 running_var" else [])
+    # the backward asks nothing again after a common step (leaky ReLU's: plain batch norm's);
+    # silu and gelu call the plain backward once more, after their own
+    calls = 4 if activation in ("silu", "gelu") else 2
+    assert backward_checked == ([form is None] * calls if grad else [])
+    assert int(ours.num_batches_tracked) == 2
+    for key, value in theirs.state_dict().items():
+        assert_close(ours.state_dict()[key].to(value.dtype), value, torch.float32)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_non_finite_batch_on_the_common_step_protects_running_statistics(activation, grad):
+    """The common training step's one call keeps the running statistics and the count when the
+    batch statistics are not finite, and the layer warns, as plain batch norm does."""
+    import warnings
+
+    module = batchnorm.BatchNormAct2d(3, activation=activation)
+    module(torch.randn(4, 3, 2, 2))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    x = torch.randn(4, 3, 2, 2).requires_grad_(grad)
+    with torch.no_grad():
+        x[1, 2, 0, 1] = float("inf")
+    with pytest.warns(batchnorm.NonFiniteStatisticsWarning, match="BatchNormAct2d"):
+        module(x)
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module(x)  # warns once per module
+    module(torch.randn(4, 3, 2, 2))
+    assert int(module.num_batches_tracked) == 2
+
+
+def test_a_fused_subclass_with_its_own_commit_keeps_it_on_every_step():
+    commits = []
+
+    class Counting(batchnorm.BatchNormAct2d):
+        def _commit_running_stats(self, new_mean, new_var, finite):
+            commits.append(bool(finite))
+            super()._commit_running_stats(new_mean, new_var, finite)
+
+    module = Counting(3)
+    module(torch.randn(4, 3, 2, 2))
+    module(torch.randn(4, 3, 2, 2).requires_grad_())
+    assert commits == [True, True] and int(module.num_batches_tracked) == 2

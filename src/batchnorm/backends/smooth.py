@@ -37,13 +37,15 @@ def forward(fused_forward, x, weight, bias, eps, activation, mean, variance, res
 
 
 def backward(fused_forward, fused_backward, grad_out, x, mean, variance, weight, bias, eps,
-             needs, train, activation, residual, need_residual):
+             needs, train, activation, residual, need_residual, checked=False):
     """(dx, dweight, dbias, dresidual): ``g f'(z)`` with ``z = BN(x) [+ r]`` recomputed, then the
-    gradients of plain batch norm."""
+    gradients of plain batch norm (``checked`` passed on to ``fused_backward``: the tensors are
+    those a common call accepted)."""
     z = fused_forward(x, weight, bias, eps, mean=mean, variance=variance, residual=residual,
                       compute_dtype=True)[0]
     grad = ACTIVATIONS[activation][1](_in_dtype(grad_out, z.dtype), z)
     grad_input, grad_weight, grad_bias, _ = fused_backward(
-        grad, x, mean, variance, weight, bias, eps, needs, train=train
+        grad, x, mean, variance, weight, bias, eps, needs, train=train,
+        **({"checked": True} if checked else {}),
     )
     return grad_input, grad_weight, grad_bias, _in_dtype(grad, x.dtype) if need_residual else None

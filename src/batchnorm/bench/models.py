@@ -347,7 +347,7 @@ class CallTimes:
     median over rounds of each call's time, averaged over the layers of that size."""
 
     model: str
-    mode: str  # "train" (the forward of a training step) or "eval"
+    mode: str  # "train" (the forward of a training step), "backward" (its backward) or "eval"
     size: tuple[int, ...]
     layers: int  # calls of this size per forward
     torch_us: float
@@ -358,12 +358,14 @@ def per_call_times(
     name: str, model: nn.Module, x: torch.Tensor, rounds: int = 7,
     clock: Callable[[], float] = time.perf_counter,
 ) -> list[CallTimes]:
-    """Each batch norm's forward timed where it runs, inside the model (torch's as built, ours
-    converted; training steps and eval forwards interleaved as in :func:`measure`): hooks read
-    ``clock`` before and after each batch norm module's forward. In a model every call runs
-    with caches the convolutions before it filled, which a layer timed alone never sees (see
-    BENCHMARKS.md on what that does to each call). In training only the forward is timed; its
-    backward runs inside autograd's engine, where no hook reaches."""
+    """Each batch norm's forward, and its backward in a training step, timed where it runs,
+    inside the model (torch's as built, ours converted; training steps and eval forwards
+    interleaved as in :func:`measure`): hooks read ``clock`` before and after each batch norm
+    module's forward, and before the first and after the last of the autograd nodes that
+    forward recorded (:func:`_backward_span`), so the backward rows (mode "backward") time
+    what autograd's engine runs for that layer. In a model every call runs with caches the
+    convolutions before it filled, which a layer timed alone never sees (see BENCHMARKS.md on
+    what that does to each call)."""
     model.train()
     variants = {"torch": model, "ours": convert(copy.deepcopy(model))}
     started: dict[int, float] = {}
@@ -382,6 +384,18 @@ def per_call_times(
             def after(module, args, output, variant=variant, layer=layer):
                 mode = "train" if module.training else "eval"
                 spent.setdefault((variant, mode, layer), []).append(clock() - started[id(module)])
+                span = _backward_span(output, args[0]) if module.training else None
+                if span is not None:
+                    key = (variant, "backward", layer)
+
+                    def entered(grad_outputs, key=key):
+                        started[key] = clock()
+
+                    def left(grad_inputs, grad_outputs, key=key):
+                        spent.setdefault(key, []).append(clock() - started[key])
+
+                    span[0].register_prehook(entered)
+                    span[1].register_hook(left)
 
             handles.append(module.register_forward_pre_hook(before))
             handles.append(module.register_forward_hook(after))
@@ -396,7 +410,7 @@ def per_call_times(
         for handle in handles:
             handle.remove()
     rows = []
-    for mode in ("train", "eval"):
+    for mode in ("train", "backward", "eval"):
         by_size: dict[tuple[int, ...], list[tuple[float, float]]] = {}
         for layer, size in sizes.items():
             theirs, ours = spent.get(("torch", mode, layer)), spent.get(("ours", mode, layer))
@@ -413,13 +427,38 @@ def per_call_times(
     return rows
 
 
+def _backward_span(output: torch.Tensor, input: torch.Tensor):
+    """The first and the last autograd node that a module's backward runs: the node of its
+    output, and of the nodes its forward recorded (those reached from there before the input's
+    node or a parameter's gradient accumulator) the earliest recorded, which autograd's engine
+    runs last. None where the output records no gradient. (One node for a batch norm that is
+    one autograd Function; a batch norm followed by its activation records two or more.)"""
+    first = output.grad_fn if isinstance(output, torch.Tensor) else None
+    if first is None:
+        return None
+    stop = input.grad_fn
+    last, seen, pending = first, {first}, [first]
+    while pending:
+        node = pending.pop()
+        for successor, _ in node.next_functions:
+            if successor is None or successor is stop or successor in seen or (
+                type(successor).__name__ == "AccumulateGrad"
+            ):
+                continue
+            seen.add(successor)
+            pending.append(successor)
+            if successor._sequence_nr() < last._sequence_nr():
+                last = successor
+    return first, last
+
+
 def format_call_times(rows: list[CallTimes]) -> str:
     """Per model and mode, a line per input size (the most time first) and the sum over every
     call of one forward."""
     lines = [
-        "Median us of one batch norm forward inside the model (hooks around each call; "
-        "training: the forward of a training step, its backward not included), averaged over "
-        "the layers of each size.",
+        "Median us of one batch norm call inside the model (hooks around each call; train: "
+        "the forward of a training step; backward: its backward, from the first to the last "
+        "autograd node the layer's forward recorded), averaged over the layers of each size.",
         "",
         "| model | mode | input size | layers | torch (us) | ours (us) | ours/torch |",
         "|---|---|---|---:|---:|---:|---:|",

@@ -59,12 +59,14 @@ from batchnorm.core.normalize import eval_backward, inverse_std, train_backward
 from batchnorm.dispatch import running_stats_updater, select_backend
 from batchnorm.functional import (
     batch_norm,
+    common_step,
     normalize_common,
     normalize_with,
     normalize_with_batch_statistics,
     validate_arguments,
+    wants_grad,
 )
-from batchnorm.modules.batchnorm import _BatchNorm
+from batchnorm.modules.batchnorm import _SINGLE_SAMPLE_CHOICES, _BatchNorm
 from batchnorm.tracing import is_proxy, record_as_leaf
 
 ACTIVATIONS = {
@@ -273,31 +275,46 @@ class _InPlaceBatchNormAct(torch.autograd.Function):
 class _FusedBatchNormAct(torch.autograd.Function):
     """Fused forward and backward on a backend with ``forward``/``backward`` entry points.
 
-    With batch statistics and an ``update`` (running mean, running variance, momentum, count),
-    the forward also writes the running statistics in place, as plain batch norm's training
-    step does (``batchnorm.autograd.apply_train_update``). Outputs ``(y, finite)``, ``finite``
-    the backend's flag for that update (None without one). Saves only the inputs: the backward
-    recomputes the pre-activation from them.
+    With batch statistics and an ``update`` (running mean, running variance, momentum, count,
+    checked, count of batches), the forward also writes the running statistics in place, as
+    plain batch norm's training step does (``batchnorm.autograd.apply_train_update``): in the
+    same backend call where the backend offers ``train_forward_update``. ``checked``: the
+    backend accepted the call as its common one (``batchnorm.functional.common_step``), so it
+    asks nothing again, forward or backward, and counts the batch itself. Outputs ``(y,
+    finite)``, ``finite`` the backend's flag for that update (None without one). Saves only the
+    inputs: the backward recomputes the pre-activation from them.
     """
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, mean, variance, eps, activation, backend,
                 update):
-        y, batch_mean, batch_var = backend.forward(
-            x, weight, bias, eps, mean=mean, variance=variance, activation=activation,
-            residual=residual,
-        )
         ctx.train = mean is None
+        ctx.checked = False
         finite = None
-        if ctx.train:
-            mean, variance = batch_mean, batch_var
-            if update is not None:
-                running_mean, running_var, momentum, count = update
-                _, _, finite = backend.updated_running_stats(
-                    running_mean, running_var, mean, variance, momentum, count, in_place=True
-                )
-                if isinstance(finite, torch.Tensor):
-                    ctx.mark_non_differentiable(finite)
+        one_call = getattr(backend, "train_forward_update", None) if update is not None else None
+        if one_call is not None:  # the output and both statistics in one backend call
+            running_mean, running_var, momentum, count, checked, tracked = update
+            y, mean, variance, finite = one_call(
+                x, weight, bias, eps, running_mean, running_var, momentum, count,
+                **({"checked": True, "tracked": tracked} if checked else {}),
+                activation=activation, residual=residual,
+            )
+            ctx.checked = checked
+        else:
+            y, batch_mean, batch_var = backend.forward(
+                x, weight, bias, eps, mean=mean, variance=variance, activation=activation,
+                residual=residual,
+            )
+            if ctx.train:
+                mean, variance = batch_mean, batch_var
+                if update is not None:
+                    running_mean, running_var, momentum, count = update[:4]
+                    _, _, finite = backend.updated_running_stats(
+                        running_mean, running_var, mean, variance, momentum, count,
+                        in_place=True,
+                    )
+        if isinstance(finite, torch.Tensor):
+            ctx.mark_non_differentiable(finite)
         ctx.save_for_backward(x, residual, weight, bias, mean, variance)
         ctx.eps, ctx.activation, ctx.backend = eps, activation, backend
         ctx.set_materialize_grads(False)
@@ -316,6 +333,8 @@ class _FusedBatchNormAct(torch.autograd.Function):
                 grad_out, x, mean, variance, weight, bias, ctx.eps,
                 (need_x, need_weight, need_bias), train=ctx.train, activation=ctx.activation,
                 residual=residual, need_residual=need_residual,
+                # (the statistics and parameters a common step's backend accepted, saved)
+                **({"checked": True} if ctx.checked else {}),
             )
             grads = (dx, dres, dw, db)
         grads = tuple(
@@ -323,6 +342,14 @@ class _FusedBatchNormAct(torch.autograd.Function):
             for g, t in zip(grads, (x, residual, weight, bias), strict=True)
         )
         return (*grads, None, None, None, None, None, None)
+
+
+# The common training step applies the Function with torch's own apply, without
+# ``Function.apply``'s Python wrapper (as ``batchnorm.autograd`` does for plain batch norm's).
+try:
+    _apply_fused_step = super(torch.autograd.Function, _FusedBatchNormAct).apply
+except AttributeError:  # a torch whose Function has no C apply below it
+    _apply_fused_step = _FusedBatchNormAct.apply
 
 
 def _composed_gradients(ctx, grad_out, x, residual, weight, bias, mean, variance):
@@ -399,6 +426,19 @@ class _BatchNormAct(_BatchNorm):
                 )
                 if output is not None:
                     return output
+        if (
+            # the common training step: checked by the backend that computes it, in one call
+            self.training
+            and residual is None
+            and not self.inplace
+            and self._plain_core
+            and self.track_running_stats
+            and self.single_sample in _SINGLE_SAMPLE_CHOICES  # (else named on the path below)
+            and self._common_input(input)
+        ):
+            output = self._common_step(input)
+            if output is not None:
+                return output
         owner = type(self).__name__
         self._check_input_dim(input)
         check_residual(residual, input, owner)
@@ -424,16 +464,55 @@ class _BatchNormAct(_BatchNorm):
             if momentum is not None:  # the running statistics are updated in the Function
                 buffers = self._buffers
                 update = (buffers["running_mean"], buffers["running_var"], momentum,
-                          values_per_channel(input))
+                          values_per_channel(input), False, None)
             y, finite = _FusedBatchNormAct.apply(*arguments, backend, update)
             if update is not None:
                 self._commit_running_stats(update[0], update[1], finite)
+            return y
+        one_call = getattr(backend, "train_forward_update", None)
+        if momentum is not None and one_call is not None:  # as _FusedBatchNormAct's forward
+            buffers = self._buffers
+            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+            y, _, _, finite = one_call(
+                input, weight, bias, self.eps, running_mean, running_var, momentum,
+                values_per_channel(input), activation=self.activation, residual=residual,
+            )
+            self._commit_running_stats(running_mean, running_var, finite)
             return y
         y, mean, variance = backend.forward(
             input, weight, bias, self.eps, mean=stats[0], variance=stats[1],
             activation=self.activation, residual=residual,
         )
         self._update_running_stats(input, mean, variance, momentum)
+        return y
+
+    def _common_step(self, input: torch.Tensor) -> torch.Tensor | None:
+        """The output of a common training step (``batchnorm.functional.common_step``; the
+        backend's one call computes the output and updates the running statistics and the
+        count of batches), or None for the general path."""
+        buffers, parameters = self._buffers, self._parameters
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        if running_mean is None:
+            return None
+        weight, bias, tracked = parameters["weight"], parameters["bias"], buffers[
+            "num_batches_tracked"]
+        step = common_step(input, weight, bias, running_mean, running_var, self.eps,
+                           self.momentum, tracked, self.activation)
+        if step is None:
+            return None
+        backend, count = step
+        if wants_grad(input, weight, bias):
+            update = (running_mean, running_var, self.momentum, count, True, tracked)
+            y, finite = _apply_fused_step(
+                input, None, weight, bias, None, None, self.eps, self.activation, backend, update
+            )
+        else:
+            y, _, _, finite = backend.train_forward_update(
+                input, weight, bias, self.eps, running_mean, running_var, self.momentum, count,
+                checked=True, tracked=tracked, activation=self.activation,
+            )
+        if finite is not True:  # (a finite batch is counted by the same call)
+            self._commit_running_stats(running_mean, running_var, finite)
         return y
 
     def _plan(self, input: torch.Tensor):

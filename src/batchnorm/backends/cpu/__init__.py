@@ -354,7 +354,7 @@ def backward(
     """
     if activation in smooth.ACTIVATIONS:
         return smooth.backward(forward, backward, grad_out, x, mean, variance, weight, bias, eps,
-                               needs, train, activation, residual, need_residual)
+                               needs, train, activation, residual, need_residual, checked)
     need_input, need_weight, need_bias = needs
     xc, layout, batch, channels, size, planes = _input(x)
     grad_out = _conformed(grad_out, xc, layout)
@@ -519,7 +519,7 @@ def eval_backward(grad_out, x, mean, variance, weight, eps, needs):
 
 
 def train_forward_update(x, weight, bias, eps, running_mean, running_var, momentum, count,
-                         checked=False, tracked=None):
+                         checked=False, tracked=None, activation="identity", residual=None):
     """A training step's forward and its in-place running-statistics update in one backend call
     (``batchnorm.dispatch``): ``(y, mean, biased variance, finite)``. Where the running
     statistics are dense vectors of the compute dtype and momentum a number (a model's every
@@ -530,8 +530,12 @@ def train_forward_update(x, weight, bias, eps, running_mean, running_var, moment
     ``checked``: :func:`train_common` has accepted these tensors (and momentum is a float), so
     nothing is asked again; then ``tracked`` (the count of batches it accepted, or None) is
     counted by the same kernel call when the batch statistics are finite, as the module's
-    ``num_batches_tracked += 1`` would (its version moves with the running statistics')."""
+    ``num_batches_tracked += 1`` would (its version moves with the running statistics').
+
+    ``activation`` and ``residual``: the fused layers' ``f(BN(x) + residual)``, as in
+    :func:`forward` (a smooth activation applied in place on the kernel's output)."""
     dtype = _COMPUTE_DTYPE.get(x.dtype)
+    after = smooth.ACTIVATIONS.get(activation)
     if checked:
         plain = True
     elif type(count) is not int or count < 2 or isinstance(momentum, torch.Tensor):
@@ -544,15 +548,20 @@ def train_forward_update(x, weight, bias, eps, running_mean, running_var, moment
     if plain:
         tracked = tracked if checked else None
         output, mean, variance, finite = _forward(
-            x, weight, bias, eps, None, None, "identity", None, False,
+            x, weight, bias, eps, None, None, "identity" if after else activation, residual,
+            after is not None,
             (running_mean, running_var, count / (count - 1), float(momentum), tracked), checked,
         )
         torch.autograd.graph.increment_version(
             (running_mean, running_var) if tracked is None or not finite
             else (running_mean, running_var, tracked)
         )
+        if after is not None:  # on the output in the compute dtype, then in the input's
+            after[0](output)
+            output = _in_dtype(output, x.dtype)
         return output, mean, variance, finite
-    output, mean, variance = forward(x, weight, bias, eps)
+    output, mean, variance = forward(x, weight, bias, eps, activation=activation,
+                                     residual=residual)
     _, _, finite = updated_running_stats(
         running_mean, running_var, mean, variance, momentum, count, in_place=True
     )
