@@ -215,6 +215,31 @@ def _coefficients(x, mean, var, weight, bias, eps):
     return mean_x, scale_x, shift_x
 
 
+@_jit(inline="always")
+def _moments(shift, s1, s2, count):
+    """(mean, biased variance) from the float64 sums ``s1``, ``s2`` of ``count`` values taken
+    about ``shift`` (see the module docstring); a variance rounded below 0 is 0, NaN stays NaN.
+    Every training forward finishes its statistics here."""
+    centre = s1 / count
+    variance = s2 / count - centre * centre
+    return shift + centre, (0.0 if variance < 0 else variance)
+
+
+@_jit(inline="always")
+def _gradient_terms(mean, var, weight, bias, eps, c, sum_d, sum_dxc, count, train, grad_weight,
+                    grad_bias):
+    """Channel c's parameter gradients from its sums of d and d (x - mean), written into
+    ``grad_weight``/``grad_bias``; returns the coefficients of its input gradient
+    ``dx = d gain + (x - mean) k_centred + k_offset`` as ``(gain, k_centred, k_offset)`` (the
+    last two 0 with fixed statistics). Every backward finishes its sums here."""
+    invstd, gain, _ = _channel_coefficients(mean, var, weight, bias, eps, c)
+    grad_weight[c] = sum_dxc * invstd
+    grad_bias[c] = sum_d
+    k_centred = -gain * invstd * invstd * sum_dxc / count if train else 0.0
+    k_offset = -gain * sum_d / count if train else 0.0
+    return gain, k_centred, k_offset
+
+
 @_jit()
 def running_update(running_mean, running_var, mean, var, bessel, momentum, out_mean, out_var):
     """The running-statistics update of ``batchnorm.core.running`` in one call: ``out`` receives
@@ -320,12 +345,8 @@ def _train_forward_channel(x, weight, bias, eps, act, rs, has_res, xs, outs, mea
     batch, channels, size = x.shape
     count = batch * size
     shift, s1, s2 = _plane_sums(x, c)
-    centre = s1 / count
-    variance = s2 / count - centre * centre
-    if variance < 0:
-        variance = 0.0
-    mean[c] = shift + centre  # stored in the compute dtype, as the backward will read them
-    var[c] = variance
+    # stored in the compute dtype, as the backward will read them
+    mean[c], var[c] = _moments(shift, s1, s2, count)
     _, scale, beta = _channel_coefficients(mean, var, weight, bias, eps, c)
     # the coefficients in the input's dtype
     mc = x.dtype.type(mean[c])
@@ -410,10 +431,7 @@ def _train_short_planes(x, weight, bias, eps, act, residual, has_res, out, mean,
     s1, s2 = _joined(columns1, columns2, size)
     count = batch * size
     for c in range(channels):
-        centre = s1[c] / count
-        variance = s2[c] / count - centre * centre
-        mean[c] = shift[c] + centre
-        var[c] = variance if not variance < 0 else 0.0  # NaN stays NaN
+        mean[c], var[c] = _moments(shift[c], s1[c], s2[c], count)
     m, s, b = _coefficients(x, mean, var, weight, bias, eps)
     _eval_short_planes(x, m, s, b, act, residual, has_res, out)
 
@@ -438,11 +456,9 @@ def _backward_short_planes(grad, x, residual, has_res, mean, var, weight, bias, 
     k_centred = np.empty(channels, dtype=x.dtype)
     k_offset = np.empty(channels, dtype=x.dtype)
     for c in range(channels):
-        invstd, scale, _ = _channel_coefficients(mean, var, weight, bias, eps, c)
-        grad_weight[c] = sum_dxc[c] * invstd
-        grad_bias[c] = sum_d[c]
-        k_centred[c] = -scale * invstd * invstd * sum_dxc[c] / count if train else 0.0
-        k_offset[c] = -scale * sum_d[c] / count if train else 0.0
+        _, k_centred[c], k_offset[c] = _gradient_terms(
+            mean, var, weight, bias, eps, c, sum_d[c], sum_dxc[c], count, train, grad_weight,
+            grad_bias)
     if not (need_input or need_residual):
         return
     _row_grad_input_block(gf, xf, rf, has_res, me, se, be, act, se, _repeated(k_centred, size),
@@ -604,19 +620,17 @@ def _backward_channel(grad, x, residual, has_res, mean, var, weight, bias, eps, 
     activation's gradient is applied inline)."""
     batch, _, size = x.shape
     count = batch * size
-    invstd, scale, beta = _channel_coefficients(mean, var, weight, bias, eps, c)
+    _, scale, beta = _channel_coefficients(mean, var, weight, bias, eps, c)
     # the coefficients in the input's dtype
     m = x.dtype.type(mean[c])
     s = x.dtype.type(scale)
     b = x.dtype.type(beta)
     sum_d, sum_dxc = _plane_grad_sums(grad, x, residual, has_res, c, mean[c], m, s, b, act,
                                       buffer)
-    grad_weight[c] = sum_dxc * invstd
-    grad_bias[c] = sum_d
+    _, k_centred, k_offset = _gradient_terms(mean, var, weight, bias, eps, c, sum_d, sum_dxc,
+                                             count, train, grad_weight, grad_bias)
     if not (need_input or need_residual):
         return
-    k_centred = -scale * invstd * invstd * sum_dxc / count if train else 0.0
-    k_offset = -scale * sum_d / count if train else 0.0
     _plane_grad_input(grad, x, residual, has_res, m, s, b, act, s, x.dtype.type(k_centred),
                       x.dtype.type(k_offset), need_input, grad_input, need_residual,
                       grad_residual, c)
@@ -742,10 +756,7 @@ def train_forward_rows(x, weight, bias, eps, act, residual, has_res, out, mean, 
         for k in range(blocks):
             t1 += s1[k, c]
             t2 += s2[k, c]
-        centre = t1 / rows
-        variance = t2 / rows - centre * centre
-        mean[c] = shift[c] + centre
-        var[c] = variance if not variance < 0 else 0.0  # NaN stays NaN
+        mean[c], var[c] = _moments(shift[c], t1, t2, rows)
     m, s, b = _coefficients(x, mean, var, weight, bias, eps)
     _normalize_rows(x, m, s, b, act, residual, has_res, out, blocks)
 
@@ -890,12 +901,8 @@ def backward_rows(
         for k in range(blocks):
             sum_d += s1[k, c]
             sum_dxc += s2[k, c]
-        invstd, scale, _ = _channel_coefficients(mean, var, weight, bias, eps, c)
-        grad_weight[c] = sum_dxc * invstd
-        grad_bias[c] = sum_d
-        gain[c] = scale
-        k_centred[c] = -scale * invstd * invstd * sum_dxc / rows if train else 0.0
-        k_offset[c] = -scale * sum_d / rows if train else 0.0
+        gain[c], k_centred[c], k_offset[c] = _gradient_terms(
+            mean, var, weight, bias, eps, c, sum_d, sum_dxc, rows, train, grad_weight, grad_bias)
     if not (need_input or need_residual):
         return
     if blocks == 1:
