@@ -96,11 +96,6 @@ def _train_grads(ctx, grad_out):
     args = (grad_out, x, mean, variance, weight, ctx.eps, needs)
     if mask is not None:
         args = (*args, mask)
-    if getattr(ctx, "checked", False):  # a common step: the backend reads them as they are
-        grads = _run_backward("train_backward", args, grad_out, x, None, ctx.backend,
-                              checked=True)
-        if grads is not None:
-            return grads  # (in the input's dtype: the common step takes float32 and float64)
     grads = _run_backward("train_backward", args, grad_out, x, mask,
                           getattr(ctx, "backend", None))
     return _cast_grads(grads, (x, weight, bias))
@@ -134,7 +129,11 @@ class _BatchNormTrainUpdate(torch.autograd.Function):
             _, _, finite = backend.updated_running_stats(
                 running_mean, running_var, mean, variance, momentum, count, in_place=True
             )
-        ctx.save_for_backward(x, weight, bias, mean, variance, mask)
+        if checked:  # (weight and bias are dense vectors of x's dtype: the backward's casts
+            # and mask have nothing to do, and bias no part in the gradients)
+            ctx.save_for_backward(x, weight, mean, variance)
+        else:
+            ctx.save_for_backward(x, weight, bias, mean, variance, mask)
         ctx.eps, ctx.backend, ctx.checked = eps, backend, checked
         if isinstance(finite, torch.Tensor):
             ctx.mark_non_differentiable(finite)
@@ -143,7 +142,39 @@ class _BatchNormTrainUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_finite):
+        if ctx.checked:
+            return (*_common_grads(ctx, grad_out), None)
         return (*_train_grads(ctx, grad_out), None)
+
+
+def common_backward_applies(grad_out) -> bool:
+    """Whether the backward of a common step (its backend accepted the step) runs on that
+    backend's ``backward_common``: a first-order backward (grad disabled), outside torch.func
+    transforms, of a gradient with memory of its own."""
+    return not (
+        torch.is_grad_enabled()
+        or transforms_active()
+        or is_functorch_wrapped(grad_out)
+        or is_legacy_batched(grad_out)
+    )
+
+
+def _common_grads(ctx, grad_out):
+    """(dx, dweight, dbias) of a common training step, which saved ``(x, weight, mean,
+    variance)``: the backend's own ``backward_common`` where it applies, else the general path
+    (double backward, a batched gradient), as :func:`_train_grads` takes it."""
+    if grad_out is None:
+        return None, None, None
+    x, weight, mean, variance = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    if common_backward_applies(grad_out):
+        return ctx.backend.backward_common(grad_out, x, mean, variance, weight, None, ctx.eps,
+                                           needs)
+    if torch.is_grad_enabled():
+        mean, variance = batch_moments(x, None)
+    grads = _run_backward("train_backward", (grad_out, x, mean, variance, weight, ctx.eps, needs),
+                          grad_out, x)
+    return _cast_grads(grads, (x, weight, weight))  # (bias has weight's dtype here)
 
 
 # The common training step applies the Function without ``Function.apply``'s Python wrapper,
@@ -212,15 +243,9 @@ class BatchNormEval(torch.autograd.Function):
         )
 
 
-def _run_backward(entry: str, args: tuple, grad_out, x, mask=None, backend=None,
-                  checked=False):
+def _run_backward(entry: str, args: tuple, grad_out, x, mask=None, backend=None):
     """Call a backward entry on the right backend (``backend``: the one the forward ran on,
     when it said; else chosen here).
-
-    ``checked``: the forward was the backend's common call (its tensors dense vectors of the
-    input's float32 or float64), so the backend's entry is told not to check them again; where
-    the backward does not run on that backend (double backward, a batched gradient) this
-    returns None and the caller asks again without it.
 
     Double backward (grad enabled) takes the eager path, whose operations autograd
     differentiates. A batched incoming gradient (a vmapped backward, as
@@ -235,11 +260,7 @@ def _run_backward(entry: str, args: tuple, grad_out, x, mask=None, backend=None,
         # batchnorm.modules.batchnorm on the cost of each call inside a model)
         transforms_active() or is_functorch_wrapped(grad_out) or is_legacy_batched(grad_out)
     ):
-        return getattr(backend, entry)(*args, checked=True) if checked else (
-            getattr(backend, entry)(*args)
-        )
-    if checked:
-        return None
+        return getattr(backend, entry)(*args)
     if is_opaque(grad_out) or transforms_active():
         args = tuple(
             a.detach() if isinstance(a, torch.Tensor) and not is_opaque(a) else a for a in args

@@ -378,14 +378,8 @@ def test_training_step_takes_the_common_path_only_for_dense_tensors(monkeypatch,
         with torch.no_grad():
             getattr(theirs, name).copy_(changed.to(getattr(theirs, name).dtype))
     answered = record_answers(monkeypatch, cpu, "train_common")
-    backward_checked = []
-    backward = cpu.train_backward
-
-    def backward_spy(*args, checked=False):
-        backward_checked.append(checked)
-        return backward(*args, checked=checked)
-
-    monkeypatch.setattr(cpu, "train_backward", backward_spy)
+    common_backward = record_answers(monkeypatch, cpu, "backward_common", lambda g: g is not None)
+    general_backward = record_answers(monkeypatch, cpu, "train_backward", lambda _: True)
     x = make_input((6, 5, 3, 4), torch.float32, layout, seed=4, scale=2.0, offset=0.5)
     g = make_input((6, 5, 3, 4), torch.float32, layout, seed=5)
     for _ in range(2):
@@ -403,8 +397,10 @@ def test_training_step_takes_the_common_path_only_for_dense_tensors(monkeypatch,
             (ours.running_mean, ours.running_var, ours.num_batches_tracked), versions,
             strict=True))
     assert answered == [0 if form is not None else 6 * 3 * 4] * 2
-    # the backward of a common step does not ask again either
-    assert backward_checked == ([form is None] * 2 if grad else [])
+    # the backward of a common step takes the backend's shortest path, asking only about the
+    # incoming gradient; any other step's takes the general one
+    assert common_backward == ([True] * 2 if grad and form is None else [])
+    assert general_backward == ([True] * 2 if grad and form is not None else [])
     assert int(ours.num_batches_tracked) == 2
     for key, value in theirs.state_dict().items():
         assert_close(ours.state_dict()[key].to(value.dtype), value, torch.float32)
@@ -436,3 +432,52 @@ def test_a_subclass_with_its_own_commit_keeps_it_on_every_step():
     module = Counting(3)
     module(torch.randn(4, 3, 2, 2))
     assert commits == [True] and int(module.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_common_step_backward_is_exact_and_composes(monkeypatch, layout):
+    """The common step's backward (the backend's shortest path) passes gradcheck and
+    gradgradcheck in float64, batched gradients included; double backward and a batched
+    incoming gradient leave it for the general path, and the first-order backward stays on it."""
+    from torch.autograd import gradcheck, gradgradcheck
+
+    from batchnorm.backends import cpu
+
+    module = batchnorm.BatchNorm2d(3, dtype=torch.float64)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.normal_()
+    x = make_input((4, 3, 2, 3), torch.float64, layout, seed=8).requires_grad_(True)
+    answered = record_answers(monkeypatch, cpu, "backward_common", lambda g: g is not None)
+    assert gradcheck(module, (x,), check_batched_grad=True)
+    assert answered and all(answered)
+    assert gradgradcheck(module, (x,), check_batched_grad=True)
+
+
+@pytest.mark.parametrize("form", ["expanded", "transposed", "other layout", "offset view"])
+def test_common_step_backward_reads_any_incoming_gradient_by_its_values(form):
+    """The incoming gradient is read as it is only when it has the input's dtype and strides;
+    any other form (the expanded gradient of a sum, a transposed view, the other memory
+    format) is conformed first; a view into a larger tensor is read from its own offset. The
+    gradients are torch's."""
+    ours, theirs = batchnorm.BatchNorm2d(3), nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    x = make_input((4, 3, 5, 5), torch.float32, seed=9, scale=2.0)
+    base = make_input((4, 3, 5, 5), torch.float32, seed=10)
+    grads = {
+        "expanded": torch.tensor(0.7).expand(4, 3, 5, 5),
+        "transposed": base.transpose(2, 3).contiguous().transpose(2, 3),
+        "other layout": base.contiguous(memory_format=torch.channels_last),
+        "offset view": torch.stack([-base, base])[1],
+    }
+    g = grads[form]
+    found = []
+    for module in (ours, theirs):
+        xr = x.clone().requires_grad_(True)
+        y = module(xr)
+        found.append(torch.autograd.grad(y, [xr, module.weight, module.bias], g))
+    for a, b in zip(*found, strict=True):
+        assert_close(a, b, torch.float32)

@@ -52,6 +52,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from batchnorm.autograd import common_backward_applies
 from batchnorm.core.checks import FLOATING_DTYPES, check_device
 from batchnorm.core.errors import BatchNormTypeError, BatchNormValueError
 from batchnorm.core.layout import accumulation_dtype, as_channel, values_per_channel
@@ -326,6 +327,15 @@ class _FusedBatchNormAct(torch.autograd.Function):
             return (None,) * 10
         x, residual, weight, bias, mean, variance = ctx.saved_tensors
         need_x, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
+        if ctx.checked and common_backward_applies(grad_out):
+            # a common step's (no residual; its tensors of x's dtype): the backend's shortest
+            # backward, for the activations its kernels fuse
+            grads = ctx.backend.backward_common(
+                grad_out, x, mean, variance, weight, bias, ctx.eps,
+                (need_x, need_weight, need_bias), ctx.activation,
+            )
+            if grads is not None:
+                return (grads[0], None, grads[1], grads[2], None, None, None, None, None, None)
         if torch.is_grad_enabled():  # double backward: differentiate the composed form
             grads = _composed_gradients(ctx, grad_out, x, residual, weight, bias, mean, variance)
         else:

@@ -508,10 +508,54 @@ def train_common(x, weight, bias, running_mean, running_var, tracked=None) -> in
     return count if count > 1 else 0
 
 
-def train_backward(grad_out, x, mean, variance, weight, eps, needs, checked=False):
-    """``checked``: the forward was :func:`train_common`'s (see :func:`backward`)."""
-    return backward(grad_out, x, mean, variance, weight, None, eps, needs, train=True,
-                    checked=checked)[:3]
+def backward_common(grad_out, x, mean, variance, weight, bias, eps, needs,
+                    activation="identity"):
+    """The backward of a common training step (:func:`train_common` accepted ``x``,
+    ``weight`` and ``bias``; ``mean`` and ``variance`` are the batch statistics its kernel
+    wrote; ``bias`` may be None without an activation, which alone reads it): ``(dx,
+    dweight, dbias)`` of ``f(BN(x))`` for an activation the kernels fuse, or
+    None for one they do not (then :func:`backward` answers, with ``checked=True``). Only the
+    incoming gradient is asked about, and it is read as it is when it has the input's dtype
+    and strides, as autograd hands it over in a model.
+
+    The shortest path from autograd to the kernel: inside a model each Python call and tensor
+    query here runs with cold caches (see ``batchnorm.modules.batchnorm``), and the general
+    :func:`backward` spent more on them than its kernel took (torchvision's densenet121 at
+    batch 4, layers of 4x128x6x6: 36 us of checks, allocations and arguments beside a 30 us
+    kernel call, where torch's whole backward took 30)."""
+    act = kernels.ACTIVATIONS.get(activation)
+    if act is None:
+        return None
+    need_input, need_weight, need_bias = needs
+    shape = x.shape
+    batch, channels = shape[0], shape[1]
+    numel = x.numel()
+    size = numel // (batch * channels)
+    planes = size > 1 and x.is_contiguous()
+    if not (
+        grad_out.dtype is x.dtype
+        and grad_out.shape == shape
+        and grad_out.stride() == x.stride()  # dense like x (dense), in its layout
+        and grad_out.is_cpu
+        and not grad_out.is_neg()
+    ):
+        grad_out = _conformed(grad_out, x, _layout(x))
+    grad_input = torch.empty_like(x) if need_input else None
+    grad_weight = torch.empty(channels, dtype=x.dtype)
+    grad_bias = torch.empty(channels, dtype=x.dtype)
+    xp = x.data_ptr()
+    _run(
+        kernels.backward_at, numel, channels if planes else batch * size, _LIKE[x.dtype], batch,
+        channels, size, planes, grad_out.data_ptr(), xp, xp, False, mean.data_ptr(),
+        variance.data_ptr(), weight.data_ptr(), channels, _address(bias), _length(bias), eps, act,
+        True, need_input, xp if grad_input is None else grad_input.data_ptr(), xp, False,
+        grad_weight.data_ptr(), grad_bias.data_ptr(),
+    )
+    return (grad_input, grad_weight if need_weight else None, grad_bias if need_bias else None)
+
+
+def train_backward(grad_out, x, mean, variance, weight, eps, needs):
+    return backward(grad_out, x, mean, variance, weight, None, eps, needs, train=True)[:3]
 
 
 def eval_backward(grad_out, x, mean, variance, weight, eps, needs):
