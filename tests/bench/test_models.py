@@ -146,12 +146,32 @@ def test_per_call_times_time_each_batch_norm_inside_the_model():
     ticks = iter(range(10**6))
     rows = models.per_call_times("tiny", model, x, rounds=3, clock=lambda: float(next(ticks)))
     assert {(r.mode, r.size, r.layers) for r in rows} == {
-        ("train", (2, 8, 6, 6), 2), ("eval", (2, 8, 6, 6), 2)}
+        ("train", (2, 8, 6, 6), 2), ("backward", (2, 8, 6, 6), 2), ("eval", (2, 8, 6, 6), 2)}
     for row in rows:  # a fake clock that ticks once per reading: every interval is positive
         assert row.torch_us > 0 and row.ours_us > 0
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     table = models.format_call_times(rows)
     assert "| tiny | train | 2x8x6x6 | 2 |" in table and "all calls of a forward" in table
+    assert "| tiny | backward | 2x8x6x6 | 2 |" in table
+    assert "| tiny | train+backward | **all calls of a training step** | 2 |" in table
+
+
+def test_backward_span_covers_every_node_a_layer_records():
+    """The backward of a layer is timed from the node of its output to the earliest node its
+    forward recorded: one node for a batch norm Function, two for batch norm then an
+    activation; nothing before the layer's input, and no parameter's accumulator."""
+    conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+    x = torch.randn(2, 3, 5, 5)
+    h = conv(x)
+    y = bn(h)
+    assert models._backward_span(y, h) == (y.grad_fn, y.grad_fn)
+    z = torch.relu(bn(h))
+    first, last = models._backward_span(z, h)
+    assert first is z.grad_fn and last is z.grad_fn.next_functions[0][0]
+    assert type(last).__name__.startswith("NativeBatchNorm")
+    with torch.no_grad():
+        assert models._backward_span(bn(h), h) is None
+
 
 
 def test_cli_per_call(monkeypatch, capsys):

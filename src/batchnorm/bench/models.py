@@ -480,6 +480,16 @@ def format_call_times(rows: list[CallTimes]) -> str:
             f"{sum(r.layers for r in group)} | {theirs:.0f} | {ours:.0f} | "
             f"**{ours / theirs:.2f}** |"
         )
+    for model in dict.fromkeys(row.model for row in rows):
+        step = [r for r in rows if r.model == model and r.mode in ("train", "backward")]
+        if {r.mode for r in step} == {"train", "backward"}:
+            theirs = sum(r.layers * r.torch_us for r in step)
+            ours = sum(r.layers * r.ours_us for r in step)
+            lines.append(
+                f"| {model} | train+backward | **all calls of a training step** | "
+                f"{sum(r.layers for r in step if r.mode == 'train')} | {theirs:.0f} | "
+                f"{ours:.0f} | **{ours / theirs:.2f}** |"
+            )
     return "\n".join(lines)
 
 
