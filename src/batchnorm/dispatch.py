@@ -20,7 +20,10 @@ The common calls of a module (an eval forward, a training step) ask :func:`commo
 instead, which answers for the CPU kernels in a few questions; their ``eval_common`` and
 ``train_common`` then accept the tensors whole or decline, and a declined call comes back to
 :func:`select_backend` through the general path (``batchnorm.functional.normalize_common`` and
-``train_common``). Inside a model each question costs microseconds (BENCHMARKS.md).
+``train_common``; the fused layers of ``batchnorm.modules.norm_act`` ask the same questions
+through ``batchnorm.functional.common_step``, their activation included). The backward of an
+accepted step runs on the same backend's ``backward_common``, which asks only about the
+incoming gradient. Inside a model each question costs microseconds (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -532,14 +532,48 @@ def test_prefetching_rows_changes_no_value(act, has_res, dtype):
     for prefetch in (False, True):
         s1, s2 = np.zeros(channels), np.zeros(channels)
         kernels._row_grad_sums(grad, x, residual, has_res, m, m, s, b, act, 3, rows, s1, s2,
-                               prefetch, 5)
+                               prefetch, 5, 0, channels)
         grad_input, grad_residual = np.empty_like(x), np.empty_like(x)
         kernels._row_grad_input_block(grad, x, residual, has_res, m, s, b, act, gain, k_centred,
                                       k_offset, True, grad_input, True, grad_residual, 0, rows,
-                                      prefetch, 5)
+                                      prefetch, 5, 0, channels)
         results.append((s1, s2, grad_input, grad_residual))
     for without, with_hints in zip(*results, strict=True):
         np.testing.assert_array_equal(without, with_hints)
+
+
+@pytest.mark.parametrize("act", [kernels.IDENTITY, kernels.RELU])
+def test_rows_passes_over_a_column_range_touch_only_those_columns(act):
+    """Each rows pass given columns [lo, hi) (one thread's channels of short planes) reads and
+    writes those columns alone, with the values the pass over every column gives them."""
+    rng = np.random.default_rng(5)
+    rows, columns, lo, hi = 45, 29, 6, 21
+    x, grad, residual = (rng.standard_normal((rows, columns)).astype(np.float32)
+                         for _ in range(3))
+    m, s, b, gain, k_centred, k_offset = (rng.standard_normal(columns).astype(np.float32)
+                                          for _ in range(6))
+    shift = rng.standard_normal(columns)
+
+    def passes(first, last):
+        found = [np.full(columns, -7.0) for _ in range(4)]
+        kernels._row_sums(x, shift, 0, rows, found[0], found[1], first, last)
+        kernels._row_grad_sums(grad, x, residual, True, m, m, s, b, act, 0, rows, found[2],
+                               found[3], False, 1, first, last)
+        out, grad_input, grad_residual = (np.full_like(x, -7.0) for _ in range(3))
+        kernels._normalize_row_block(x, m, s, b, act, residual, True, out, 0, rows, first, last)
+        kernels._row_grad_input_block(grad, x, residual, True, m, s, b, act, gain, k_centred,
+                                      k_offset, True, grad_input, True, grad_residual, 0, rows,
+                                      False, 1, first, last)
+        return found, [out, grad_input, grad_residual]
+
+    every, every_2d = passes(0, columns)
+    ranged, ranged_2d = passes(lo, hi)
+    for whole, part in zip(every, ranged, strict=True):
+        np.testing.assert_array_equal(part[lo:hi], whole[lo:hi])
+        assert (part[:lo] == -7.0).all() and (part[hi:] == -7.0).all()
+    for whole, part in zip(every_2d, ranged_2d, strict=True):
+        np.testing.assert_array_equal(part[:, lo:hi], whole[:, lo:hi])
+        assert (part[:, :lo] == -7.0).all() and (part[:, hi:] == -7.0).all()
 
 
 def test_prefetch_is_chosen_for_relu_gradients_past_the_cache():

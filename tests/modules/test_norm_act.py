@@ -104,11 +104,16 @@ def test_large_input_on_the_parallel_kernels():
     _check((2, 8, 30, 30), "contiguous", torch.float32, "gelu", False, 5)  # planes over 512
 
 
-@pytest.mark.parametrize("shape", [(4, 64, 3, 3), (3, 50, 2, 2), (8, 1200, 3, 3)])
+@pytest.mark.parametrize(
+    "shape", [(4, 64, 3, 3), (3, 50, 2, 2), (8, 1200, 3, 3), (4100, 5, 2, 2), (8, 600, 4, 4)]
+)
 def test_short_planes(shape):
     """Planes of at most ``SHORT_PLANE`` values: training and eval run each sample as one flat
-    run on the calling thread (the first two shapes), by segments on the parallel path (the
-    last); ReLU and the residual included."""
+    run on the calling thread (the first two shapes); on the parallel path (the others, over
+    ``SERIAL_BELOW`` values) the training forward and backward give each thread a range of
+    channels, uneven ones included (five channels on two threads), up to
+    ``SHORT_PLANE_PARALLEL`` values a plane, and run 4x4 planes by segments; ReLU and the
+    residual included."""
     from batchnorm.backends.cpu import kernels
 
     assert shape[2] * shape[3] <= kernels.SHORT_PLANE

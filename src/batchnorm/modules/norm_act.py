@@ -16,6 +16,12 @@ backward recomputes the pre-activation from the saved input instead of storing a
 Elsewhere (eager, reference, a forced backend, double backward, leaky ReLU) the same result is
 composed from the plain batch norm and torch's activation.
 
+The calls a model makes most take plain batch norm's shortest paths (``batchnorm.modules.
+batchnorm``): an eval forward and a training step with running statistics are each accepted
+whole by the backend and computed in one call (for a training step: output, batch statistics,
+running statistics and the count of batches), and that step's backward, for identity and ReLU,
+asks only about the incoming gradient before its kernel.
+
 In-place activated batch norm (``inplace=True``, after Rota Bulo et al. 2018, "In-Place Activated
 BatchNorm"): the output is written over the input and is the only full-size tensor kept for the
 backward, with the per-channel :math:`1/\sqrt{\sigma^2+\epsilon}`, :math:`\gamma` and
