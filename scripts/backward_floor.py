@@ -14,7 +14,8 @@ part of our backward:
   Python Function's backward: the floor of any backward written in Python);
 - ``stages``: our common backward with a clock read between its steps.
 
-Usage: ``python scripts/backward_floor.py [full|no-kernel|no-work|stages] [rounds]``
+Usage: ``python scripts/backward_floor.py [full|no-kernel|no-work|stages] [rounds] [channels]
+[side]`` (defaults: full, 60 rounds, 128 channels of 6x6).
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ from batchnorm.bench.models import _backward_span
 CHANNELS, SIDE, LAYERS = 128, 6, 6
 
 
-def _model() -> nn.Sequential:
+def _model(channels: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(LAYERS):
-        layers += [nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1), nn.BatchNorm2d(CHANNELS)]
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)]
     return nn.Sequential(*layers)
 
 
@@ -99,10 +100,10 @@ def _staged(stages: dict):
     return backward_common
 
 
-def main(mode: str = "full", rounds: int = 60) -> None:
+def main(mode: str = "full", rounds: int = 60, channels: int = CHANNELS, side: int = SIDE) -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    theirs, ours = _model(), batchnorm.convert(_model())
+    theirs, ours = _model(channels), batchnorm.convert(_model(channels))
     spent: dict[str, list[float]] = {}
     stages: dict[str, list[float]] = {}
     _instrument(theirs, "torch", spent)
@@ -116,13 +117,13 @@ def main(mode: str = "full", rounds: int = 60) -> None:
         cpu.backward_common = _staged(stages)
     elif mode != "full":
         raise SystemExit(f"unknown mode {mode!r}: full, no-kernel, no-work or stages")
-    x = torch.randn(4, CHANNELS, SIDE, SIDE)
+    x = torch.randn(4, channels, side, side)
     for r in range(rounds):
         for model in ((theirs, ours) if r % 2 else (ours, theirs)):
             model(x).sum().backward()
     half = LAYERS * rounds // 2  # the first half of the rounds is warm-up
-    print(f"{mode}: median us per batch norm backward, {LAYERS} layers x {rounds} steps "
-          "(second half)")
+    print(f"{mode}: median us per batch norm backward of 4x{channels}x{side}x{side}, {LAYERS} "
+          f"layers x {rounds} steps (second half)")
     for name in ("torch", "ours"):
         print(f"  {name:5s} {statistics.median(spent[name][half:]) * 1e6:7.1f}")
     for name, values in stages.items():
@@ -130,5 +131,5 @@ def main(mode: str = "full", rounds: int = 60) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "full",
-         int(sys.argv[2]) if len(sys.argv) > 2 else 60)
+    arguments = sys.argv[1:]
+    main(arguments[0] if arguments else "full", *(int(a) for a in arguments[1:4]))
