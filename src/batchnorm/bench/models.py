@@ -473,24 +473,22 @@ def format_call_times(rows: list[CallTimes]) -> str:
                 f"| {model} | {mode} | {'x'.join(map(str, row.size))} | {row.layers} | "
                 f"{row.torch_us:.1f} | {row.ours_us:.1f} | {row.ours_us / row.torch_us:.2f} |"
             )
-        theirs = sum(r.layers * r.torch_us for r in group)
-        ours = sum(r.layers * r.ours_us for r in group)
-        lines.append(
-            f"| {model} | {mode} | **all calls of a forward** | "
-            f"{sum(r.layers for r in group)} | {theirs:.0f} | {ours:.0f} | "
-            f"**{ours / theirs:.2f}** |"
-        )
+        lines.append(_total_line(model, mode, "all calls of a forward", group,
+                                 sum(r.layers for r in group)))
     for model in dict.fromkeys(row.model for row in rows):
         step = [r for r in rows if r.model == model and r.mode in ("train", "backward")]
         if {r.mode for r in step} == {"train", "backward"}:
-            theirs = sum(r.layers * r.torch_us for r in step)
-            ours = sum(r.layers * r.ours_us for r in step)
-            lines.append(
-                f"| {model} | train+backward | **all calls of a training step** | "
-                f"{sum(r.layers for r in step if r.mode == 'train')} | {theirs:.0f} | "
-                f"{ours:.0f} | **{ours / theirs:.2f}** |"
-            )
+            lines.append(_total_line(model, "train+backward", "all calls of a training step",
+                                     step, sum(r.layers for r in step if r.mode == "train")))
     return "\n".join(lines)
+
+
+def _total_line(model: str, mode: str, label: str, rows: list[CallTimes], layers: int) -> str:
+    """A table line summing ``rows``' time over all their calls, ours/torch in bold."""
+    theirs = sum(r.layers * r.torch_us for r in rows)
+    ours = sum(r.layers * r.ours_us for r in rows)
+    return (f"| {model} | {mode} | **{label}** | {layers} | {theirs:.0f} | {ours:.0f} | "
+            f"**{ours / theirs:.2f}** |")
 
 
 def distinct_shapes(specs: list[ModelSpec]) -> list:
