@@ -296,30 +296,9 @@ class _FusedBatchNormAct(torch.autograd.Function):
     def forward(ctx, x, residual, weight, bias, mean, variance, eps, activation, backend,
                 update):
         ctx.train = mean is None
-        ctx.checked = False
-        finite = None
-        one_call = getattr(backend, "train_forward_update", None) if update is not None else None
-        if one_call is not None:  # the output and both statistics in one backend call
-            running_mean, running_var, momentum, count, checked, tracked = update
-            y, mean, variance, finite = one_call(
-                x, weight, bias, eps, running_mean, running_var, momentum, count,
-                **({"checked": True, "tracked": tracked} if checked else {}),
-                activation=activation, residual=residual,
-            )
-            ctx.checked = checked
-        else:
-            y, batch_mean, batch_var = backend.forward(
-                x, weight, bias, eps, mean=mean, variance=variance, activation=activation,
-                residual=residual,
-            )
-            if ctx.train:
-                mean, variance = batch_mean, batch_var
-                if update is not None:
-                    running_mean, running_var, momentum, count = update[:4]
-                    _, _, finite = backend.updated_running_stats(
-                        running_mean, running_var, mean, variance, momentum, count,
-                        in_place=True,
-                    )
+        y, mean, variance, finite, ctx.checked = _fused_forward(
+            x, residual, weight, bias, mean, variance, eps, activation, backend, update
+        )
         if isinstance(finite, torch.Tensor):
             ctx.mark_non_differentiable(finite)
         ctx.save_for_backward(x, residual, weight, bias, mean, variance)
@@ -358,6 +337,35 @@ class _FusedBatchNormAct(torch.autograd.Function):
             for g, t in zip(grads, (x, residual, weight, bias), strict=True)
         )
         return (*grads, None, None, None, None, None, None)
+
+
+def _fused_forward(x, residual, weight, bias, mean, variance, eps, activation, backend, update):
+    """The forward of :class:`_FusedBatchNormAct` (its arguments), with or without autograd:
+    ``(y, mean, variance, finite, checked)``, the statistics the backward reads (the batch's,
+    or the given ones), ``finite`` the update's flag (None without an update) and ``checked``
+    whether the backend took the call as its common one."""
+    one_call = getattr(backend, "train_forward_update", None) if update is not None else None
+    if one_call is not None:  # the output and both statistics in one backend call
+        running_mean, running_var, momentum, count, checked, tracked = update
+        y, mean, variance, finite = one_call(
+            x, weight, bias, eps, running_mean, running_var, momentum, count,
+            **({"checked": True, "tracked": tracked} if checked else {}),
+            activation=activation, residual=residual,
+        )
+        return y, mean, variance, finite, checked
+    y, batch_mean, batch_var = backend.forward(
+        x, weight, bias, eps, mean=mean, variance=variance, activation=activation,
+        residual=residual,
+    )
+    finite = None
+    if mean is None:
+        mean, variance = batch_mean, batch_var
+        if update is not None:
+            running_mean, running_var, momentum, count = update[:4]
+            _, _, finite = backend.updated_running_stats(
+                running_mean, running_var, mean, variance, momentum, count, in_place=True
+            )
+    return y, mean, variance, finite, False
 
 
 # The common training step applies the Function with torch's own apply, without
@@ -475,31 +483,17 @@ class _BatchNormAct(_BatchNorm):
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in arguments[:4]
         )
-        if needs_grad:
-            update = None
-            if momentum is not None:  # the running statistics are updated in the Function
-                buffers = self._buffers
-                update = (buffers["running_mean"], buffers["running_var"], momentum,
-                          values_per_channel(input), False, None)
-            y, finite = _FusedBatchNormAct.apply(*arguments, backend, update)
-            if update is not None:
-                self._commit_running_stats(update[0], update[1], finite)
-            return y
-        one_call = getattr(backend, "train_forward_update", None)
-        if momentum is not None and one_call is not None:  # as _FusedBatchNormAct's forward
+        update = None
+        if momentum is not None:  # the running statistics are updated by the same forward
             buffers = self._buffers
-            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-            y, _, _, finite = one_call(
-                input, weight, bias, self.eps, running_mean, running_var, momentum,
-                values_per_channel(input), activation=self.activation, residual=residual,
-            )
-            self._commit_running_stats(running_mean, running_var, finite)
-            return y
-        y, mean, variance = backend.forward(
-            input, weight, bias, self.eps, mean=stats[0], variance=stats[1],
-            activation=self.activation, residual=residual,
-        )
-        self._update_running_stats(input, mean, variance, momentum)
+            update = (buffers["running_mean"], buffers["running_var"], momentum,
+                      values_per_channel(input), False, None)
+        if needs_grad:
+            y, finite = _FusedBatchNormAct.apply(*arguments, backend, update)
+        else:
+            y, _, _, finite, _ = _fused_forward(*arguments, backend, update)
+        if update is not None:
+            self._commit_running_stats(update[0], update[1], finite)
         return y
 
     def _common_step(self, input: torch.Tensor) -> torch.Tensor | None:
@@ -517,16 +511,12 @@ class _BatchNormAct(_BatchNorm):
         if step is None:
             return None
         backend, count = step
+        arguments = (input, None, weight, bias, None, None, self.eps, self.activation, backend,
+                     (running_mean, running_var, self.momentum, count, True, tracked))
         if wants_grad(input, weight, bias):
-            update = (running_mean, running_var, self.momentum, count, True, tracked)
-            y, finite = _apply_fused_step(
-                input, None, weight, bias, None, None, self.eps, self.activation, backend, update
-            )
+            y, finite = _apply_fused_step(*arguments)
         else:
-            y, _, _, finite = backend.train_forward_update(
-                input, weight, bias, self.eps, running_mean, running_var, self.momentum, count,
-                checked=True, tracked=tracked, activation=self.activation,
-            )
+            y, _, _, finite, _ = _fused_forward(*arguments)
         if finite is not True:  # (a finite batch is counted by the same call)
             self._commit_running_stats(running_mean, running_var, finite)
         return y
