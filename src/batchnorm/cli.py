@@ -89,7 +89,9 @@ def _bench_models(args: argparse.Namespace) -> int:
     def progress(row) -> None:
         print(f"{row.name:32s} {'x'.join(map(str, row.input_size)):12s} "
               f"train ours/torch {row.train.ours_vs_torch} A/A {row.train.control} "
+              f"({models.verdict(row.train.ours_vs_torch, row.train.control)}) "
               f"BN time {row.train.batch_norm_time}; eval ours/torch {row.eval.ours_vs_torch} "
+              f"({models.verdict(row.eval.ours_vs_torch, row.eval.control)}) "
               f"torch step {row.train.torch_s:.3f} s", flush=True)
 
     import time

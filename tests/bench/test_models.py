@@ -50,6 +50,8 @@ def test_measure_times_four_variants_and_reports_ratios():
     assert "| tiny | 2x3x6x6 | 2 (1) | train |" in table
     assert "| tiny | 2x3x6x6 | 2 (1) | eval |" in table
     assert "A/A control" in table and "BN time ours/torch" in table
+    # two rounds: no interval, so no verdict
+    assert "| not judged |" in table
 
 
 def test_summarize_computes_per_round_ratios():
@@ -63,6 +65,32 @@ def test_summarize_computes_per_round_ratios():
     # batch norm's own time: (0.4, 0.6, 0.7) over (0.5, 1.0, 0.5)
     assert result.batch_norm_time.median == pytest.approx(0.8)
     assert result.batch_norm_time.high == pytest.approx(1.4)
+
+
+def _ratio(values):
+    return models.Ratio.of(list(values))
+
+
+def test_ratio_carries_the_rank_interval_of_its_median():
+    ratio = _ratio([0.9 + 0.01 * i for i in range(21)])
+    assert (ratio.interval_low, ratio.interval_high) == pytest.approx((0.95, 1.05))
+    assert "[0.95, 1.05]" in str(ratio)
+    assert math.isnan(_ratio([1.0, 1.1]).interval_low) and "[" not in str(_ratio([1.0, 1.1]))
+
+
+def test_verdict_follows_the_rule_fixed_before_the_run():
+    level_control = _ratio([0.97 + 0.003 * i for i in range(21)])  # interval holds 1
+    slower = _ratio([1.02 + 0.01 * i for i in range(21)])
+    faster = _ratio([0.80 + 0.01 * i for i in range(21)])
+    level = _ratio([0.95 + 0.005 * i for i in range(21)])
+    assert models.verdict(slower, level_control) == models.SLOWER
+    assert models.verdict(faster, level_control) == models.FASTER
+    assert models.verdict(level, level_control) == models.LEVEL
+    # an A/A control that sees two identical models differ: the run is not judged
+    assert models.verdict(slower, _ratio([1.05 + 0.01 * i for i in range(21)])) == (
+        models.NOT_JUDGED)
+    # too few rounds for an interval
+    assert models.verdict(_ratio([1.5, 1.6, 1.7]), level_control) == models.NOT_JUDGED
 
 
 def test_batch_norm_time_without_a_positive_torch_time_is_nan():

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import mmap
+import random
+import statistics
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from batchnorm.bench.timing import compare
+from batchnorm.bench.timing import compare, median_interval
 
 PAGES = 64
 
@@ -45,3 +50,32 @@ def test_ratio_is_candidate_over_baseline():
     result = compare(slow, fast, rounds=5, warmup=1)
     assert result.median_ratio > 5
     assert result.candidate_median_s > result.baseline_median_s
+
+
+def test_median_interval_takes_the_ranks_of_the_exact_binomial_coverage():
+    # n = 21: P(Bin(21, 1/2) <= 5) = 27896 / 2^21, coverage 0.973; rank 7 would give 0.922
+    assert median_interval(list(range(1, 22))) == (6, 16)
+    # n = 31: ranks 10 and 22 (coverage 0.971; 11 and 21 would give 0.929)
+    assert median_interval(list(range(31, 0, -1))) == (10, 22)  # order of the draws is free
+    assert median_interval(list(range(1, 7))) == (1, 6)  # n = 6: 1 - 2/64 = 0.969
+    assert all(math.isnan(v) for v in median_interval([1.0, 2.0, 3.0, 4.0, 5.0]))  # 0.9375
+
+
+@given(st.lists(st.floats(0.01, 100.0), min_size=6, max_size=60))
+def test_median_interval_holds_the_sample_median(values):
+    low, high = median_interval(values)
+    assert low <= statistics.median(values) <= high
+
+
+def test_median_interval_covers_the_true_median_at_least_as_often_as_stated():
+    # heavy-tailed ratios like a noisy host's (lognormal, median exactly 1): the rank interval
+    # must cover 1 in at least 95% of samples (exact: 97.1% at n = 31), a t-interval on the
+    # mean would not aim at the median at all
+    draws = random.Random(0)
+    covered = 0
+    trials = 2000
+    for _ in range(trials):
+        sample = [math.exp(draws.gauss(0.0, 0.5)) for _ in range(31)]
+        low, high = median_interval(sample)
+        covered += low <= 1.0 <= high
+    assert 0.95 <= covered / trials <= 0.99

@@ -15,7 +15,11 @@ one model are timed, interleaved in a shuffled order every round:
 
 A training step is forward, cross-entropy loss, backward and an SGD step; the eval forward runs
 under ``torch.no_grad``. Every ratio is the median of per-round ratios (both sides of a ratio
-come from the same round), with the smallest and largest per-round value as its spread.
+come from the same round), with a 95% interval for it from ranks (it assumes nothing of the
+ratios' distribution, whose tails a burst of load on the host makes heavy) and the smallest and
+largest per-round value as its spread. Each ratio of ours to torch gets a verdict by a rule
+written before any run (:func:`verdict`): slower, faster or level by its interval, once the A/A
+control's interval holds 1.
 
 The model zoos are imported through ``batchnorm.bench.zoo`` (see there why torchvision needs
 help beside the CPU build of torch); :func:`measure` takes any model, so the tests use a small
@@ -25,6 +29,7 @@ one of their own.
 from __future__ import annotations
 
 import copy
+import math
 import random
 import statistics
 import time
@@ -36,6 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm.bench.timing import median_interval
 from batchnorm.convert import convert
 
 VARIANTS = ("torch", "torch (copy)", "ours", "no batch norm")
@@ -188,18 +194,47 @@ def interleaved_times(
 
 @dataclass(frozen=True)
 class Ratio:
-    """The median of per-round ratios and their smallest and largest value."""
+    """The median of per-round ratios, its 95% interval (``batchnorm.bench.timing.
+    median_interval``: nan with fewer than six rounds) and the smallest and largest per-round
+    value."""
 
     median: float
     low: float
     high: float
+    interval_low: float = math.nan
+    interval_high: float = math.nan
 
     @classmethod
     def of(cls, values: list[float]) -> Ratio:
-        return cls(statistics.median(values), min(values), max(values))
+        return cls(statistics.median(values), min(values), max(values),
+                   *median_interval(values))
 
     def __str__(self) -> str:
-        return f"{self.median:.2f} ({self.low:.2f}-{self.high:.2f})"
+        if math.isnan(self.interval_low):
+            return f"{self.median:.2f} ({self.low:.2f}-{self.high:.2f})"
+        return (f"{self.median:.2f} [{self.interval_low:.2f}, {self.interval_high:.2f}] "
+                f"({self.low:.2f}-{self.high:.2f})")
+
+
+# The verdict on a whole-model ratio, fixed before any run: the A/A control first (two identical
+# models must time alike, or the run's order or the host favoured one position, and no ratio of
+# that run is judged), then our model against torch's by the 95% interval of the median ratio.
+SLOWER, FASTER, LEVEL, NOT_JUDGED = "slower", "faster", "level", "not judged"
+
+
+def verdict(ours_vs_torch: Ratio, control: Ratio) -> str:
+    """``slower`` where the interval of ours/torch lies above 1, ``faster`` where below,
+    ``level`` where it holds 1; ``not judged`` where the A/A control's interval excludes 1 or
+    either has no interval (too few rounds)."""
+    if any(math.isnan(v) for v in (ours_vs_torch.interval_low, control.interval_low)):
+        return NOT_JUDGED
+    if not control.interval_low <= 1.0 <= control.interval_high:
+        return NOT_JUDGED
+    if ours_vs_torch.interval_low > 1.0:
+        return SLOWER
+    if ours_vs_torch.interval_high < 1.0:
+        return FASTER
+    return LEVEL
 
 
 @dataclass(frozen=True)
@@ -311,13 +346,17 @@ def run_models(
 
 def format_rows(rows: list[ModelRow]) -> str:
     lines = [
-        "Ratios: median of per-round ratios (smallest-largest round). A/A: a second copy of "
-        "torch's model over the first. BN time: step minus the step with every batch norm "
-        "replaced by Identity.",
+        "Ratios: median of per-round ratios [its 95% interval, from ranks] (smallest-largest "
+        "round). A/A: a second copy of torch's model over the first. BN time: step minus the "
+        "step with every batch norm replaced by Identity. Verdict (rule fixed before the run): "
+        "not judged where the A/A interval excludes 1 or there are fewer than six rounds; else "
+        "slower or faster where the ours/torch interval lies above or below 1, level where it "
+        "holds 1.",
         "",
         "| model | input | BNs (ours) | mode | torch (ms) | ours (ms) | no BN (ms) "
-        "| ours/torch | A/A control | BN share torch | BN share ours | BN time ours/torch |",
-        "|---|---|---|---|---:|---:|---:|---|---|---|---|---|",
+        "| ours/torch | A/A control | verdict | BN share torch | BN share ours "
+        "| BN time ours/torch |",
+        "|---|---|---|---|---:|---:|---:|---|---|---|---|---|---|",
     ]
     for row in rows:
         for mode, result in (("train", row.train), ("eval", row.eval)):
@@ -325,8 +364,10 @@ def format_rows(rows: list[ModelRow]) -> str:
                 f"| {row.name} | {'x'.join(map(str, row.input_size))} | "
                 f"{row.batch_norms} ({row.converted}) | {mode} | {result.torch_s * 1e3:.1f} | "
                 f"{result.ours_s * 1e3:.1f} | {result.no_batch_norm_s * 1e3:.1f} | "
-                f"{result.ours_vs_torch} | {result.control} | {result.torch_share.median:.0%} | "
-                f"{result.ours_share.median:.0%} | {result.batch_norm_time} |"
+                f"{result.ours_vs_torch} | {result.control} | "
+                f"{verdict(result.ours_vs_torch, result.control)} | "
+                f"{result.torch_share.median:.0%} | {result.ours_share.median:.0%} | "
+                f"{result.batch_norm_time} |"
             )
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ between processes: the counts show when a ratio is an allocator effect rather th
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import time
@@ -31,6 +32,28 @@ class Comparison:
     # does not count them)
     candidate_faults: float | None = None
     baseline_faults: float | None = None
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of the population ``values`` were drawn
+    from: the order statistics ``x_(k) <= x_(n + 1 - k)`` with the largest ``k`` whose
+    coverage ``1 - 2 P(Binomial(n, 1/2) < k)`` is at least ``confidence`` (exact, whatever the
+    distribution, for independent draws). Per-round timing ratios have heavy tails (a burst of
+    load on the host lands in one round), which a t-interval on their mean would let decide;
+    ranks are not moved by them. ``(nan, nan)`` where no such pair exists (fewer than six
+    values at 95%)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    below = 0.0  # P(Binomial(n, 1/2) < k), for k = 1, 2, ...
+    best = 0
+    for k in range(1, n // 2 + 1):
+        below += math.comb(n, k - 1) / 2.0**n
+        if 1.0 - 2.0 * below < confidence:
+            break
+        best = k
+    if best == 0:
+        return math.nan, math.nan
+    return ordered[best - 1], ordered[n - best]
 
 
 def _minor_faults() -> int | None:
