@@ -12,10 +12,15 @@ part of our backward:
 - ``no-kernel``: everything but the kernel (its entry point replaced by a no-op);
 - ``no-work``: the autograd Function's backward returns at once (autograd's own cost of a
   Python Function's backward: the floor of any backward written in Python);
-- ``stages``: our common backward with a clock read between its steps.
+- ``stages``: our common backward with a clock read between its steps;
+- ``lean``: the shortest backward a Python Function could have: no question asked of the
+  incoming gradient or the context, the kernel's arguments taken at forward time (a
+  per-layer table filled then), dx the only allocation (dweight and dbias written into
+  buffers made once), then the kernel; ``lean-no-kernel``: the same without the kernel. What
+  remains over torch is the Function and the kernel call themselves.
 
-Usage: ``python scripts/backward_floor.py [full|no-kernel|no-work|stages] [rounds] [channels]
-[side]`` (defaults: full, 60 rounds, 128 channels of 6x6).
+Usage: ``python scripts/backward_floor.py [full|no-kernel|no-work|stages|lean|lean-no-kernel]
+[rounds] [channels] [side]`` (defaults: full, 60 rounds, 128 channels of 6x6).
 """
 
 from __future__ import annotations
@@ -100,6 +105,50 @@ def _staged(stages: dict):
     return backward_common
 
 
+def _lean(kernel: bool) -> None:
+    """Mode ``lean``: the Function's forward records the kernel's arguments for its backward,
+    which asks nothing and calls the kernel (the incoming gradient made contiguous only where
+    it is not, as the sum's expanded gradient is for the last layer)."""
+    function = autograd_module._BatchNormTrainUpdate
+    forward = function.forward
+    grad_weight: dict[int, torch.Tensor] = {}
+
+    def lean_forward(ctx, x, weight, bias, rest):
+        saved: list[torch.Tensor] = []
+        save = ctx.save_for_backward
+        ctx.save_for_backward = lambda *tensors: (saved.extend(tensors), save(*tensors))
+        output = forward(ctx, x, weight, bias, rest)
+        _, _, mean, variance = saved
+        batch, channels = x.shape[0], x.shape[1]
+        numel = x.numel()
+        size = numel // (batch * channels)
+        planes = size > 1 and x.is_contiguous()
+        buffers = grad_weight.setdefault(channels, torch.empty(2, channels, dtype=x.dtype))
+        xp = x.data_ptr()
+        ctx.lean = (
+            numel, channels if planes else batch * size,
+            (cpu._LIKE[x.dtype], batch, channels, size, planes),
+            (xp, xp, False, mean.data_ptr(), variance.data_ptr(), weight.data_ptr(), channels,
+             0, 0, ctx.eps, 0, True, True),
+            (xp, False, buffers[0].data_ptr(), buffers[1].data_ptr()),
+            (buffers[0], buffers[1]),
+        )
+        return output
+
+    def lean_backward(ctx, grad_out, _finite):
+        numel, units, head, middle, tail, (dweight, dbias) = ctx.lean
+        if not grad_out.is_contiguous():
+            grad_out = grad_out.contiguous()
+        dx = torch.empty_like(grad_out)
+        if kernel:
+            cpu._run(kernels.backward_at, numel, units, *head, grad_out.data_ptr(), *middle,
+                     dx.data_ptr(), *tail)
+        return dx, dweight, dbias, None
+
+    function.forward = staticmethod(lean_forward)
+    function.backward = staticmethod(lean_backward)
+
+
 def main(mode: str = "full", rounds: int = 60, channels: int = CHANNELS, side: int = SIDE) -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -115,8 +164,11 @@ def main(mode: str = "full", rounds: int = 60, channels: int = CHANNELS, side: i
             lambda ctx, grad_out, _finite: (grad_out, None, None, None))
     elif mode == "stages":
         cpu.backward_common = _staged(stages)
+    elif mode in ("lean", "lean-no-kernel"):
+        _lean(kernel=mode == "lean")
     elif mode != "full":
-        raise SystemExit(f"unknown mode {mode!r}: full, no-kernel, no-work or stages")
+        raise SystemExit(f"unknown mode {mode!r}: full, no-kernel, no-work, stages, lean or "
+                         "lean-no-kernel")
     x = torch.randn(4, channels, side, side)
     for r in range(rounds):
         for model in ((theirs, ours) if r % 2 else (ours, theirs)):
