@@ -121,3 +121,71 @@ def test_training_step_path_uses_a_backends_fused_entry():
     torch.testing.assert_close(y, expected)
     for ours, theirs in zip([*stats, *grads], [*expected_stats, *expected_grads], strict=True):
         torch.testing.assert_close(ours, theirs)
+
+
+def test_common_step_nodes_run_their_backward_as_apply():
+    """Autograd calls the common step's backward straight from its node (no frames of torch's
+    wrapper between); the gradients, and a direct ``grad_fn.apply``, are torch's."""
+    from batchnorm import autograd
+    from batchnorm.modules import norm_act
+    from batchnorm.modules.batchnorm import BatchNorm2d
+
+    for function in (autograd._BatchNormTrainUpdate, norm_act._FusedBatchNormAct):
+        assert function._backward_cls.apply is function.backward
+    torch.manual_seed(0)
+    ours, theirs = BatchNorm2d(3).double(), torch.nn.BatchNorm2d(3).double()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn_like(x)
+    expected = torch.autograd.grad(theirs(x), [x, theirs.weight, theirs.bias], grad)
+    y = ours(x)
+    assert type(y.grad_fn).__name__ == "_BatchNormTrainUpdateBackward"
+    found = torch.autograd.grad(y, [x, ours.weight, ours.bias], grad, retain_graph=True)
+    direct = y.grad_fn.apply(grad, None)[:3]
+    for ours_grads in (found, direct):
+        for o, e in zip(ours_grads, expected, strict=True):
+            torch.testing.assert_close(o, e)
+
+
+def test_backward_called_directly_only_for_a_plain_backward():
+    """A Function with its own ``vjp``, or with boxed gradients, keeps torch's ``apply``."""
+    from batchnorm.autograd import call_backward_directly
+
+    class Doubles(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2
+
+    class WithVjp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def vjp(ctx, grad):
+            return grad * 2
+
+    class Boxed(torch.autograd.Function):
+        boxed_grads_call = True  # backward receives the gradients as one list
+
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grads):
+            return grads[0] * 2
+
+    original = {f: f._backward_cls.apply for f in (WithVjp, Boxed)}
+    for function in (Doubles, WithVjp, Boxed):
+        call_backward_directly(function)
+    assert Doubles._backward_cls.apply is Doubles.backward
+    for function, apply in original.items():
+        assert function._backward_cls.apply is apply
+    x = torch.ones(3, requires_grad=True)
+    for function in (Doubles, WithVjp, Boxed):
+        (grad,) = torch.autograd.grad(function.apply(x).sum(), x)
+        torch.testing.assert_close(grad, torch.full((3,), 2.0))

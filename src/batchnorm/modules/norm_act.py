@@ -58,7 +58,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from batchnorm.autograd import common_backward_applies
+from batchnorm.autograd import call_backward_directly, common_backward_applies
 from batchnorm.core.checks import FLOATING_DTYPES, check_device
 from batchnorm.core.errors import BatchNormTypeError, BatchNormValueError
 from batchnorm.core.layout import accumulation_dtype, as_channel, values_per_channel
@@ -367,6 +367,8 @@ def _fused_forward(x, residual, weight, bias, mean, variance, eps, activation, b
             )
     return y, mean, variance, finite, False
 
+
+call_backward_directly(_FusedBatchNormAct)
 
 # The common training step applies the Function with torch's own apply, without
 # ``Function.apply``'s Python wrapper (as ``batchnorm.autograd`` does for plain batch norm's).
