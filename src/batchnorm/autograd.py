@@ -142,34 +142,35 @@ class _BatchNormTrainUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_finite):
-        if ctx.checked:
-            return (*_common_grads(ctx, grad_out), None)
-        return (*_train_grads(ctx, grad_out), None)
-
-
-def common_backward_applies(grad_out) -> bool:
-    """Whether the backward of a common step (its backend accepted the step) runs on that
-    backend's ``backward_common``: a first-order backward (grad disabled), outside torch.func
-    transforms, of a gradient with memory of its own."""
-    return not (
-        torch.is_grad_enabled()
-        or transforms_active()
-        or is_functorch_wrapped(grad_out)
-        or is_legacy_batched(grad_out)
-    )
+        if not ctx.checked:
+            return (*_train_grads(ctx, grad_out), None)
+        # A common step (its backend accepted the step; it saved x, weight, mean, variance):
+        # the backend's own ``backward_common`` for a first-order backward (grad disabled),
+        # outside torch.func transforms, of a gradient with memory of its own; any other
+        # (double backward, a batched gradient) takes the general path. The questions are
+        # asked here, not in a helper: inside a model each Python frame on this path runs with
+        # cold caches (see ``call_backward_directly``), and this one is on every backward.
+        # (``batchnorm.modules.norm_act`` asks the same of its fused step.)
+        if grad_out is not None and not (
+            torch.is_grad_enabled()
+            or transforms_active()
+            or is_functorch_wrapped(grad_out)
+            or is_legacy_batched(grad_out)
+        ):
+            x, weight, mean, variance = ctx.saved_tensors
+            return (*ctx.backend.backward_common(grad_out, x, mean, variance, weight, None,
+                                                 ctx.eps, ctx.needs_input_grad[:3]), None)
+        return (*_common_grads(ctx, grad_out), None)
 
 
 def _common_grads(ctx, grad_out):
     """(dx, dweight, dbias) of a common training step, which saved ``(x, weight, mean,
-    variance)``: the backend's own ``backward_common`` where it applies, else the general path
-    (double backward, a batched gradient), as :func:`_train_grads` takes it."""
+    variance)``, where its backend's ``backward_common`` does not apply (see
+    ``_BatchNormTrainUpdate.backward``): the general path, as :func:`_train_grads` takes it."""
     if grad_out is None:
         return None, None, None
     x, weight, mean, variance = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
-    if common_backward_applies(grad_out):
-        return ctx.backend.backward_common(grad_out, x, mean, variance, weight, None, ctx.eps,
-                                           needs)
     if torch.is_grad_enabled():
         mean, variance = batch_moments(x, None)
     grads = _run_backward("train_backward", (grad_out, x, mean, variance, weight, ctx.eps, needs),

@@ -626,6 +626,41 @@ def test_training_step_is_one_backend_call_for_the_activations_it_takes(
         assert_close(ours.state_dict()[key].to(value.dtype), value, torch.float32)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+def test_fused_common_step_backward_is_exact_and_composes(monkeypatch, activation, layout):
+    """The fused layer's common step's backward (the backend's shortest path for the
+    activations its kernels fuse) passes gradcheck and gradgradcheck in float64, batched
+    gradients included: double backward and a batched incoming gradient leave it for the
+    general path, and the first-order backward stays on it."""
+    from torch.autograd import gradcheck, gradgradcheck
+
+    from batchnorm.backends import cpu
+
+    module = batchnorm.BatchNormAct2d(3, activation=activation, dtype=torch.float64)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.normal_()
+    x = make_input((4, 3, 2, 3), torch.float64, layout, seed=8).requires_grad_(True)
+    answered = record_answers(monkeypatch, cpu, "backward_common", lambda g: g is not None)
+    assert gradcheck(module, (x,), check_batched_grad=True)
+    assert answered and all(answered)
+    assert gradgradcheck(module, (x,), check_batched_grad=True)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_fused_backward_with_a_residual_takes_batched_gradients(activation):
+    """The general fused backward (a residual: not the common step) with a batched incoming
+    gradient, which no kernel can read: the composed form's gradients, checked by gradcheck's
+    batched check."""
+    from torch.autograd import gradcheck
+
+    module = batchnorm.BatchNormAct2d(3, activation=activation, dtype=torch.float64)
+    x = make_input((4, 3, 2, 3), torch.float64, seed=9).requires_grad_(True)
+    residual = make_input((4, 3, 2, 3), torch.float64, seed=10).requires_grad_(True)
+    assert gradcheck(lambda a, r: module(a, r), (x, residual), check_batched_grad=True)
+
+
 @pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("activation", ["relu", "silu"])
 def test_non_finite_batch_on_the_common_step_protects_running_statistics(activation, grad):

@@ -18,6 +18,8 @@ _functorch = torch._C._functorch
 # is_opaque's two questions, for hot paths that ask them inline (a call less each)
 is_functorch_wrapped = _functorch.is_functorch_wrapped_tensor
 is_legacy_batched = getattr(_functorch, "is_legacy_batchedtensor", lambda tensor: False)
+# a tensor batched by torch.func.vmap (one value per vmapped member)
+is_batched = _functorch.is_batchedtensor
 
 
 def is_opaque(tensor: torch.Tensor) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from batchnorm.core.context import transforms_active
 from batchnorm.core.layout import (
     accumulation_dtype,
     as_channel,
@@ -90,9 +91,10 @@ def channel_sums(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 
 
 def sum_of_products(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """Per-channel sum of ``a * b`` (see :func:`channel_sums`); outside autograd the product
-    goes to reused scratch memory."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    """Per-channel sum of ``a * b`` (see :func:`channel_sums`); outside autograd, torch.func
+    transforms (an ``out=`` argument has no batching rule) and compilation the product goes to
+    reused scratch memory."""
+    if torch.is_grad_enabled() or transforms_active() or torch.compiler.is_compiling():
         return channel_sums(a * b, dims)
     like = b if b.dtype == torch.promote_types(a.dtype, b.dtype) else a  # the product's dtype
     return channel_sums(torch.mul(a, b, out=scratch_like(like)), dims)

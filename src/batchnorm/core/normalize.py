@@ -97,9 +97,13 @@ def normalize_centred(
     """
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
     scale = as_channel(scale, centred)
+    # out of place under autograd (recorded for a double backward) and under a torch.func
+    # transform (a write into a temporary that is not batched as its operands are, or an out=
+    # argument, has no batching rule: a module vmapped with track_running_stats=False)
+    out_of_place = torch.is_grad_enabled() or transforms_active()
     if bias is None:
-        y = centred.mul_(scale) if not torch.is_grad_enabled() else centred * scale
-    elif torch.is_grad_enabled():
+        y = centred * scale if out_of_place else centred.mul_(scale)
+    elif out_of_place:
         y = scale_shift(centred, scale, as_channel(bias.to(centred.dtype), centred))
     else:  # in place (an exact alias of an input is allowed as the output)
         y = scale_shift(centred, scale, as_channel(bias.to(centred.dtype), centred), out=centred)

@@ -21,6 +21,8 @@ import warnings
 
 import torch
 
+from batchnorm.core.context import is_batched
+from batchnorm.core.errors import BatchNormValueError
 from batchnorm.core.moments import unbiased
 
 
@@ -78,15 +80,66 @@ def commit_running_stats(running_mean, running_var, new_mean, new_var) -> None:
     so its value is written, as torch's own batch norm does under the same transforms."""
     if new_mean is running_mean:
         return
-    if not torch.compiler.is_compiling() and _is_grad_tracking(new_mean):
+    compiling = torch.compiler.is_compiling()
+    # the values inside the gradient-tracking wrappers of differentiating transforms
+    mean_value = new_mean if compiling else _value_of(new_mean)
+    var_value = new_var if compiling else _value_of(new_var)
+    if not compiling and is_batched(mean_value):
+        # (the buffers too are wrapped by a differentiating transform inside the vmap)
+        wrapped = _is_grad_tracking(running_mean) or _is_grad_tracking(running_var)
+        running_mean, running_var = _value_of(running_mean), _value_of(running_var)
+        if not (is_batched(running_mean) and is_batched(running_var)):
+            # a vmapped input with running statistics shared by every member: one buffer
+            # cannot hold one update per member (torch's batch norm refuses the same call)
+            raise BatchNormValueError(
+                "batch norm under vmap: expected running statistics batched as the input is "
+                "(or none: track_running_stats=False, or eval mode), got unbatched running_mean "
+                "and running_var that a training call would update in place once per vmapped "
+                "member"
+            )
+        # vmapped members with buffers of their own (an ensemble's stacked state): each
+        # member's update into its own
+        if wrapped:
+            # inside a differentiating transform, which refuses an in-place change of a tensor
+            # from outside its level: the members' memory is written below every transform
+            _write_members(running_mean, mean_value)
+            _write_members(running_var, var_value)
+            return
+        with torch.no_grad():
+            running_mean.copy_(mean_value)
+            running_var.copy_(var_value)
+        return
+    if mean_value is not new_mean:
         # below the transform's layer: the buffers belong to no transform level
         with torch.no_grad(), torch._C._DisableFuncTorch():
-            running_mean.copy_(_value_of(new_mean))
-            running_var.copy_(_value_of(new_var))
+            running_mean.copy_(mean_value)
+            running_var.copy_(var_value)
         return
     with torch.no_grad():
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
+
+
+def _write_members(running: torch.Tensor, value: torch.Tensor) -> None:
+    """``running.copy_(value)`` for two tensors batched by the same single vmap, written into
+    the memory that holds every member (each tensor's batch dimension put first), below every
+    torch.func transform; a nested vmap is refused by name rather than guessed at."""
+    level = _functorch.maybe_get_level(running)
+    inner, inner_value = _functorch.get_unwrapped(running), _functorch.get_unwrapped(value)
+    if (
+        _functorch.maybe_get_level(value) != level
+        or is_batched(inner) or _is_grad_tracking(inner)
+        or is_batched(inner_value) or _is_grad_tracking(inner_value)
+    ):
+        raise BatchNormValueError(
+            "batch norm under vmap and a differentiating transform: expected running "
+            "statistics batched by one vmap, the input's, got them batched at another level or "
+            "by nested vmaps; use track_running_stats=False or eval mode there"
+        )
+    with torch.no_grad(), torch._C._DisableFuncTorch():
+        inner.movedim(_functorch.maybe_get_bdim(running), 0).copy_(
+            inner_value.movedim(_functorch.maybe_get_bdim(value), 0)
+        )
 
 
 def _value_of(tensor: torch.Tensor) -> torch.Tensor:
@@ -96,7 +149,8 @@ def _value_of(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-_is_grad_tracking = torch._C._functorch.is_gradtrackingtensor
+_functorch = torch._C._functorch
+_is_grad_tracking = _functorch.is_gradtrackingtensor
 _unwrapped = torch._C._functorch.get_unwrapped
 
 

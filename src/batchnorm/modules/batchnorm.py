@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from batchnorm.backends.traceable import capturing
 from batchnorm.core.checks import FLOATING_DTYPES, check_construction, check_input
-from batchnorm.core.context import transforms_active
+from batchnorm.core.context import is_batched, transforms_active
 from batchnorm.core.errors import BatchNormValueError
 from batchnorm.core.layout import values_per_channel
 from batchnorm.core.running import commit_running_stats, warn_nonfinite
@@ -264,12 +264,18 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
                 tracked.add_(1)  # (a buffer: no autograd here)
             return
         commit_running_stats(buffers["running_mean"], buffers["running_var"], new_mean, new_var)
+        batched = isinstance(finite, torch.Tensor) and is_batched(finite)
         if tracked is not None and not torch.compiler.is_compiling() and transforms_active():
-            # a differentiating transform (jvp, grad) refuses any in-place change of a buffer
-            # it captured: the count is no part of what it differentiates, so it is counted
-            # below the transform (where torch's module raises)
-            with torch._C._DisableFuncTorch():
-                tracked.add_(int(bool(finite)))
+            if batched:
+                # vmapped members with buffers of their own (an ensemble's stacked state): a
+                # flag per member, each count moved by its own, unread
+                tracked.add_(finite.to(tracked.dtype))
+            else:
+                # a differentiating transform (jvp, grad) refuses any in-place change of a
+                # buffer it captured: the count is no part of what it differentiates, so it is
+                # counted below the transform (where torch's module raises)
+                with torch._C._DisableFuncTorch():
+                    tracked.add_(int(bool(finite)))
         elif tracked is not None and finite is not False:
             # a 0-dim bool tensor adds 1 or 0 without being read; a Python True adds the int 1
             # (adding the bool itself costs 0.8 us more)
@@ -280,6 +286,7 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
             and not torch.compiler.is_compiling()
             # a recorded graph cannot keep a Python branch on a tensor (jit.trace would warn)
             and not capturing()
+            and not batched  # (one flag per vmapped member: no Python branch on it)
             and not bool(finite)
         ):
             self._warned_nonfinite = True

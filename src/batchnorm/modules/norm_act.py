@@ -58,8 +58,9 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from batchnorm.autograd import call_backward_directly, common_backward_applies
+from batchnorm.autograd import call_backward_directly
 from batchnorm.core.checks import FLOATING_DTYPES, check_device
+from batchnorm.core.context import is_functorch_wrapped, is_legacy_batched, transforms_active
 from batchnorm.core.errors import BatchNormTypeError, BatchNormValueError
 from batchnorm.core.layout import accumulation_dtype, as_channel, values_per_channel
 from batchnorm.core.normalize import eval_backward, inverse_std, train_backward
@@ -312,9 +313,16 @@ class _FusedBatchNormAct(torch.autograd.Function):
             return (None,) * 10
         x, residual, weight, bias, mean, variance = ctx.saved_tensors
         need_x, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
-        if ctx.checked and common_backward_applies(grad_out):
+        if ctx.checked and not (
             # a common step's (no residual; its tensors of x's dtype): the backend's shortest
-            # backward, for the activations its kernels fuse
+            # backward, for the activations its kernels fuse, where it applies (the questions
+            # of plain batch norm's common step, ``batchnorm.autograd._BatchNormTrainUpdate``,
+            # asked here for the same reason: a frame less on every backward)
+            torch.is_grad_enabled()
+            or transforms_active()
+            or is_functorch_wrapped(grad_out)
+            or is_legacy_batched(grad_out)
+        ):
             grads = ctx.backend.backward_common(
                 grad_out, x, mean, variance, weight, bias, ctx.eps,
                 (need_x, need_weight, need_bias), ctx.activation,
@@ -323,6 +331,14 @@ class _FusedBatchNormAct(torch.autograd.Function):
                 return (grads[0], None, grads[1], grads[2], None, None, None, None, None, None)
         if torch.is_grad_enabled():  # double backward: differentiate the composed form
             grads = _composed_gradients(ctx, grad_out, x, residual, weight, bias, mean, variance)
+        elif transforms_active() or is_functorch_wrapped(grad_out) or is_legacy_batched(grad_out):
+            # a batched incoming gradient (a vmapped backward: autograd.grad(...,
+            # is_grads_batched=True), vectorized Jacobians, gradcheck's batched check) has no
+            # memory a kernel could read: the composed form's gradients, as plain batch norm's
+            # general path takes them (batchnorm.autograd._run_backward)
+            with torch.enable_grad():
+                grads = _composed_gradients(ctx, grad_out, x, residual, weight, bias, mean,
+                                            variance)
         else:
             dx, dw, db, dres = ctx.backend.backward(
                 grad_out, x, mean, variance, weight, bias, ctx.eps,
