@@ -169,7 +169,15 @@ def normalize_common(
         torch.compiler.is_compiling()  # first: the tracer must not see the questions below
         or forward_ad._current_level >= 0
         or not (type(eps) is float and 0.0 <= eps < math.inf)
-        or wants_grad(input, weight, bias)
+        # (wants_grad's question, asked here: a frame less on every inference call)
+        or (
+            torch.is_grad_enabled()
+            and (
+                input.requires_grad
+                or (weight is not None and weight.requires_grad)
+                or (bias is not None and bias.requires_grad)
+            )
+        )
     ):
         return None
     backend = common_backend(input)

@@ -481,3 +481,30 @@ def test_common_step_backward_reads_any_incoming_gradient_by_its_values(form):
         found.append(torch.autograd.grad(y, [xr, module.weight, module.bias], g))
     for a, b in zip(*found, strict=True):
         assert_close(a, b, torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("needing", ["input", "weight", "bias"])
+def test_a_gradient_for_any_one_tensor_is_torchs(mode, needing):
+    """Only one of input, weight and bias requires a gradient (a frozen input, or a layer
+    fine-tuned on its bias alone): the call computes that gradient, as torch's module does,
+    in training and in eval."""
+    ours, theirs = batchnorm.BatchNorm2d(3), nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.normal_()
+        ours.running_mean.normal_()
+        ours.running_var.uniform_(0.5, 2.0)
+    theirs.load_state_dict(ours.state_dict())
+    x = make_input((4, 3, 5, 5), torch.float32, seed=11, scale=2.0)
+    g = make_input((4, 3, 5, 5), torch.float32, seed=12)
+    found = []
+    for module in (ours, theirs):
+        getattr(module, mode)()
+        inputs = {"input": x.clone(), "weight": module.weight, "bias": module.bias}
+        for name, tensor in inputs.items():
+            tensor.requires_grad_(name == needing)
+        y = module(inputs["input"])
+        found.append((y.detach(), *torch.autograd.grad(y, [inputs[needing]], g)))
+    for a, b in zip(*found, strict=True):
+        torch.testing.assert_close(a, b)
