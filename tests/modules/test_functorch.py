@@ -154,3 +154,22 @@ def test_per_member_input_gradients_and_jacobians_are_torchs(case):
     for transform in (grad, torch.func.jacrev):
         found = [vmap(transform(lambda t, m=m: m(t).pow(2).sum()))(x) for m in (ours, theirs)]
         torch.testing.assert_close(*found)
+
+
+def test_nested_vmap_training_with_per_member_statistics_is_refused_and_changes_nothing():
+    """Running statistics stacked for an outer vmap, updated under an inner vmap of grad: one
+    buffer per outer member cannot take one update per inner member; refused by name before
+    either statistic is written."""
+    models = [batchnorm.BatchNorm2d(3) for _ in range(2)]
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(2, 3, 4, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+
+    def loss(p, b, inputs):
+        return functional_call(base, (p, b), (inputs,)).pow(2).sum()
+
+    before = {k: v.clone() for k, v in buffers.items()}
+    with pytest.raises(BatchNormValueError, match="nested vmaps"):
+        vmap(vmap(grad(loss), in_dims=(None, None, 0)))(params, buffers, x)
+    for key, value in buffers.items():
+        assert torch.equal(value, before[key]), key

@@ -102,8 +102,11 @@ def commit_running_stats(running_mean, running_var, new_mean, new_var) -> None:
         if wrapped:
             # inside a differentiating transform, which refuses an in-place change of a tensor
             # from outside its level: the members' memory is written below every transform
-            _write_members(running_mean, mean_value)
-            _write_members(running_var, var_value)
+            # (both pairs asked about before either is written)
+            pairs = (_members(running_mean, mean_value), _members(running_var, var_value))
+            with torch.no_grad(), torch._C._DisableFuncTorch():
+                for memory, update in pairs:
+                    memory.copy_(update)
             return
         with torch.no_grad():
             running_mean.copy_(mean_value)
@@ -120,10 +123,11 @@ def commit_running_stats(running_mean, running_var, new_mean, new_var) -> None:
         running_var.copy_(new_var)
 
 
-def _write_members(running: torch.Tensor, value: torch.Tensor) -> None:
-    """``running.copy_(value)`` for two tensors batched by the same single vmap, written into
-    the memory that holds every member (each tensor's batch dimension put first), below every
-    torch.func transform; a nested vmap is refused by name rather than guessed at."""
+def _members(running: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``running.copy_(value)`` on two tensors batched by the same single vmap: the memory
+    that holds every member of each (its batch dimension first), to be written below every
+    torch.func transform; statistics batched at another level, or by nested vmaps, are refused
+    by name rather than guessed at."""
     level = _functorch.maybe_get_level(running)
     inner, inner_value = _functorch.get_unwrapped(running), _functorch.get_unwrapped(value)
     if (
@@ -136,10 +140,8 @@ def _write_members(running: torch.Tensor, value: torch.Tensor) -> None:
             "statistics batched by one vmap, the input's, got them batched at another level or "
             "by nested vmaps; use track_running_stats=False or eval mode there"
         )
-    with torch.no_grad(), torch._C._DisableFuncTorch():
-        inner.movedim(_functorch.maybe_get_bdim(running), 0).copy_(
-            inner_value.movedim(_functorch.maybe_get_bdim(value), 0)
-        )
+    return (inner.movedim(_functorch.maybe_get_bdim(running), 0),
+            inner_value.movedim(_functorch.maybe_get_bdim(value), 0))
 
 
 def _value_of(tensor: torch.Tensor) -> torch.Tensor:
