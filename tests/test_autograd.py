@@ -150,30 +150,23 @@ def test_backward_called_directly_only_for_a_plain_backward():
     """A Function with its own ``vjp``, or with boxed gradients, keeps torch's ``apply``."""
     from batchnorm.autograd import call_backward_directly
 
-    class Doubles(torch.autograd.Function):
+    class TimesTwo(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
             return x * 2
 
+    class Doubles(TimesTwo):
         @staticmethod
         def backward(ctx, grad):
             return grad * 2
 
-    class WithVjp(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x * 2
-
+    class WithVjp(TimesTwo):
         @staticmethod
         def vjp(ctx, grad):
             return grad * 2
 
-    class Boxed(torch.autograd.Function):
+    class Boxed(TimesTwo):
         boxed_grads_call = True  # backward receives the gradients as one list
-
-        @staticmethod
-        def forward(ctx, x):
-            return x * 2
 
         @staticmethod
         def backward(ctx, grads):
