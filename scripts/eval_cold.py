@@ -43,6 +43,47 @@ def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def _shape_times(shape, rounds, source, sink):
+    """Median us and page faults per call of each of the four calls on ``shape``."""
+    batch, channels = shape[:2]
+    size = shape[2] * shape[3]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=generator)
+    weight = torch.rand(channels, generator=generator) + 0.5
+    bias = torch.randn(channels, generator=generator)
+    mean = torch.randn(channels, generator=generator)
+    var = torch.rand(channels, generator=generator) + 0.5
+    out = torch.empty_like(x)
+    arguments = (
+        np.float32(0), batch, channels, size, True, x.data_ptr(), mean.data_ptr(),
+        var.data_ptr(), weight.data_ptr(), channels, bias.data_ptr(), channels, EPS,
+        kernels.ACTIVATIONS["identity"], x.data_ptr(), False, out.data_ptr(), 1,
+    )
+    calls = {
+        "torch": lambda: F.batch_norm(x, mean, var, weight, bias, False, 0.1, EPS),
+        "ours": lambda: cpu.eval_common(x, mean, var, weight, bias, EPS),
+        "kernel": lambda: kernels.eval_forward_at(*arguments),
+        "empty": lambda: torch.empty_like(x),
+    }
+    times = {name: [] for name in calls}
+    faults = dict.fromkeys(calls, 0)
+    with torch.no_grad():
+        expected = calls["torch"]()
+        torch.testing.assert_close(calls["ours"](), expected)
+        calls["kernel"]()
+        torch.testing.assert_close(out, expected)
+        for _ in range(rounds):
+            for name, call in calls.items():
+                sink.copy_(source)
+                before = _faults()
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+                faults[name] += _faults() - before
+    us = {name: statistics.median(values) * 1e6 for name, values in times.items()}
+    return us, {name: count / rounds for name, count in faults.items()}
+
+
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 101
     threads = int(sys.argv[2]) if len(sys.argv) > 2 else 2
@@ -53,45 +94,10 @@ def main() -> None:
     print(f"{'shape':>18} {'torch':>14} {'ours':>14} {'ours/torch':>10} {'kernel':>7} "
           f"{'empty':>6}")
     for shape in SHAPES:
-        batch, channels = shape[:2]
-        size = shape[2] * shape[3]
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(*shape, generator=generator)
-        weight = torch.rand(channels, generator=generator) + 0.5
-        bias = torch.randn(channels, generator=generator)
-        mean = torch.randn(channels, generator=generator)
-        var = torch.rand(channels, generator=generator) + 0.5
-        out = torch.empty_like(x)
-        arguments = (
-            np.float32(0), batch, channels, size, True, x.data_ptr(), mean.data_ptr(),
-            var.data_ptr(), weight.data_ptr(), channels, bias.data_ptr(), channels, EPS,
-            kernels.ACTIVATIONS["identity"], x.data_ptr(), False, out.data_ptr(), 1,
-        )
-        calls = {
-            "torch": lambda: F.batch_norm(x, mean, var, weight, bias, False, 0.1, EPS),
-            "ours": lambda: cpu.eval_common(x, mean, var, weight, bias, EPS),
-            "kernel": lambda: kernels.eval_forward_at(*arguments),
-            "empty": lambda: torch.empty_like(x),
-        }
-        times = {name: [] for name in calls}
-        faults = dict.fromkeys(calls, 0)
-        with torch.no_grad():
-            expected = calls["torch"]()
-            torch.testing.assert_close(calls["ours"](), expected)
-            calls["kernel"]()
-            torch.testing.assert_close(out, expected)
-            for _ in range(rounds):
-                for name, call in calls.items():
-                    sink.copy_(source)
-                    before = _faults()
-                    start = time.perf_counter()
-                    call()
-                    times[name].append(time.perf_counter() - start)
-                    faults[name] += _faults() - before
-        us = {name: statistics.median(values) * 1e6 for name, values in times.items()}
+        us, faults = _shape_times(shape, rounds, source, sink)
         print(f"{'x'.join(map(str, shape)):>18} "
-              f"{us['torch']:7.1f} ({faults['torch'] / rounds:4.0f}) "
-              f"{us['ours']:7.1f} ({faults['ours'] / rounds:4.0f}) "
+              f"{us['torch']:7.1f} ({faults['torch']:4.0f}) "
+              f"{us['ours']:7.1f} ({faults['ours']:4.0f}) "
               f"{us['ours'] / us['torch']:10.2f} {us['kernel']:7.1f} {us['empty']:6.1f}")
 
 
