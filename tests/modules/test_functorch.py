@@ -146,6 +146,39 @@ def test_an_ensemble_trains_under_vmap_and_vmap_of_grad_as_torchs(fused):
     assert buffers["1.num_batches_tracked"].tolist() == [2] * MEMBERS
 
 
+@pytest.mark.parametrize("case", ["BatchNorm1d (N, C)", "BatchNorm2d", "BatchNormAct2d relu"])
+def test_an_ensemble_whose_batch_norm_reads_the_shared_input_is_torchs(case):
+    """Batch norm first in each member, so every member normalizes the same input (unbatched
+    under the vmap) with its own stacked statistics: under vmap of grad each member's
+    statistics and count move as torch's (one finite flag for all members)."""
+    ours_cls, torch_cls, shape = CASES[case]
+    found = {}
+    for name, make in (("torch", torch_cls), ("ours", ours_cls)):
+        torch.manual_seed(0)
+        models = [nn.Sequential(make(3, dtype=torch.float64), nn.Flatten(),
+                                nn.LazyLinear(1, dtype=torch.float64)) for _ in range(MEMBERS)]
+        x = make_input(shape, torch.float64, seed=4, scale=2.0)
+        for model in models:
+            model(x)  # (materializes the lazy layer; one training step of each member)
+        params, buffers = stack_module_state(models)
+        base = copy.deepcopy(models[0]).to("meta")
+
+        def loss(p, b, inputs, base=base):
+            return functional_call(base, (p, b), (inputs,)).pow(2).sum()
+
+        grads = vmap(grad(loss), in_dims=(0, 0, None))(params, buffers, x)
+        # (torch's fused pair is a Sequential of batch norm and activation: "0.0.weight")
+        found[name] = [{k.replace("0.0.", "0.", 1): v for k, v in d.items()}
+                       for d in (grads, buffers)]
+    (grads, buffers), (expected_grads, expected_buffers) = found["ours"], found["torch"]
+    assert grads.keys() == expected_grads.keys() and buffers.keys() == expected_buffers.keys()
+    for key, value in expected_grads.items():
+        torch.testing.assert_close(grads[key], value)
+    for key, value in expected_buffers.items():
+        torch.testing.assert_close(buffers[key], value)
+    assert buffers["0.num_batches_tracked"].tolist() == [2] * MEMBERS
+
+
 @pytest.mark.parametrize("case", ["BatchNorm1d (N, C, L)", "BatchNorm2d", "BatchNormAct2d relu"])
 def test_per_member_input_gradients_and_jacobians_are_torchs(case):
     """vmap of grad and of jacrev with respect to each member's input, training without

@@ -661,6 +661,28 @@ def test_fused_backward_with_a_residual_takes_batched_gradients(activation):
     assert gradcheck(lambda a, r: module(a, r), (x, residual), check_batched_grad=True)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_batched_gradients_carry_no_graph_unless_asked(residual):
+    """A batched incoming gradient (``is_grads_batched``) goes through the composed form, whose
+    graph is built only to differentiate it: without ``create_graph`` the gradients carry no
+    graph, as torch's batch norm and ReLU's do, and their values are those of one backward per
+    gradient."""
+    module = batchnorm.BatchNormAct2d(3, activation="relu", dtype=torch.float64)
+    x = make_input((4, 3, 2, 3), torch.float64, seed=11).requires_grad_(True)
+    extra = (make_input((4, 3, 2, 3), torch.float64, seed=12),) if residual else ()
+    y = module(x, *extra)
+    grads = make_input((2, *y.shape), torch.float64, seed=13)
+    (found,) = torch.autograd.grad(y, x, grads, retain_graph=True, is_grads_batched=True)
+    assert not found.requires_grad and found.grad_fn is None
+    (graphed,) = torch.autograd.grad(y, x, grads, retain_graph=True, create_graph=True,
+                                     is_grads_batched=True)
+    assert graphed.requires_grad
+    torch.testing.assert_close(graphed.detach(), found)
+    for g, expected in zip(grads, found, strict=True):
+        (one,) = torch.autograd.grad(y, x, g, retain_graph=True)
+        torch.testing.assert_close(expected, one)
+
+
 @pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("activation", ["relu", "silu"])
 def test_non_finite_batch_on_the_common_step_protects_running_statistics(activation, grad):

@@ -123,6 +123,24 @@ def commit_running_stats(running_mean, running_var, new_mean, new_var) -> None:
         running_var.copy_(new_var)
 
 
+def count_under_transform(tracked: torch.Tensor, finite) -> None:
+    """Add one to the count of batches ``tracked`` under a torch.func transform where the
+    batch statistics were ``finite`` (a flag, one per vmapped member or one for all).
+
+    Vmapped members with counts of their own (an ensemble's stacked state) each move by their
+    flag, unread: by their own where their inputs differ, by the one shared flag where the
+    members share the layer's input (a batch norm first in each member), whose statistics are
+    then the same for all. Otherwise a differentiating transform (``jvp``, ``grad``) refuses any
+    in-place change of a buffer it captured: the count is no part of what it differentiates, so
+    it is counted below the transform (where torch's module raises)."""
+    flag_batched = isinstance(finite, torch.Tensor) and is_batched(finite)
+    if flag_batched or is_batched(_value_of(tracked)):
+        tracked.add_(torch.as_tensor(finite).to(tracked.dtype))
+        return
+    with torch._C._DisableFuncTorch():
+        tracked.add_(int(bool(finite)))
+
+
 def _members(running: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For ``running.copy_(value)`` on two tensors batched by the same single vmap: the memory
     that holds every member of each (its batch dimension first), to be written below every

@@ -28,7 +28,11 @@ from batchnorm.core.checks import FLOATING_DTYPES, check_construction, check_inp
 from batchnorm.core.context import is_batched, transforms_active
 from batchnorm.core.errors import BatchNormValueError
 from batchnorm.core.layout import values_per_channel
-from batchnorm.core.running import commit_running_stats, warn_nonfinite
+from batchnorm.core.running import (
+    commit_running_stats,
+    count_under_transform,
+    warn_nonfinite,
+)
 from batchnorm.functional import (
     batch_norm_core,
     normalize_common,
@@ -266,16 +270,7 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
         commit_running_stats(buffers["running_mean"], buffers["running_var"], new_mean, new_var)
         batched = isinstance(finite, torch.Tensor) and is_batched(finite)
         if tracked is not None and not torch.compiler.is_compiling() and transforms_active():
-            if batched:
-                # vmapped members with buffers of their own (an ensemble's stacked state): a
-                # flag per member, each count moved by its own, unread
-                tracked.add_(finite.to(tracked.dtype))
-            else:
-                # a differentiating transform (jvp, grad) refuses any in-place change of a
-                # buffer it captured: the count is no part of what it differentiates, so it is
-                # counted below the transform (where torch's module raises)
-                with torch._C._DisableFuncTorch():
-                    tracked.add_(int(bool(finite)))
+            count_under_transform(tracked, finite)
         elif tracked is not None and finite is not False:
             # a 0-dim bool tensor adds 1 or 0 without being read; a Python True adds the int 1
             # (adding the bool itself costs 0.8 us more)

@@ -336,9 +336,11 @@ class _FusedBatchNormAct(torch.autograd.Function):
             # is_grads_batched=True), vectorized Jacobians, gradcheck's batched check) has no
             # memory a kernel could read: the composed form's gradients, as plain batch norm's
             # general path takes them (batchnorm.autograd._run_backward)
+            # (the form's graph is built, its gradients are not: no double backward was asked
+            # for)
             with torch.enable_grad():
                 grads = _composed_gradients(ctx, grad_out, x, residual, weight, bias, mean,
-                                            variance)
+                                            variance, create_graph=False)
         else:
             dx, dw, db, dres = ctx.backend.backward(
                 grad_out, x, mean, variance, weight, bias, ctx.eps,
@@ -394,13 +396,15 @@ except AttributeError:  # a torch whose Function has no C apply below it
     _apply_fused_step = _FusedBatchNormAct.apply
 
 
-def _composed_gradients(ctx, grad_out, x, residual, weight, bias, mean, variance):
+def _composed_gradients(ctx, grad_out, x, residual, weight, bias, mean, variance,
+                        create_graph=True):
     inputs = (x, residual, weight, bias)
     wanted = [i for i, need in enumerate(ctx.needs_input_grad[:4]) if need]
     stats = (None, None) if ctx.train else (mean, variance)
     out = _composed(x, residual, weight, bias, *stats, ctx.eps, ctx.activation)
     found = torch.autograd.grad(
-        out, [inputs[i] for i in wanted], grad_out, create_graph=True, allow_unused=True
+        out, [inputs[i] for i in wanted], grad_out, create_graph=create_graph,
+        allow_unused=True,
     )
     grads = [None] * 4
     for i, g in zip(wanted, found, strict=True):
