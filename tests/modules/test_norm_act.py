@@ -683,6 +683,31 @@ def test_fused_batched_gradients_carry_no_graph_unless_asked(residual):
         torch.testing.assert_close(expected, one)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_fused_backward_under_torch_func_vmap_is_one_backward_per_gradient(activation,
+                                                                          residual):
+    """``torch.func.vmap`` over ``torch.autograd.grad`` (a backward vmapped by torch.func, not
+    by the older vmap of ``is_grads_batched``): every input's gradient, the residual's and the
+    parameters' included, equals one backward per incoming gradient."""
+    module = batchnorm.BatchNormAct2d(3, activation=activation, dtype=torch.float64)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.normal_()
+    x = make_input((4, 3, 2, 3), torch.float64, seed=14).requires_grad_(True)
+    inputs = [x, module.weight, module.bias]
+    if residual:
+        inputs.append(make_input((4, 3, 2, 3), torch.float64, seed=15).requires_grad_(True))
+    y = module(x, *inputs[3:])
+    grads = make_input((2, *y.shape), torch.float64, seed=16)
+    found = torch.func.vmap(
+        lambda g: torch.autograd.grad(y, inputs, g, retain_graph=True))(grads)
+    for k, g in enumerate(grads):
+        expected = torch.autograd.grad(y, inputs, g, retain_graph=True)
+        for value, one in zip(found, expected, strict=True):
+            torch.testing.assert_close(value[k], one)
+
+
 @pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("activation", ["relu", "silu"])
 def test_non_finite_batch_on_the_common_step_protects_running_statistics(activation, grad):

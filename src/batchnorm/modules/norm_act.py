@@ -401,6 +401,22 @@ def _composed_gradients(ctx, grad_out, x, residual, weight, bias, mean, variance
     inputs = (x, residual, weight, bias)
     wanted = [i for i, need in enumerate(ctx.needs_input_grad[:4]) if need]
     stats = (None, None) if ctx.train else (mean, variance)
+    if not create_graph and transforms_active():
+        # a backward vmapped by torch.func (vmap over autograd.grad): autograd.grad of a graph
+        # rebuilt under the vmap has no batching rule, torch.func's vjp of the same form has
+        def form(*wanted_inputs):
+            given = list(inputs)
+            for i, value in zip(wanted, wanted_inputs, strict=True):
+                given[i] = value
+            return _composed(given[0], given[1], given[2], given[3], *stats, ctx.eps,
+                             ctx.activation)
+
+        _, pullback = torch.func.vjp(form, *(inputs[i].detach() for i in wanted))
+        found = pullback(grad_out)
+        grads = [None] * 4
+        for i, g in zip(wanted, found, strict=True):
+            grads[i] = g
+        return tuple(grads)
     out = _composed(x, residual, weight, bias, *stats, ctx.eps, ctx.activation)
     found = torch.autograd.grad(
         out, [inputs[i] for i in wanted], grad_out, create_graph=create_graph,
