@@ -206,3 +206,29 @@ def test_nested_vmap_training_with_per_member_statistics_is_refused_and_changes_
         vmap(vmap(grad(loss), in_dims=(None, None, 0)))(params, buffers, x)
     for key, value in buffers.items():
         assert torch.equal(value, before[key]), key
+
+
+def test_nested_vmap_training_without_grad_is_refused_by_name_and_changes_nothing():
+    """The same nesting without a differentiating transform: torch's module refuses it with an
+    unnamed RuntimeError from its in-place write (after counting the batch); ours names it, as a
+    RuntimeError too, before anything is written."""
+    found = {}
+    for make in (nn.BatchNorm2d, batchnorm.BatchNorm2d):
+        models = [make(3) for _ in range(2)]
+        params, buffers = stack_module_state(models)
+        base = copy.deepcopy(models[0]).to("meta")
+        x = torch.randn(2, 3, 4, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+
+        def run(p, b, inputs, base=base):
+            return functional_call(base, (p, b), (inputs,))
+
+        before = {k: v.clone() for k, v in buffers.items()}
+        with pytest.raises(RuntimeError) as caught:
+            vmap(vmap(run, in_dims=(None, None, 0)))(params, buffers, x)
+        found[make] = caught.value
+        if make is batchnorm.BatchNorm2d:  # (torch's has counted the batch by then)
+            for key, value in buffers.items():
+                assert torch.equal(value, before[key]), key
+    assert isinstance(found[batchnorm.BatchNorm2d], BatchNormValueError)
+    assert "nested vmaps" in str(found[batchnorm.BatchNorm2d])
+

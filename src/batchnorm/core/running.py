@@ -108,6 +108,17 @@ def commit_running_stats(running_mean, running_var, new_mean, new_var) -> None:
                 for memory, update in pairs:
                     memory.copy_(update)
             return
+        if (_functorch.maybe_get_level(mean_value) != _functorch.maybe_get_level(running_mean)
+                or _functorch.maybe_get_level(var_value)
+                != _functorch.maybe_get_level(running_var)):
+            # statistics stacked for an outer vmap, updated under an inner one: one buffer
+            # per outer member cannot take one update per inner member (torch's in-place
+            # write refuses it too, unnamed)
+            raise BatchNormValueError(
+                "batch norm under nested vmaps: expected running statistics batched by the "
+                "innermost vmap, the input's, got them batched by an outer one; use "
+                "track_running_stats=False or eval mode there"
+            )
         with torch.no_grad():
             running_mean.copy_(mean_value)
             running_var.copy_(var_value)
