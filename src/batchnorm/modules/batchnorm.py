@@ -268,7 +268,6 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
                 tracked.add_(1)  # (a buffer: no autograd here)
             return
         commit_running_stats(buffers["running_mean"], buffers["running_var"], new_mean, new_var)
-        batched = isinstance(finite, torch.Tensor) and is_batched(finite)
         if tracked is not None and not torch.compiler.is_compiling() and transforms_active():
             count_under_transform(tracked, finite)
         elif tracked is not None and finite is not False:
@@ -281,7 +280,8 @@ class _BatchNorm(RefusesScripting, _TorchBatchNorm):
             and not torch.compiler.is_compiling()
             # a recorded graph cannot keep a Python branch on a tensor (jit.trace would warn)
             and not capturing()
-            and not batched  # (one flag per vmapped member: no Python branch on it)
+            # (one flag per vmapped member: no Python branch on it)
+            and not (isinstance(finite, torch.Tensor) and is_batched(finite))
             and not bool(finite)
         ):
             self._warned_nonfinite = True

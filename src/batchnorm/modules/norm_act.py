@@ -313,31 +313,29 @@ class _FusedBatchNormAct(torch.autograd.Function):
             return (None,) * 10
         x, residual, weight, bias, mean, variance = ctx.saved_tensors
         need_x, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
-        if ctx.checked and not (
+        # Asked once, inline (a frame less on every backward, as plain batch norm's common
+        # step asks them in ``batchnorm.autograd._BatchNormTrainUpdate``): a double backward,
+        # and a batched incoming gradient (a vmapped backward: autograd.grad(...,
+        # is_grads_batched=True), vectorized Jacobians, gradcheck's batched check), which has
+        # no memory a kernel could read.
+        double = torch.is_grad_enabled()
+        batched = transforms_active() or is_functorch_wrapped(grad_out) or is_legacy_batched(
+            grad_out)
+        if ctx.checked and not (double or batched):
             # a common step's (no residual; its tensors of x's dtype): the backend's shortest
-            # backward, for the activations its kernels fuse, where it applies (the questions
-            # of plain batch norm's common step, ``batchnorm.autograd._BatchNormTrainUpdate``,
-            # asked here for the same reason: a frame less on every backward)
-            torch.is_grad_enabled()
-            or transforms_active()
-            or is_functorch_wrapped(grad_out)
-            or is_legacy_batched(grad_out)
-        ):
+            # backward, for the activations its kernels fuse
             grads = ctx.backend.backward_common(
                 grad_out, x, mean, variance, weight, bias, ctx.eps,
                 (need_x, need_weight, need_bias), ctx.activation,
             )
             if grads is not None:
                 return (grads[0], None, grads[1], grads[2], None, None, None, None, None, None)
-        if torch.is_grad_enabled():  # double backward: differentiate the composed form
+        if double:  # differentiate the composed form
             grads = _composed_gradients(ctx, grad_out, x, residual, weight, bias, mean, variance)
-        elif transforms_active() or is_functorch_wrapped(grad_out) or is_legacy_batched(grad_out):
-            # a batched incoming gradient (a vmapped backward: autograd.grad(...,
-            # is_grads_batched=True), vectorized Jacobians, gradcheck's batched check) has no
-            # memory a kernel could read: the composed form's gradients, as plain batch norm's
-            # general path takes them (batchnorm.autograd._run_backward)
-            # (the form's graph is built, its gradients are not: no double backward was asked
-            # for)
+        elif batched:
+            # the composed form's gradients, as plain batch norm's general path takes them
+            # (batchnorm.autograd._run_backward): its graph is built, its gradients' is not (no
+            # double backward was asked for)
             with torch.enable_grad():
                 grads = _composed_gradients(ctx, grad_out, x, residual, weight, bias, mean,
                                             variance, create_graph=False)
@@ -408,15 +406,20 @@ def _composed_gradients(ctx, grad_out, x, residual, weight, bias, mean, variance
             given = list(inputs)
             for i, value in zip(wanted, wanted_inputs, strict=True):
                 given[i] = value
-            return _composed(given[0], given[1], given[2], given[3], *stats, ctx.eps,
-                             ctx.activation)
+            return _composed(*given, *stats, ctx.eps, ctx.activation)
 
         _, pullback = torch.func.vjp(form, *(inputs[i].detach() for i in wanted))
         found = pullback(grad_out)
-        grads = [None] * 4
-        for i, g in zip(wanted, found, strict=True):
-            grads[i] = g
-        return tuple(grads)
+    else:
+        out = _composed(x, residual, weight, bias, *stats, ctx.eps, ctx.activation)
+        found = torch.autograd.grad(
+            out, [inputs[i] for i in wanted], grad_out, create_graph=create_graph,
+            allow_unused=True,
+        )
+    grads = [None] * 4
+    for i, g in zip(wanted, found, strict=True):
+        grads[i] = g
+    return tuple(grads)
     out = _composed(x, residual, weight, bias, *stats, ctx.eps, ctx.activation)
     found = torch.autograd.grad(
         out, [inputs[i] for i in wanted], grad_out, create_graph=create_graph,
