@@ -135,3 +135,23 @@ def record_answers(monkeypatch, owner, name: str, judge=lambda result: result) -
 
     monkeypatch.setattr(owner, name, recording)
     return answers
+
+
+def check_common_backward_composes(monkeypatch, module, layout) -> None:
+    """``module``'s common training step (float64, 3 channels) passes gradcheck and
+    gradgradcheck with batched gradients, the first-order backward on the backend's
+    ``backward_common`` every time (double backward and batched gradients leave it for the
+    general path, which the checks then exercise)."""
+    from torch.autograd import gradcheck, gradgradcheck
+
+    from batchnorm.backends import cpu
+
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.normal_()
+    x = make_input((4, 3, 2, 3), torch.float64, layout, seed=8).requires_grad_(True)
+    answered = record_answers(monkeypatch, cpu, "backward_common", lambda g: g is not None)
+    assert gradcheck(module, (x,), check_batched_grad=True)
+    assert answered and all(answered)
+    assert gradgradcheck(module, (x,), check_batched_grad=True)
+

@@ -14,7 +14,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import reference
-from tests.conftest import assert_close, make_input, record_answers
+from tests.conftest import assert_close, check_common_backward_composes, make_input, record_answers
 
 OURS = {
     2: batchnorm.BatchNorm1d,
@@ -439,19 +439,8 @@ def test_common_step_backward_is_exact_and_composes(monkeypatch, layout):
     """The common step's backward (the backend's shortest path) passes gradcheck and
     gradgradcheck in float64, batched gradients included; double backward and a batched
     incoming gradient leave it for the general path, and the first-order backward stays on it."""
-    from torch.autograd import gradcheck, gradgradcheck
-
-    from batchnorm.backends import cpu
-
     module = batchnorm.BatchNorm2d(3, dtype=torch.float64)
-    with torch.no_grad():
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.normal_()
-    x = make_input((4, 3, 2, 3), torch.float64, layout, seed=8).requires_grad_(True)
-    answered = record_answers(monkeypatch, cpu, "backward_common", lambda g: g is not None)
-    assert gradcheck(module, (x,), check_batched_grad=True)
-    assert answered and all(answered)
-    assert gradgradcheck(module, (x,), check_batched_grad=True)
+    check_common_backward_composes(monkeypatch, module, layout)
 
 
 @pytest.mark.parametrize("form", ["expanded", "transposed", "other layout", "offset view"])
