@@ -420,15 +420,6 @@ def _composed_gradients(ctx, grad_out, x, residual, weight, bias, mean, variance
     for i, g in zip(wanted, found, strict=True):
         grads[i] = g
     return tuple(grads)
-    out = _composed(x, residual, weight, bias, *stats, ctx.eps, ctx.activation)
-    found = torch.autograd.grad(
-        out, [inputs[i] for i in wanted], grad_out, create_graph=create_graph,
-        allow_unused=True,
-    )
-    grads = [None] * 4
-    for i, g in zip(wanted, found, strict=True):
-        grads[i] = g
-    return tuple(grads)
 
 
 class _BatchNormAct(_BatchNorm):
