@@ -35,8 +35,14 @@ from batchnorm.core.context import (
     is_opaque,
     transforms_active,
 )
+from batchnorm.core.errors import BatchNormValueError
 from batchnorm.core.moments import batch_moments
 from batchnorm.dispatch import select_backend
+
+try:  # the CPU kernels' backend: its compiled call path hands some backwards back here
+    from batchnorm.backends import cpu as _cpu
+except Exception:  # noqa: BLE001 - as batchnorm.dispatch: no kernels, the eager backend serves
+    _cpu = None
 
 
 def _cast_grads(grads, inputs):
@@ -170,12 +176,41 @@ def _common_grads(ctx, grad_out):
     if grad_out is None:
         return None, None, None
     x, weight, mean, variance = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:3]
+    return _general_common_grads(grad_out, x, weight, mean, variance, ctx.eps,
+                                 ctx.needs_input_grad[:3])
+
+
+def _general_common_grads(grad_out, x, weight, mean, variance, eps, needs):
     if torch.is_grad_enabled():
         mean, variance = batch_moments(x, None)
-    grads = _run_backward("train_backward", (grad_out, x, mean, variance, weight, ctx.eps, needs),
+    grads = _run_backward("train_backward", (grad_out, x, mean, variance, weight, eps, needs),
                           grad_out, x)
     return _cast_grads(grads, (x, weight, weight))  # (bias has weight's dtype here)
+
+
+def native_step_grads(grad_out, x, weight, bias, mean, variance, eps, act, needs):
+    """(dx, dweight, dbias) of a common training step taken by the compiled call path
+    (``batchnorm.backends.cpu.native``), whose autograd node hands back what its kernel call
+    does not take: a double backward, a batched or opaque gradient, a transform active, a
+    gradient of another layout. The same answers as the Python step's backward
+    (``_BatchNormTrainUpdate.backward``) gives."""
+    if act != 0:
+        raise BatchNormValueError(
+            f"batchnorm: expected the compiled step's activation 0 (identity), got {act}"
+        )
+    if not (
+        torch.is_grad_enabled()
+        or transforms_active()
+        or is_functorch_wrapped(grad_out)
+        or is_legacy_batched(grad_out)
+    ):
+        return _cpu.backward_common(grad_out, x, mean, variance, weight, None, eps,
+                                                 needs)
+    return _general_common_grads(grad_out, x, weight, mean, variance, eps, needs)
+
+
+if _cpu is not None:
+    _cpu.native_path.register_backward_fallback(native_step_grads)
 
 
 def call_backward_directly(function: type[torch.autograd.Function]) -> None:

@@ -183,6 +183,11 @@ def normalize_common(
     backend = common_backend(input)
     if backend is None:
         return None
+    native = backend.compiled  # (the compiled call path, where loaded: it declines with None)
+    if native is not None and activation == "identity":
+        output = native.eval(input, mean, variance, weight, bias, eps, 0)
+        if output is not None:
+            return output
     return backend.eval_common(input, mean, variance, weight, bias, eps, activation)
 
 
@@ -201,6 +206,18 @@ def common_step(
     (see :func:`train_common`, which then computes it; the fused layers of
     ``batchnorm.modules.norm_act`` compute theirs, ``activation`` included, with the same
     backend call), else None."""
+    backend = _training_backend(input, eps, momentum)
+    if backend is None or not (
+        activation == "identity" or activation in getattr(backend, "ACTIVATIONS", ())
+    ):
+        return None
+    count = backend.train_common(input, weight, bias, running_mean, running_var, tracked)
+    return (backend, count) if count else None
+
+
+def _training_backend(input: torch.Tensor, eps: float, momentum: float) -> Backend | None:
+    """The backend of a common training call, where the context and eps and momentum allow
+    one (see :func:`train_common`), else None."""
     if (
         torch.compiler.is_compiling()  # first: the tracer must not see the questions below
         or forward_ad._current_level >= 0
@@ -208,13 +225,7 @@ def common_step(
         or not (type(momentum) is float and 0.0 <= momentum <= 1.0)
     ):
         return None
-    backend = common_backend(input)
-    if backend is None or not (
-        activation == "identity" or activation in getattr(backend, "ACTIVATIONS", ())
-    ):
-        return None
-    count = backend.train_common(input, weight, bias, running_mean, running_var, tracked)
-    return (backend, count) if count else None
+    return common_backend(input)
 
 
 def train_common(
@@ -238,10 +249,18 @@ def train_common(
     accepts the tensors whole (``batchnorm.dispatch.common_backend`` and its ``train_common``;
     what it accepts passes every check of :func:`validate_arguments`). See
     :func:`normalize_common` for why the questions are asked in one place."""
-    step = common_step(input, weight, bias, running_mean, running_var, eps, momentum, tracked)
-    if step is None:
+    backend = _training_backend(input, eps, momentum)
+    if backend is None:
         return None
-    backend, count = step
+    native = backend.compiled  # (the compiled call path, where loaded: it declines with None)
+    if native is not None:
+        done = native.train(input, weight, bias, running_mean, running_var, tracked, eps,
+                            momentum, 0)
+        if done is not None:
+            return done
+    count = backend.train_common(input, weight, bias, running_mean, running_var, tracked)
+    if not count:
+        return None
     if wants_grad(input, weight, bias):
         return apply_train_update(
             input, weight, bias, eps, None, backend, running_mean, running_var, momentum, count,

@@ -291,7 +291,8 @@ def test_kernels_follow_and_keep_torchs_thread_count():
     """torch.set_num_threads governs the kernels (the blocks a training call is cut into), and
     the kernels' first parallel launch (which starts Numba's OpenMP layer) leaves torch's count
     as the user set it. They follow torch's changes both ways; a call on one thread leaves
-    Numba's count alone."""
+    Numba's count alone. (On the Python path, whose kernel call the spy sees; the compiled
+    path's blocks are checked against it in test_cpu_native.)"""
     code = (
         "import torch, numba, batchnorm\n"
         "from batchnorm.backends.cpu import kernels\n"
@@ -308,7 +309,7 @@ def test_kernels_follow_and_keep_torchs_thread_count():
         "print(numba.config.NUMBA_NUM_THREADS)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120, check=True)
+                            timeout=120, check=True, env={**os.environ, "BATCHNORM_NATIVE": "0"})
     *counts, pool = result.stdout.split()
     two = str(min(2, int(pool)))
     # per call: torch's count after it, the blocks it ran in, Numba's count after it

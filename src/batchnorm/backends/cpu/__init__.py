@@ -14,6 +14,8 @@ every specialisation ahead of time.
 
 from __future__ import annotations
 
+import warnings
+
 import numba
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ from numba.np.ufunc import parallel as numba_parallel
 
 from batchnorm.backends import smooth
 from batchnorm.backends.cpu import kernels
+from batchnorm.backends.cpu import native as native_path
 from batchnorm.core import running
 from batchnorm.core.context import (
     is_functorch_wrapped,
@@ -224,6 +227,25 @@ def _numba_threads() -> int:
 
 _pool_started = False  # whether Numba's thread pool has started (see _run)
 
+# The compiled call path (``batchnorm.backends.cpu.native``), loaded where built once the pool has
+# started (its entry points need it), else None: ``batchnorm.functional``'s common calls offer
+# it each call first.
+compiled = None
+_native_tried = False
+
+
+def _load_native() -> None:
+    global compiled, _native_tried
+    _native_tried = True
+    try:
+        compiled = native_path.load(SERIAL_BELOW, numba.config.NUMBA_NUM_THREADS)
+    except Exception as error:  # noqa: BLE001 - whatever keeps the build from loading here
+        # (an extension built against another torch, entry points Numba cannot load), the
+        # Python path serves every call
+        warnings.warn(f"batchnorm: the compiled call path did not load ({error}); the Python "
+                      "path serves every call", RuntimeWarning, stacklevel=2)
+        compiled = None
+
 
 def _run(entry, numel: int, units: int, *arguments):
     """Call ``entry`` on threads for an input of ``numel`` values (one below the grain size,
@@ -251,6 +273,8 @@ def _run(entry, numel: int, units: int, *arguments):
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
     _pool_started = True
+    if not _native_tried:
+        _load_native()
     return result
 
 

@@ -54,8 +54,10 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
-from numba.core import cgutils
+from numba.core import cgutils, sigutils
+from numba.core.ccallback import CFunc
 from numba.extending import intrinsic
+from numba.np.ufunc import parallel as numba_parallel
 
 # The activations fused here are those whose value and slope are a select, which vectorizes.
 # Smooth ones (silu, gelu) need exp or erf per value, which Numba cannot vectorize without a
@@ -1100,3 +1102,101 @@ def running_update_at(channels, running_mean, mean_like, running_var, var_like, 
         bessel, momentum, _vector(out_mean, channels, mean_like),
         _vector(out_var, channels, var_like),
     )
+
+
+# -- entry points by C address ------------------------------------------------------------------
+#
+# The compiled call path (``batchnorm.backends.cpu.native``) calls the three entry points of a
+# common call (the training forward with its running-statistics update, the inference forward,
+# the training backward) through plain C functions, made here with ``numba.cfunc`` on first use
+# (:func:`c_entry_points`). Their arguments are those of the ``*_at`` entry points above, less
+# what the common call fixes (both per-channel vectors present, no residual); ``like`` is a value
+# of the dtype, which selects the pointer type. They live in this file for the disk cache's sake
+# (see above).
+
+
+def _train_forward_c(like, batch, channels, size, planes, x, weight, bias, eps, act, out, mean,
+                     var, running_mean, running_var, bessel, momentum, tracked, blocks):
+    finite = train_forward_update_at(
+        like, batch, channels, size, planes != 0, x, weight, channels, bias, channels, eps, act,
+        x, False, out, mean, var, running_mean, running_var, bessel, momentum, tracked, blocks,
+    )
+    return 1 if finite else 0
+
+
+def _eval_forward_c(like, batch, channels, size, planes, x, mean, var, weight, bias, eps, act,
+                    out, blocks):
+    eval_forward_at(like, batch, channels, size, planes != 0, x, mean, var, weight, channels,
+                    bias, channels, eps, act, x, False, out, blocks)
+
+
+def _backward_c(like, batch, channels, size, planes, grad, x, mean, var, weight, bias, eps, act,
+                need_input, grad_input, grad_weight, grad_bias, blocks):
+    backward_at(like, batch, channels, size, planes != 0, grad, x, x, False, mean, var, weight,
+                channels, bias, channels, eps, act, True, need_input != 0, grad_input, grad_input,
+                False, grad_weight, grad_bias, blocks)
+
+
+def _c_signatures(like):
+    i64, f64 = types.int64, types.float64
+    return {
+        _train_forward_c: types.int32(like, i64, i64, i64, i64, i64, i64, i64, f64, i64, i64, i64,
+                                      i64, i64, i64, f64, f64, i64, i64),
+        _eval_forward_c: types.void(like, i64, i64, i64, i64, i64, i64, i64, i64, i64, f64, i64,
+                                    i64, i64),
+        _backward_c: types.void(like, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, f64, i64,
+                                i64, i64, i64, i64, i64),
+    }
+
+
+_C_ENTRY_POINTS: dict[str, tuple] = {}
+
+
+def c_entry_points(dtype: str = "float32", compile: bool = True) -> tuple | None:
+    """The C functions ``(train, eval, backward)`` for ``dtype`` ("float32" or "float64"),
+    loaded from the disk cache or, with ``compile``, compiled (several minutes for both dtypes
+    on 2 cores), and kept alive here: their ``address`` is what the compiled call path calls.
+    None where ``compile`` is false and one of them is not in the cache (or Numba's C callback
+    objects no longer work as this expects): a call then never waits for a compilation."""
+    functions = _C_ENTRY_POINTS.get(dtype)
+    if functions is None:
+        # a cached C function with parallel kernels links against the threading layer's
+        # symbols, which only its launch loads (loading one without them aborts the process)
+        numba_parallel._launch_threads()
+        signatures = _c_signatures(getattr(types, dtype))
+        made = []
+        for python in (_train_forward_c, _eval_forward_c, _backward_c):
+            function = _c_function(python, signatures[python], compile)
+            if function is None:
+                return None
+            made.append(function)
+        functions = _C_ENTRY_POINTS[dtype] = tuple(made)
+    return functions
+
+
+def _c_function(python, signature, compile: bool):
+    """``numba.cfunc(signature, cache=True)(python)``, or without ``compile`` what its cache
+    holds (None if nothing): the decorator's own steps, with the compilation made optional."""
+    function = CFunc(python, sigutils.normalize_signature(signature), locals={},
+                     options={"error_model": "numpy"})
+    try:
+        function.enable_caching()
+    except RuntimeError:  # no writable cache location
+        if not compile:
+            return None
+    if compile:
+        function.compile()
+        return function
+    try:
+        # (what CFunc.compile does on a cache hit)
+        result = function._cache.load_overload(function._sig,
+                                               function._targetdescr.target_context)
+        if result is None:
+            return None
+        function._library = result.library
+        function._wrapper_name = result.fndesc.llvm_cfunc_wrapper_name
+        function._wrapper_address = function._library.get_pointer_to_function(
+            function._wrapper_name)
+    except AttributeError:  # a Numba whose C callbacks are built otherwise
+        return None
+    return function

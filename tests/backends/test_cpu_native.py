@@ -1,0 +1,303 @@
+"""The CPU backend's compiled call path (``batchnorm.backends.cpu.native``): it gives, bit for
+bit, what the Python path gives (outputs, gradients, running statistics, count of batches), on
+both layouts, both dtypes, the serial and the parallel kernels; its C++ autograd node passes
+gradcheck, and hands double backward and batched gradients to the Python path; every call it
+declines changes nothing.
+
+These tests need the extension built (``batchnorm compile``, which ``make setup`` runs); where
+it is not, they are skipped with the reason."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.autograd import gradcheck, gradgradcheck
+
+import batchnorm
+from batchnorm.backends import cpu
+from batchnorm.backends.cpu import native
+from tests.conftest import make_input
+
+
+def _loaded():
+    """The loaded extension: the first call of the process loads it (after Numba's pool has
+    started), where it is built and its entry points are compiled."""
+    if os.environ.get("BATCHNORM_NATIVE", "1") == "0":
+        pytest.skip("BATCHNORM_NATIVE=0 turns the compiled call path off")
+    if native.built() is None:
+        pytest.skip("the compiled call path is not built here (batchnorm compile builds it)")
+    batchnorm.BatchNorm1d(3)(torch.randn(4, 3))
+    if cpu.compiled is None:
+        pytest.skip("the compiled call path's entry points are not compiled (batchnorm compile)")
+    return cpu.compiled
+
+
+@pytest.fixture
+def compiled():
+    return _loaded()
+
+
+def _pair(module: torch.nn.Module, seed: int = 0):
+    """``module`` with random affine parameters and running statistics, and a copy."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor, low in ((module.weight, 0.5), (module.running_var, 0.5)):
+            tensor.copy_(torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) + low)
+        for tensor in (module.bias, module.running_mean):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype))
+    return module, copy.deepcopy(module)
+
+
+def _state(module):
+    return [module.running_mean, module.running_var, module.num_batches_tracked]
+
+
+def _step(module, x, grad, python: bool):
+    """One training step of ``module`` on ``x`` (output, gradients of x and the parameters),
+    on the Python path where ``python``."""
+    x = x.detach().clone().requires_grad_(True)
+    module.weight.grad = module.bias.grad = None
+    if python:
+        with native.disabled():
+            y = module(x)
+            y.backward(grad)
+    else:
+        y = module(x)
+        y.backward(grad)
+    return [y, x.grad, module.weight.grad, module.bias.grad]
+
+
+SHAPES = [
+    (6, 5),  # rows
+    (4, 3, 7),  # planes
+    (5, 4, 1, 1),  # one value per plane: rows
+    (3, 4, 5, 6),
+    (2, 5, 3, 4, 2),
+    (8, 16, 40, 40),  # above SERIAL_BELOW: blocks on threads
+    (2048, 48),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_training_step_and_inference_equal_the_python_path(compiled, shape, layout, dtype):
+    if layout == "channels_last" and len(shape) < 4:
+        pytest.skip("channels_last needs 4 or 5 dimensions")
+    kind = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d,
+            5: batchnorm.BatchNorm3d}[len(shape)]
+    ours, python = _pair(kind(shape[1], momentum=0.3).to(dtype))
+    x = make_input(shape, dtype, layout, seed=3)
+    grad = make_input(shape, dtype, layout, seed=4)
+    for _ in range(2):  # (the second step starts from updated statistics)
+        taken = _step(ours, x, grad, python=False)
+        reference = _step(python, x, grad, python=True)
+        for a, b in zip(taken + _state(ours), reference + _state(python), strict=True):
+            assert torch.equal(a, b)
+        assert taken[0].stride() == reference[0].stride()
+        assert taken[1].stride() == reference[1].stride()
+    assert type(taken[0].grad_fn).__name__ == "CppFunction"  # (the compiled node was taken)
+    ours.eval()
+    python.eval()
+    with torch.no_grad():
+        y = ours(x)
+        with native.disabled():
+            expected = python(x)
+    assert torch.equal(y, expected) and y.stride() == expected.stride()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(2, 9), channels=st.integers(1, 12), height=st.integers(1, 9),
+    width=st.integers(1, 9), channels_last=st.booleans(), momentum=st.floats(0.0, 1.0),
+    eps=st.floats(1e-8, 1.0), threads=st.sampled_from([1, 2]),
+)
+def test_any_common_call_equals_the_python_path(batch, channels, height, width, channels_last,
+                                                 momentum, eps, threads):
+    _loaded()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours, python = _pair(batchnorm.BatchNorm2d(channels, eps=eps, momentum=momentum),
+                             seed=batch)
+        shape = (batch, channels, height, width)
+        layout = "channels_last" if channels_last else "contiguous"
+        x = make_input(shape, torch.float32, layout, seed=channels)
+        grad = make_input(shape, torch.float32, layout, seed=height)
+        taken = _step(ours, x, grad, python=False)
+        reference = _step(python, x, grad, python=True)
+        for a, b in zip(taken + _state(ours), reference + _state(python), strict=True):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_blocks_follow_torchs_thread_count(compiled):
+    """The compiled path cuts a large call into as many blocks as the Python path at every
+    thread count, both ways (float64 channels_last rows: each block sums its rows, so another
+    count changes the order of the float64 sums, and with it the last bits of the statistics;
+    float32's block sums join exactly enough that the count does not show)."""
+    before = torch.get_num_threads()
+    x = make_input((16, 32, 24, 24), torch.float64, "channels_last", seed=1, offset=3.0)
+    grad = make_input((16, 32, 24, 24), torch.float64, "channels_last", seed=2)
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            ours, python = _pair(batchnorm.BatchNorm2d(32).double())
+            taken = _step(ours, x, grad, python=False)
+            reference = _step(python, x, grad, python=True)
+            for a, b in zip(taken + _state(ours), reference + _state(python), strict=True):
+                assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_step_matches_torch_and_records_its_writes(compiled):
+    """Against torch.nn, and the running statistics' and the count's versions move as an
+    in-place update moves them (autograd's check of saved tensors relies on it)."""
+    ours = batchnorm.BatchNorm2d(6)
+    theirs = torch.nn.BatchNorm2d(6)
+    x = torch.randn(4, 6, 5, 5, requires_grad=True)
+    versions = [t._version for t in _state(ours)]
+    y = ours(x)
+    expected = theirs(x)
+    torch.testing.assert_close(y, expected)
+    for a, b in zip(_state(ours), _state(theirs), strict=True):
+        torch.testing.assert_close(a, b)
+    assert [t._version for t in _state(ours)] == [v + 1 for v in versions]
+    assert type(y.grad_fn).__name__ == "CppFunction"
+
+
+def test_a_changed_input_is_refused_at_backward(compiled):
+    """The node saved the input: changed in place before the backward, autograd refuses, as it
+    does for torch's batch norm."""
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    inner = x * 1.0
+    y = batchnorm.BatchNorm1d(3)(inner)
+    assert type(y.grad_fn).__name__ == "CppFunction"
+    inner.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradcheck_and_the_handed_back_backwards(compiled, monkeypatch, layout):
+    """The C++ node's gradients pass gradcheck (float64); double backward and batched
+    gradients reach the registered Python backward, whose answers pass gradgradcheck and the
+    batched check; first-order ones never do."""
+    module = batchnorm.BatchNorm2d(3).double()
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.normal_()
+    x = make_input((4, 3, 2, 3), torch.float64, layout, seed=8).requires_grad_(True)
+    handed = []
+    fallback = native._backward_fallback
+
+    def spy(grad, *rest):
+        handed.append((torch.is_grad_enabled(), torch._C._functorch.is_batchedtensor(grad)
+                       or torch._C._functorch.is_legacy_batchedtensor(grad)))
+        return fallback(grad, *rest)
+
+    monkeypatch.setattr(native, "_backward_fallback", spy)
+    assert type(module(x).grad_fn).__name__ == "CppFunction"
+    assert gradcheck(module, (x,), check_batched_grad=False)
+    assert handed == []
+    assert gradcheck(module, (x,), check_batched_grad=True)
+    assert handed and all(batched for _, batched in handed)
+    handed.clear()
+    assert gradgradcheck(module, (x,))
+    assert handed and all(double for double, _ in handed)
+
+
+def test_an_expanded_gradient_is_conformed(compiled):
+    """``y.sum().backward()`` hands the node an expanded gradient (zero strides): conformed to
+    the input's layout, the result equals the Python path's."""
+    ours, python = _pair(batchnorm.BatchNorm2d(4))
+    x = torch.randn(3, 4, 5, 5).to(memory_format=torch.channels_last)
+    results = []
+    for module, off in ((ours, False), (python, True)):
+        xi = x.clone().requires_grad_(True)
+        if off:
+            with native.disabled():
+                (module(xi) * 1.0).sum().backward()
+        else:
+            (module(xi) * 1.0).sum().backward()
+        results.append([xi.grad, module.weight.grad, module.bias.grad])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_declined_calls_change_nothing(compiled):
+    """What the compiled path does not take, it returns None for, before writing anything."""
+    channels = 3
+    x = torch.randn(4, channels, 5)
+    weight, bias = torch.ones(channels), torch.zeros(channels)
+    running_mean, running_var = torch.zeros(channels), torch.ones(channels)
+    tracked = torch.zeros((), dtype=torch.long)
+
+    def train(**changes):
+        arguments = dict(x=x, weight=weight, bias=bias, running_mean=running_mean,
+                         running_var=running_var, tracked=tracked)
+        arguments.update(changes)
+        return compiled.train(*arguments.values(), 1e-5, 0.1, 0)
+
+    declined = [
+        dict(x=x.half()),
+        dict(x=x[:, :, ::2]),  # not dense
+        dict(x=x.transpose(0, 2).contiguous().transpose(0, 2)),  # dense, not a layout read
+        dict(x=torch.randn(1, channels)),  # one value per channel
+        dict(x=torch.empty(0, channels, 5)),
+        dict(x=x.double()),  # dtype differs from the vectors'
+        dict(weight=None),
+        dict(bias=torch.zeros(channels + 1)),
+        dict(running_mean=torch.zeros(channels, requires_grad=True)),
+        dict(running_var=torch.ones(2 * channels)[::2]),
+        dict(tracked=torch.zeros(2, dtype=torch.long)),
+        dict(tracked=torch.zeros((), dtype=torch.int32)),
+        dict(x=torch.randn(4, channels, 5, device="meta")),
+        dict(x=torch.randn(4, channels, 5)._neg_view()),
+    ]
+    for changes in declined:
+        assert train(**changes) is None, changes
+    assert torch.equal(running_mean, torch.zeros(channels))
+    assert torch.equal(running_var, torch.ones(channels))
+    assert tracked.item() == 0
+    output, finite = train()
+    assert finite is True and tracked.item() == 1
+    assert compiled.eval(x, running_mean, running_var, None, bias, 1e-5, 0) is None
+    with torch.enable_grad():
+        needs = weight.clone().requires_grad_(True)
+        assert compiled.eval(x, running_mean, running_var, needs, bias, 1e-5, 0) is None
+        assert compiled.eval(x, running_mean, running_var, weight, bias, 1e-5, 0) is not None
+
+
+def test_non_finite_batches_are_reported_and_not_counted(compiled):
+    """A batch with a NaN: the running statistics keep their values, the count stays, the
+    module warns once, as on the Python path."""
+    ours, python = _pair(batchnorm.BatchNorm1d(3))
+    x = torch.randn(5, 3)
+    x[2, 1] = float("nan")
+    with pytest.warns(RuntimeWarning):
+        ours(x)
+    with native.disabled(), pytest.warns(RuntimeWarning):
+        python(x)
+    for a, b in zip(_state(ours), _state(python), strict=True):
+        assert torch.equal(a, b)
+    assert ours.num_batches_tracked.item() == 0
+
+
+def test_functorch_transforms_take_the_python_path(compiled):
+    """Under torch.func the call never reaches the compiled path (batched inputs have no memory
+    to read); the results equal torch's."""
+    ours = batchnorm.BatchNorm1d(3, track_running_stats=False)
+    theirs = torch.nn.BatchNorm1d(3, track_running_stats=False)
+    x = torch.randn(2, 4, 3)
+    torch.testing.assert_close(torch.func.vmap(ours)(x), torch.func.vmap(theirs)(x))
+    grad = torch.func.grad(lambda t: ours(t).square().sum())(x[0])
+    expected = torch.func.grad(lambda t: theirs(t).square().sum())(x[0])
+    torch.testing.assert_close(grad, expected)
