@@ -35,7 +35,6 @@ from batchnorm.core.context import (
     is_opaque,
     transforms_active,
 )
-from batchnorm.core.errors import BatchNormValueError
 from batchnorm.core.moments import batch_moments
 from batchnorm.dispatch import select_backend
 
@@ -188,16 +187,12 @@ def _general_common_grads(grad_out, x, weight, mean, variance, eps, needs):
     return _cast_grads(grads, (x, weight, weight))  # (bias has weight's dtype here)
 
 
-def native_step_grads(grad_out, x, weight, bias, mean, variance, eps, act, needs):
+def native_step_grads(grad_out, x, weight, bias, mean, variance, eps, needs):
     """(dx, dweight, dbias) of a common training step taken by the compiled call path
     (``batchnorm.backends.cpu.native``), whose autograd node hands back what its kernel call
     does not take: a double backward, a batched or opaque gradient, a transform active, a
     gradient of another layout. The same answers as the Python step's backward
     (``_BatchNormTrainUpdate.backward``) gives."""
-    if act != 0:
-        raise BatchNormValueError(
-            f"batchnorm: expected the compiled step's activation 0 (identity), got {act}"
-        )
     if not (
         torch.is_grad_enabled()
         or transforms_active()
@@ -210,7 +205,7 @@ def native_step_grads(grad_out, x, weight, bias, mean, variance, eps, act, needs
 
 
 if _cpu is not None:
-    _cpu.native_path.register_backward_fallback(native_step_grads)
+    _cpu.native_path.register_backward_fallback(0, native_step_grads)  # (identity)
 
 
 def call_backward_directly(function: type[torch.autograd.Function]) -> None:

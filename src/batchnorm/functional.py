@@ -184,10 +184,12 @@ def normalize_common(
     if backend is None:
         return None
     native = backend.compiled  # (the compiled call path, where loaded: it declines with None)
-    if native is not None and activation == "identity":
-        output = native.eval(input, mean, variance, weight, bias, eps, 0)
-        if output is not None:
-            return output
+    if native is not None:
+        act = NATIVE_ACTIVATIONS.get(activation)
+        if act is not None:
+            output = native.eval(input, mean, variance, weight, bias, eps, act)
+            if output is not None:
+                return output
     return backend.eval_common(input, mean, variance, weight, bias, eps, activation)
 
 
@@ -226,6 +228,36 @@ def _training_backend(input: torch.Tensor, eps: float, momentum: float) -> Backe
     ):
         return None
     return common_backend(input)
+
+
+# The activations the compiled call path fuses, by the kernels' code for them
+# (``batchnorm.backends.cpu.kernels.ACTIVATIONS``).
+NATIVE_ACTIVATIONS = {"identity": 0, "relu": 1}
+
+
+def native_step(
+    input: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    momentum: float,
+    tracked: torch.Tensor | None,
+    activation: str,
+) -> tuple[torch.Tensor, bool] | None:
+    """A fused layer's common training step (``activation(BN(input))``) on the compiled call
+    path, as :func:`train_common` takes plain batch norm's: ``(output, finite)``, or None where
+    the call is not one it takes (then ``batchnorm.modules.norm_act`` takes its own path)."""
+    act = NATIVE_ACTIVATIONS.get(activation)
+    if act is None:
+        return None
+    backend = _training_backend(input, eps, momentum)
+    native = None if backend is None else backend.compiled
+    if native is None:
+        return None
+    return native.train(input, weight, bias, running_mean, running_var, tracked, eps, momentum,
+                        act)
 
 
 def train_common(

@@ -9,6 +9,7 @@ it is not, they are skipped with the reason."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -20,6 +21,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import batchnorm
 from batchnorm.backends import cpu
+from batchnorm.modules.norm_act import BatchNormAct2d
 from batchnorm.backends.cpu import native
 from tests.conftest import make_input
 
@@ -173,6 +175,29 @@ def test_the_step_matches_torch_and_records_its_writes(compiled):
     assert type(y.grad_fn).__name__ == "CppFunction"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(4, 6, 5, 5), (8, 16, 40, 40)], ids=str)
+def test_fused_relu_step_equals_the_python_path(compiled, shape, layout, dtype):
+    """The fused layer (timm's BatchNormAct2d, converted) with ReLU takes the same compiled
+    path, its activation fused into the same kernels."""
+    ours, python = _pair(BatchNormAct2d(shape[1], activation="relu").to(dtype))
+    x = make_input(shape, dtype, layout, seed=5)
+    grad = make_input(shape, dtype, layout, seed=6)
+    taken = _step(ours, x, grad, python=False)
+    reference = _step(python, x, grad, python=True)
+    for a, b in zip(taken + _state(ours), reference + _state(python), strict=True):
+        assert torch.equal(a, b)
+    assert type(taken[0].grad_fn).__name__ == "CppFunction"
+    assert bool((taken[0] >= 0).all())
+    ours.eval()
+    python.eval()
+    with torch.no_grad():
+        y = ours(x)
+        with native.disabled():
+            assert torch.equal(y, python(x))
+
+
 def test_a_changed_input_is_refused_at_backward(compiled):
     """The node saved the input: changed in place before the backward, autograd refuses, as it
     does for torch's batch norm."""
@@ -186,24 +211,28 @@ def test_a_changed_input_is_refused_at_backward(compiled):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_gradcheck_and_the_handed_back_backwards(compiled, monkeypatch, layout):
+@pytest.mark.parametrize("kind", ["plain", "relu"])
+def test_gradcheck_and_the_handed_back_backwards(compiled, monkeypatch, layout, kind):
     """The C++ node's gradients pass gradcheck (float64); double backward and batched
     gradients reach the registered Python backward, whose answers pass gradgradcheck and the
     batched check; first-order ones never do."""
-    module = batchnorm.BatchNorm2d(3).double()
+    if kind == "plain":
+        module, act = batchnorm.BatchNorm2d(3).double(), 0
+    else:
+        module, act = BatchNormAct2d(3, activation="relu").double(), 1
     with torch.no_grad():
         module.weight.uniform_(0.5, 1.5)
         module.bias.normal_()
     x = make_input((4, 3, 2, 3), torch.float64, layout, seed=8).requires_grad_(True)
     handed = []
-    fallback = native._backward_fallback
+    fallback = native._backward_fallbacks[act]
 
     def spy(grad, *rest):
         handed.append((torch.is_grad_enabled(), torch._C._functorch.is_batchedtensor(grad)
                        or torch._C._functorch.is_legacy_batchedtensor(grad)))
         return fallback(grad, *rest)
 
-    monkeypatch.setattr(native, "_backward_fallback", spy)
+    monkeypatch.setitem(native._backward_fallbacks, act, spy)
     assert type(module(x).grad_fn).__name__ == "CppFunction"
     assert gradcheck(module, (x,), check_batched_grad=False)
     assert handed == []
@@ -212,6 +241,32 @@ def test_gradcheck_and_the_handed_back_backwards(compiled, monkeypatch, layout):
     handed.clear()
     assert gradgradcheck(module, (x,))
     assert handed and all(double for double, _ in handed)
+
+
+@pytest.mark.parametrize("kind", ["plain", "relu"])
+def test_double_backward_equals_the_python_path(compiled, kind):
+    """Every gradient of a double backward (the first-order ones with their graph, then the
+    gradients of a penalty on them), parameters included, equals the Python path's."""
+    make = (lambda: batchnorm.BatchNorm2d(5)) if kind == "plain" else (
+        lambda: BatchNormAct2d(5, activation="relu"))
+    ours, python = _pair(make().double())
+    x = make_input((4, 5, 3, 3), torch.float64, "channels_last", seed=9)
+    grad = make_input((4, 5, 3, 3), torch.float64, "channels_last", seed=10)
+    results = []
+    for module, off in ((ours, False), (python, True)):
+        xi = x.clone().requires_grad_(True)
+        inputs = (xi, module.weight, module.bias)
+        with native.disabled() if off else contextlib.nullcontext():
+            y = module(xi)
+            first = torch.autograd.grad(y, inputs, grad, create_graph=True)
+            penalty = sum(g.square().sum() for g in first)
+            second = torch.autograd.grad(penalty, inputs, allow_unused=True)
+        results.append([*first, *second])
+        assert (type(y.grad_fn).__name__ == "CppFunction") is not off
+    for a, b in zip(*results, strict=True):
+        assert (a is None) == (b is None)  # (plain batch norm's bias has no second derivative)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_an_expanded_gradient_is_conformed(compiled):

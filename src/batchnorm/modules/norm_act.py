@@ -53,6 +53,7 @@ accelerator).
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -68,6 +69,7 @@ from batchnorm.dispatch import running_stats_updater, select_backend
 from batchnorm.functional import (
     batch_norm,
     common_step,
+    native_step,
     normalize_common,
     normalize_with,
     normalize_with_batch_statistics,
@@ -76,6 +78,11 @@ from batchnorm.functional import (
 )
 from batchnorm.modules.batchnorm import _SINGLE_SAMPLE_CHOICES, _BatchNorm
 from batchnorm.tracing import is_proxy, record_as_leaf
+
+try:  # the CPU kernels' backend: its compiled call path hands some backwards back here
+    from batchnorm.backends import cpu as _cpu
+except Exception:  # noqa: BLE001 - as batchnorm.dispatch: no kernels, the eager backend serves
+    _cpu = None
 
 ACTIVATIONS = {
     "identity": lambda t: t,
@@ -394,6 +401,28 @@ except AttributeError:  # a torch whose Function has no C apply below it
     _apply_fused_step = _FusedBatchNormAct.apply
 
 
+def _native_step_grads(grad_out, x, weight, bias, mean, variance, eps, needs,
+                       activation="relu"):
+    """(dx, dweight, dbias) of a fused common step taken by the compiled call path
+    (``batchnorm.backends.cpu.native``), for what its autograd node hands back (a double
+    backward, a batched or opaque gradient, a transform active, a gradient of another layout):
+    what :class:`_FusedBatchNormAct`'s backward answers for the same step, which saved the
+    same tensors."""
+    need_x, need_weight, need_bias = needs
+    ctx = types.SimpleNamespace(
+        saved_tensors=(x, None, weight, bias, mean, variance),
+        needs_input_grad=(need_x, False, need_weight, need_bias), checked=True,
+        backend=_cpu, eps=eps, activation=activation, train=True,
+    )
+    grads = _FusedBatchNormAct.backward(ctx, grad_out, None)
+    return grads[0], grads[2], grads[3]
+
+
+if _cpu is not None:
+    _cpu.native_path.register_backward_fallback(_cpu.kernels.ACTIVATIONS["relu"],
+                                                _native_step_grads)
+
+
 def _composed_gradients(ctx, grad_out, x, residual, weight, bias, mean, variance,
                         create_graph=True):
     inputs = (x, residual, weight, bias)
@@ -538,6 +567,12 @@ class _BatchNormAct(_BatchNorm):
             return None
         weight, bias, tracked = parameters["weight"], parameters["bias"], buffers[
             "num_batches_tracked"]
+        done = native_step(input, running_mean, running_var, weight, bias, self.eps,
+                           self.momentum, tracked, self.activation)
+        if done is not None:  # (the compiled call path took it)
+            if done[1] is not True:  # (a finite batch is counted by the same call)
+                self._commit_running_stats(running_mean, running_var, done[1])
+            return done[0]
         step = common_step(input, weight, bias, running_mean, running_var, self.eps,
                            self.momentum, tracked, self.activation)
         if step is None:

@@ -41,9 +41,6 @@ import torch
 SOURCE = pathlib.Path(__file__).with_name("native.cpp")
 _FLAGS = ("-O3",)
 
-_backward_fallback: Callable | None = None
-
-
 def module_name() -> str:
     """The extension's module name: it changes with the source, torch, Python and the flags,
     so a stale build is never loaded."""
@@ -131,19 +128,23 @@ def _import(path: pathlib.Path) -> ModuleType:
     return module
 
 
-def register_backward_fallback(function: Callable) -> None:
-    """The Python backward of a common training step, for what the C++ node hands back (a
-    double backward, a batched or opaque gradient, a transform active): ``function(grad, x,
-    weight, bias, mean, variance, eps, act, needs) -> (dx, dweight, dbias)``
-    (``batchnorm.autograd`` registers it)."""
-    global _backward_fallback
-    _backward_fallback = function
+def register_backward_fallback(act: int, function: Callable) -> None:
+    """The Python backward of a common training step with the activation of kernel code
+    ``act`` (``kernels.ACTIVATIONS``), for what the C++ node hands back (a double backward, a
+    batched or opaque gradient, a transform active): ``function(grad, x, weight, bias, mean,
+    variance, eps, needs) -> (dx, dweight, dbias)``. ``batchnorm.autograd`` registers plain
+    batch norm's, ``batchnorm.modules.norm_act`` the fused ReLU's."""
+    _backward_fallbacks[act] = function
 
 
-def _fallback(*arguments):
-    if _backward_fallback is None:  # (batchnorm.autograd registers it at import)
-        raise RuntimeError("batchnorm: the common step's Python backward is not registered")
-    return _backward_fallback(*arguments)
+_backward_fallbacks: dict[int, Callable] = {}
+
+
+def _fallback(grad, x, weight, bias, mean, variance, eps, act, needs):
+    function = _backward_fallbacks.get(act)
+    if function is None:  # (each module registers its own at import, before any call)
+        raise RuntimeError(f"batchnorm: no Python backward registered for activation {act}")
+    return function(grad, x, weight, bias, mean, variance, eps, needs)
 
 
 def load(serial_below: int, threads: int) -> ModuleType | None:
