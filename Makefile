@@ -2,7 +2,9 @@
 # torch==2.13.0 is installed before the package: a bare `torch` requirement in a fresh virtual
 # environment would otherwise pull the full CUDA build. The CPU kernels' float32 specialisations
 # (what training uses) are compiled and cached on disk once during set-up, so that the lab's worker
-# processes do not each compile them; float64's compile on first use (`batchnorm compile --all`).
+# processes do not each compile them, and so are the compiled call path (a C++ extension) and the
+# C entry points it calls (float32 and float64); float64's other specialisations compile on first
+# use (`batchnorm compile --all`).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -117,6 +117,17 @@ def make_input(shape, dtype=torch.float32, layout="contiguous", seed=0, scale=1.
     return x
 
 
+@pytest.fixture
+def python_path():
+    """The CPU backend's Python path for the whole test: its compiled call path
+    (``batchnorm.backends.cpu.native``), whose calls a test's spies on the Python entry points
+    cannot see, turned off."""
+    from batchnorm.backends.cpu import native
+
+    with native.disabled():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)

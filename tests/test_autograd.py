@@ -123,6 +123,7 @@ def test_training_step_path_uses_a_backends_fused_entry():
         torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.usefixtures("python_path")  # (the spies see the Python path's calls)
 def test_common_step_nodes_run_their_backward_as_apply():
     """Autograd calls the common step's backward straight from its node (no frames of torch's
     wrapper between); the gradients, and a direct ``grad_fn.apply``, are torch's."""

@@ -146,7 +146,8 @@ def _bench_cuda(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace) -> int:
     """Compile the CPU kernels' float32 specialisations (with ``--all``, float64's too) now and
     cache them on disk, so that no later process waits for them (the first call otherwise
-    compiles what it needs)."""
+    compiles what it needs); then build the compiled call path and compile the C entry points it
+    calls (``batchnorm.backends.cpu.native``), which no call ever compiles itself."""
     import time
 
     try:
@@ -241,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_kernels = commands.add_parser(
         "compile",
         help="compile the CPU kernels now and cache them on disk (once), so the first training "
-        "call of a later process does not wait for it",
+        "call of a later process does not wait for it, and build the compiled call path to them "
+        "(a C++ extension; without a C++ compiler the Python path serves every call)",
     )
     compile_kernels.add_argument(
         "--all", action="store_true",

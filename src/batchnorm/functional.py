@@ -280,7 +280,9 @@ def train_common(
     forward-mode AD, eps a finite float > 0, momentum a float in [0, 1], and a backend that
     accepts the tensors whole (``batchnorm.dispatch.common_backend`` and its ``train_common``;
     what it accepts passes every check of :func:`validate_arguments`). See
-    :func:`normalize_common` for why the questions are asked in one place."""
+    :func:`normalize_common` for why the questions are asked in one place. The backend's
+    compiled call path (``batchnorm.backends.cpu.native``), where loaded, is offered the call
+    first: it computes it whole or declines it, having changed nothing."""
     backend = _training_backend(input, eps, momentum)
     if backend is None:
         return None

@@ -21,8 +21,8 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import batchnorm
 from batchnorm.backends import cpu
-from batchnorm.modules.norm_act import BatchNormAct2d
 from batchnorm.backends.cpu import native
+from batchnorm.modules.norm_act import BatchNormAct2d
 from tests.conftest import make_input
 
 
@@ -356,3 +356,11 @@ def test_functorch_transforms_take_the_python_path(compiled):
     grad = torch.func.grad(lambda t: ours(t).square().sum())(x[0])
     expected = torch.func.grad(lambda t: theirs(t).square().sum())(x[0])
     torch.testing.assert_close(grad, expected)
+
+
+def test_the_activation_codes_are_the_kernels():
+    """The functional forms name the fused activations by the kernels' own codes."""
+    from batchnorm.backends.cpu import kernels
+    from batchnorm.functional import NATIVE_ACTIVATIONS
+
+    assert NATIVE_ACTIVATIONS == kernels.ACTIVATIONS

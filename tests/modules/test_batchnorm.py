@@ -304,6 +304,7 @@ UNCOMMON_FORMS = {
 }
 
 
+@pytest.mark.usefixtures("python_path")  # (the spies see the Python path's calls)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("form", [None, *UNCOMMON_FORMS])
 def test_inference_call_takes_the_common_path_only_for_dense_statistics(monkeypatch, form,
@@ -358,6 +359,7 @@ def test_inference_call_on_an_uncommon_input_is_normalized_by_its_values(form):
             assert_close(ours(x), theirs(x.clone()), torch.float32)
 
 
+@pytest.mark.usefixtures("python_path")  # (the spies see the Python path's calls)
 @pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("form", [None, *UNCOMMON_FORMS])
@@ -434,6 +436,7 @@ def test_a_subclass_with_its_own_commit_keeps_it_on_every_step():
     assert commits == [True] and int(module.num_batches_tracked) == 1
 
 
+@pytest.mark.usefixtures("python_path")  # (the spies see the Python path's calls)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_common_step_backward_is_exact_and_composes(monkeypatch, layout):
     """The common step's backward (the backend's shortest path) passes gradcheck and

@@ -507,6 +507,7 @@ def test_the_memory_benchmark_compares_the_same_network():
     assert "| ours, in-place |" in table and "0.50 |" in table
 
 
+@pytest.mark.usefixtures("python_path")  # (the spies see the Python path's calls)
 @pytest.mark.parametrize("activation", ["relu", "silu", "gelu", "identity", "leaky_relu"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_inference_call_is_one_backend_call_for_the_activations_it_takes(monkeypatch,
@@ -543,6 +544,7 @@ FUSED_UNCOMMON_FORMS = {
 }
 
 
+@pytest.mark.usefixtures("python_path")  # (the spies see the Python path's calls)
 @pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("form", [None, *FUSED_UNCOMMON_FORMS])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -626,6 +628,7 @@ def test_training_step_is_one_backend_call_for_the_activations_it_takes(
         assert_close(ours.state_dict()[key].to(value.dtype), value, torch.float32)
 
 
+@pytest.mark.usefixtures("python_path")  # (the spies see the Python path's calls)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("activation", ["identity", "relu"])
 def test_fused_common_step_backward_is_exact_and_composes(monkeypatch, activation, layout):
