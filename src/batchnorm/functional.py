@@ -230,9 +230,10 @@ def _training_backend(input: torch.Tensor, eps: float, momentum: float) -> Backe
     return common_backend(input)
 
 
-# The activations the compiled call path fuses, by the kernels' code for them
-# (``batchnorm.backends.cpu.kernels.ACTIVATIONS``).
-NATIVE_ACTIVATIONS = {"identity": 0, "relu": 1}
+# The activations the compiled call path takes, by its code for them: the kernels' own for those
+# they fuse (``batchnorm.backends.cpu.kernels.ACTIVATIONS``), then those it applies with torch's
+# operators around them (``batchnorm.backends.smooth``).
+NATIVE_ACTIVATIONS = {"identity": 0, "relu": 1, "silu": 2, "gelu": 3}
 
 
 def native_step(

@@ -22,6 +22,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import batchnorm
 from batchnorm.backends import cpu
 from batchnorm.backends.cpu import native
+from batchnorm.functional import NATIVE_ACTIVATIONS
 from batchnorm.modules.norm_act import BatchNormAct2d
 from tests.conftest import make_input
 
@@ -180,10 +181,11 @@ def test_the_step_matches_torch_and_records_its_writes(compiled):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(4, 6, 5, 5), (8, 16, 40, 40)], ids=str)
-def test_fused_relu_step_equals_the_python_path(compiled, shape, layout, dtype):
-    """The fused layer (timm's BatchNormAct2d, converted) with ReLU takes the same compiled
-    path, its activation fused into the same kernels."""
-    ours, python = _pair(BatchNormAct2d(shape[1], activation="relu").to(dtype))
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
+def test_fused_step_equals_the_python_path(compiled, shape, layout, dtype, activation):
+    """The fused layer (timm's BatchNormAct2d, converted) takes the same compiled path: ReLU
+    fused into the same kernels, silu and gelu applied by torch's operators around them."""
+    ours, python = _pair(BatchNormAct2d(shape[1], activation=activation).to(dtype))
     x = make_input(shape, dtype, layout, seed=5)
     grad = make_input(shape, dtype, layout, seed=6)
     taken = _step(ours, x, grad, python=False)
@@ -191,7 +193,6 @@ def test_fused_relu_step_equals_the_python_path(compiled, shape, layout, dtype):
     for a, b in zip(taken + _state(ours), reference + _state(python), strict=True):
         assert torch.equal(a, b)
     assert type(taken[0].grad_fn).__name__ == "CppFunction"
-    assert bool((taken[0] >= 0).all())
     ours.eval()
     python.eval()
     with torch.no_grad():
@@ -213,7 +214,7 @@ def test_a_changed_input_is_refused_at_backward(compiled):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("kind", ["plain", "relu"])
+@pytest.mark.parametrize("kind", ["plain", "relu", "silu", "gelu"])
 def test_gradcheck_and_the_handed_back_backwards(compiled, monkeypatch, layout, kind):
     """The C++ node's gradients pass gradcheck (float64); double backward and batched
     gradients reach the registered Python backward, whose answers pass gradgradcheck and the
@@ -221,7 +222,8 @@ def test_gradcheck_and_the_handed_back_backwards(compiled, monkeypatch, layout, 
     if kind == "plain":
         module, act = batchnorm.BatchNorm2d(3).double(), 0
     else:
-        module, act = BatchNormAct2d(3, activation="relu").double(), 1
+        module = BatchNormAct2d(3, activation=kind).double()
+        act = NATIVE_ACTIVATIONS[kind]
     with torch.no_grad():
         module.weight.uniform_(0.5, 1.5)
         module.bias.normal_()
@@ -245,12 +247,12 @@ def test_gradcheck_and_the_handed_back_backwards(compiled, monkeypatch, layout, 
     assert handed and all(double for double, _ in handed)
 
 
-@pytest.mark.parametrize("kind", ["plain", "relu"])
+@pytest.mark.parametrize("kind", ["plain", "relu", "silu", "gelu"])
 def test_double_backward_equals_the_python_path(compiled, kind):
     """Every gradient of a double backward (the first-order ones with their graph, then the
     gradients of a penalty on them), parameters included, equals the Python path's."""
     make = (lambda: batchnorm.BatchNorm2d(5)) if kind == "plain" else (
-        lambda: BatchNormAct2d(5, activation="relu"))
+        lambda: BatchNormAct2d(5, activation=kind))
     ours, python = _pair(make().double())
     x = make_input((4, 5, 3, 3), torch.float64, "channels_last", seed=9)
     grad = make_input((4, 5, 3, 3), torch.float64, "channels_last", seed=10)
@@ -361,8 +363,13 @@ def test_functorch_transforms_take_the_python_path(compiled):
 
 
 def test_the_activation_codes_are_the_kernels():
-    """The functional forms name the fused activations by the kernels' own codes."""
+    """The functional forms name the fused activations by the kernels' own codes, and the
+    smooth ones, which torch's operators apply around the kernels, by codes after those."""
+    from batchnorm.backends import smooth
     from batchnorm.backends.cpu import kernels
     from batchnorm.functional import NATIVE_ACTIVATIONS
 
-    assert NATIVE_ACTIVATIONS == kernels.ACTIVATIONS
+    fused = {name: code for name, code in NATIVE_ACTIVATIONS.items() if name in kernels.ACTIVATIONS}
+    assert fused == kernels.ACTIVATIONS
+    assert set(NATIVE_ACTIVATIONS) == set(kernels.ACTIVATIONS) | set(smooth.ACTIVATIONS)
+    assert min(NATIVE_ACTIVATIONS[name] for name in smooth.ACTIVATIONS) > max(fused.values())

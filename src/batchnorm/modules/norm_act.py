@@ -52,6 +52,7 @@ accelerator).
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 
@@ -67,6 +68,7 @@ from batchnorm.core.layout import accumulation_dtype, as_channel, values_per_cha
 from batchnorm.core.normalize import eval_backward, inverse_std, train_backward
 from batchnorm.dispatch import running_stats_updater, select_backend
 from batchnorm.functional import (
+    NATIVE_ACTIVATIONS,
     batch_norm,
     common_step,
     native_step,
@@ -419,8 +421,11 @@ def _native_step_grads(grad_out, x, weight, bias, mean, variance, eps, needs,
 
 
 if _cpu is not None:
-    _cpu.native_path.register_backward_fallback(_cpu.kernels.ACTIVATIONS["relu"],
-                                                _native_step_grads)
+    for _activation in ("relu", "silu", "gelu"):
+        _cpu.native_path.register_backward_fallback(
+            NATIVE_ACTIVATIONS[_activation],
+            functools.partial(_native_step_grads, activation=_activation),
+        )
 
 
 def _composed_gradients(ctx, grad_out, x, residual, weight, bias, mean, variance,

@@ -139,6 +139,23 @@ inline bool wants_grad(const Tensor& x, const Tensor& weight, const Tensor& bias
          (x.requires_grad() || weight.requires_grad() || bias.requires_grad());
 }
 
+// Activations: the kernels fuse identity (0) and ReLU (1); silu (2) and gelu (3) are applied
+// by torch's operators around them, in place on the kernel's output, and on the pre-activation
+// recomputed from the input in the backward (as backends/smooth.py does on the Python path).
+constexpr int64_t kSilu = 2, kGelu = 3;
+
+inline int64_t kernel_act(int64_t act) {
+  return act >= kSilu ? 0 : act;
+}
+
+void activate_in_place(Tensor& z, int64_t act) {
+  if (act == kSilu) {
+    at::silu_(z);
+  } else if (act == kGelu) {
+    at::gelu_(z);
+  }
+}
+
 struct Running {
   Tensor mean, var;
   Vector tracked;
@@ -160,14 +177,15 @@ std::tuple<Tensor, Tensor, Tensor> train_kernel(const Tensor& x, const Tensor& w
   int64_t n = blocks(g.numel, g.planes ? g.channels : g.batch * g.size);
   int32_t finite =
       g.single ? float32.train(0.0f, g.batch, g.channels, g.size, g.planes, address(x),
-                               address(weight), address(bias), r.eps, r.act, address(out),
-                               address(mean), address(var), address(r.mean), address(r.var),
-                               bessel, r.momentum, tracked, n)
+                               address(weight), address(bias), r.eps, kernel_act(r.act),
+                               address(out), address(mean), address(var), address(r.mean),
+                               address(r.var), bessel, r.momentum, tracked, n)
                : float64.train(0.0, g.batch, g.channels, g.size, g.planes, address(x),
-                               address(weight), address(bias), r.eps, r.act, address(out),
-                               address(mean), address(var), address(r.mean), address(r.var),
-                               bessel, r.momentum, tracked, n);
+                               address(weight), address(bias), r.eps, kernel_act(r.act),
+                               address(out), address(mean), address(var), address(r.mean),
+                               address(r.var), bessel, r.momentum, tracked, n);
   r.finite = finite != 0;
+  activate_in_place(out, r.act);
   // the in-place writes, recorded as torch's in-place operations record theirs
   torch::autograd::impl::bump_version(r.mean);
   torch::autograd::impl::bump_version(r.var);
@@ -175,6 +193,22 @@ std::tuple<Tensor, Tensor, Tensor> train_kernel(const Tensor& x, const Tensor& w
     torch::autograd::impl::bump_version(*r.tracked);
   }
   return {out, mean, var};
+}
+
+// The inference kernel: out = BN(x) with the given statistics, then the activation.
+void eval_kernel(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& weight,
+                 const Tensor& bias, double eps, int64_t act, const Geometry& g, Tensor& out) {
+  int64_t n = blocks(g.numel, g.planes ? g.batch * g.channels : g.batch * g.size);
+  if (g.single) {
+    float32.eval(0.0f, g.batch, g.channels, g.size, g.planes, address(x), address(mean),
+                 address(var), address(weight), address(bias), eps, kernel_act(act),
+                 address(out), n);
+  } else {
+    float64.eval(0.0, g.batch, g.channels, g.size, g.planes, address(x), address(mean),
+                 address(var), address(weight), address(bias), eps, kernel_act(act),
+                 address(out), n);
+  }
+  activate_in_place(out, act);
 }
 
 // The gradients of a common training step, or false where the kernel does not take the call
@@ -193,6 +227,18 @@ bool backward_kernel(Tensor grad, const Tensor& x, const Tensor& mean, const Ten
     if (grad.strides() != x.strides()) {
       return false;
     }
+  }
+  if (act >= kSilu) {
+    // g f'(z) into the pre-activation z, recomputed from the input with the batch statistics
+    auto z = at::empty_like(x, g.format);
+    eval_kernel(x, mean, var, weight, bias, eps, 0, g, z);
+    if (act == kSilu) {
+      at::silu_backward_out(z, grad, z);
+    } else {
+      at::gelu_backward_out(z, grad, z);
+    }
+    grad = z;
+    act = 0;
   }
   auto grad_input = need_input ? at::empty_like(x, g.format) : Tensor();
   auto grad_weight = at::empty({g.channels}, x.options());
@@ -289,14 +335,7 @@ py::object eval(const Tensor& x, const Tensor& mean, const Tensor& var, const Ve
     return py::none();
   }
   auto out = at::empty_like(x, g.format);
-  int64_t n = blocks(g.numel, g.planes ? g.batch * g.channels : g.batch * g.size);
-  if (g.single) {
-    float32.eval(0.0f, g.batch, g.channels, g.size, g.planes, address(x), address(mean),
-                 address(var), address(*weight), address(*bias), eps, act, address(out), n);
-  } else {
-    float64.eval(0.0, g.batch, g.channels, g.size, g.planes, address(x), address(mean),
-                 address(var), address(*weight), address(*bias), eps, act, address(out), n);
-  }
+  eval_kernel(x, mean, var, *weight, *bias, eps, act, g, out);
   return py::cast(out);
 }
 
