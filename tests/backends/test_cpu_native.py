@@ -75,6 +75,16 @@ def _step(module, x, grad, python: bool):
     return [y, x.grad, module.weight.grad, module.bias.grad]
 
 
+def _same_step(ours, python, x, grad):
+    """A training step of ``ours`` on the compiled path and of ``python`` (a copy) on the
+    Python path give equal outputs, gradients and state, bit for bit; returns both."""
+    taken = _step(ours, x, grad, python=False)
+    reference = _step(python, x, grad, python=True)
+    for a, b in zip(taken + _state(ours), reference + _state(python), strict=True):
+        assert torch.equal(a, b)
+    return taken, reference
+
+
 SHAPES = [
     (6, 5),  # rows
     (4, 3, 7),  # planes
@@ -100,10 +110,7 @@ def test_training_step_and_inference_equal_the_python_path(compiled, shape, layo
     x = make_input(shape, dtype, layout, seed=3)
     grad = make_input(shape, dtype, layout, seed=4)
     for _ in range(2):  # (the second step starts from updated statistics)
-        taken = _step(ours, x, grad, python=False)
-        reference = _step(python, x, grad, python=True)
-        for a, b in zip(taken + _state(ours), reference + _state(python), strict=True):
-            assert torch.equal(a, b)
+        taken, reference = _same_step(ours, python, x, grad)
         assert taken[0].stride() == reference[0].stride()
         assert taken[1].stride() == reference[1].stride()
     assert type(taken[0].grad_fn).__name__ == "CppFunction"  # (the compiled node was taken)
@@ -134,10 +141,7 @@ def test_any_common_call_equals_the_python_path(batch, channels, height, width, 
         layout = "channels_last" if channels_last else "contiguous"
         x = make_input(shape, torch.float32, layout, seed=channels)
         grad = make_input(shape, torch.float32, layout, seed=height)
-        taken = _step(ours, x, grad, python=False)
-        reference = _step(python, x, grad, python=True)
-        for a, b in zip(taken + _state(ours), reference + _state(python), strict=True):
-            assert torch.equal(a, b)
+        _same_step(ours, python, x, grad)
     finally:
         torch.set_num_threads(before)
 
@@ -154,10 +158,7 @@ def test_blocks_follow_torchs_thread_count(compiled):
         for threads in (1, 2, 1):
             torch.set_num_threads(threads)
             ours, python = _pair(batchnorm.BatchNorm2d(32).double())
-            taken = _step(ours, x, grad, python=False)
-            reference = _step(python, x, grad, python=True)
-            for a, b in zip(taken + _state(ours), reference + _state(python), strict=True):
-                assert torch.equal(a, b)
+            _same_step(ours, python, x, grad)
     finally:
         torch.set_num_threads(before)
 
@@ -188,10 +189,7 @@ def test_fused_step_equals_the_python_path(compiled, shape, layout, dtype, activ
     ours, python = _pair(BatchNormAct2d(shape[1], activation=activation).to(dtype))
     x = make_input(shape, dtype, layout, seed=5)
     grad = make_input(shape, dtype, layout, seed=6)
-    taken = _step(ours, x, grad, python=False)
-    reference = _step(python, x, grad, python=True)
-    for a, b in zip(taken + _state(ours), reference + _state(python), strict=True):
-        assert torch.equal(a, b)
+    taken, _ = _same_step(ours, python, x, grad)
     assert type(taken[0].grad_fn).__name__ == "CppFunction"
     ours.eval()
     python.eval()
