@@ -31,11 +31,14 @@ def validate_arguments(
     input_checked: bool = False,
 ) -> None:
     """The checks every batch norm runs, once per call, before computing or modifying anything:
-    the input (unless ``input_checked``: a module has applied its own rule), every per-channel
-    tensor (shape, floating dtype, the input's device), the mask, momentum, eps, and the
-    batch-size rule where batch statistics are used."""
+    the input (unless ``input_checked``: a module has applied its own rule), running statistics
+    that the call updates in place (not inference tensors outside inference mode), every
+    per-channel tensor (shape, floating dtype, the input's device), the mask, momentum, eps, and
+    the batch-size rule where batch statistics are used."""
     if not input_checked:
         checks.check_input(input, owner=owner)
+    if use_batch_stats and running_mean is not None:  # (updated in place by this call)
+        checks.check_running_stats_writable(running_mean, running_var, owner)
     if (
         mask is None
         and forward_ad._current_level < 0  # (else a tangent on the statistics is refused)

@@ -371,3 +371,32 @@ def test_the_activation_codes_are_the_kernels():
     assert fused == kernels.ACTIVATIONS
     assert set(NATIVE_ACTIVATIONS) == set(kernels.ACTIVATIONS) | set(smooth.ACTIVATIONS)
     assert min(NATIVE_ACTIVATIONS[name] for name in smooth.ACTIVATIONS) > max(fused.values())
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_inference_buffers_are_refused_before_any_write(compiled, path, grad):
+    """A module built under ``torch.inference_mode()`` (its buffers inference tensors), trained
+    outside it: refused as torch refuses it (a RuntimeError), with the running statistics and
+    the count unchanged, on either path (torch's module counts the batch before its refusal);
+    inside inference mode the step runs, as torch's."""
+    ours_or_torch = []
+    x = torch.randn(4, 3)
+    for make in (lambda: batchnorm.BatchNorm1d(3), lambda: torch.nn.BatchNorm1d(3)):
+        kept = 3 if not ours_or_torch else 2  # (ours: the count too)
+        with torch.inference_mode():
+            module = make()
+        before = [t.clone() for t in _state(module)]
+        with native.disabled() if path == "python" else contextlib.nullcontext():
+            with contextlib.nullcontext() if grad else torch.no_grad():
+                with pytest.raises(RuntimeError, match="inference"):
+                    module(x)
+            for a, b in zip(_state(module)[:kept], before[:kept], strict=True):
+                assert torch.equal(a, b)
+            with torch.inference_mode():
+                y = module(x)
+        ours_or_torch.append((y, [t.clone() for t in _state(module)]))
+    (ours, ours_state), (theirs, theirs_state) = ours_or_torch
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(ours_state[:2], theirs_state[:2], strict=True):
+        torch.testing.assert_close(a, b)

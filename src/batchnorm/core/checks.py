@@ -210,6 +210,23 @@ def scalar_value(
     )
 
 
+def check_running_stats_writable(running_mean, running_var, owner: str) -> None:
+    """Running statistics that a training call updates in place: outside inference mode they
+    must not be inference tensors (a module built under ``torch.inference_mode()``), whose
+    in-place update torch refuses; refused here, as torch refuses it, before anything is
+    written. (Not asked under torch.compile, whose tracer cannot ask about inference mode.)"""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
+        if tensor is not None and tensor.is_inference():
+            raise BatchNormValueError(
+                f"{owner}: expected a {name} that can be updated in place outside inference "
+                "mode, got an inference tensor (made under torch.inference_mode()); train "
+                "inside torch.inference_mode(), or give the module copies made outside it "
+                "(module.running_mean = module.running_mean.clone(), and so on)"
+            )
+
+
 def check_momentum(
     momentum: float | torch.Tensor | None, owner: str = "batch_norm", device=None
 ) -> None:

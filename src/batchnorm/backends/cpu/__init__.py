@@ -523,10 +523,15 @@ def train_common(x, weight, bias, running_mean, running_var, tracked=None) -> in
     if (
         running_mean.requires_grad
         or running_var.requires_grad
+        # (inference tensors: the general path's checks refuse their update outside inference
+        # mode before anything is written)
+        or running_mean.is_inference()
+        or running_var.is_inference()
         or _common_layout(x, weight, bias, running_mean, running_var) is None
         or not (
             tracked is None
-            or (tracked.dtype is torch.int64 and tracked.is_cpu and tracked.numel() == 1)
+            or (tracked.dtype is torch.int64 and tracked.is_cpu and tracked.numel() == 1
+                and not tracked.is_inference())
         )
     ):
         return 0

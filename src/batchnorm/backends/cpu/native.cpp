@@ -308,12 +308,15 @@ py::object train(const Tensor& x, const Vector& weight, const Vector& bias,
   if (!common_input(x, g) || g.numel / g.channels < 2 || !common_vector(weight, x) ||
       !common_vector(bias, x) || !common_vector(running_mean, x) ||
       !common_vector(running_var, x) || running_mean.requires_grad() ||
-      running_var.requires_grad()) {
+      running_var.requires_grad() || running_mean.is_inference() ||
+      running_var.is_inference()) {
+    // (inference tensors: the Python path's checks refuse their update outside inference mode
+    // before anything is written)
     return py::none();
   }
   if (tracked.has_value() &&
       !(tracked->defined() && tracked->scalar_type() == at::kLong && tracked->numel() == 1 &&
-        plain(*tracked))) {
+        plain(*tracked) && !tracked->is_inference())) {
     return py::none();
   }
   Running running{running_mean, running_var, tracked, eps, momentum, act};
