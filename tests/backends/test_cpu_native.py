@@ -146,21 +146,35 @@ def test_any_common_call_equals_the_python_path(batch, channels, height, width, 
         torch.set_num_threads(before)
 
 
-def test_blocks_follow_torchs_thread_count(compiled):
-    """The compiled path cuts a large call into as many blocks as the Python path at every
-    thread count, both ways (float64 channels_last rows: each block sums its rows, so another
-    count changes the order of the float64 sums, and with it the last bits of the statistics;
-    float32's block sums join exactly enough that the count does not show)."""
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [
+        ((16, 32, 24, 24), "channels_last"),
+        # between BACKWARD_PLANES_SERIAL_BELOW and SERIAL_BELOW: only the backward goes parallel
+        ((8, 200, 4, 4), "contiguous"),
+    ],
+    ids=str,
+)
+def test_blocks_follow_torchs_thread_count(compiled, shape, layout):
+    """The compiled path cuts a call into as many blocks as the Python path at every thread
+    count, both ways, in float64, where the blocks show in the last bits: channels_last rows
+    (each block sums its rows, so another count changes the order of the sums) and 4x4 planes
+    (one block sees them as rows, several take them by segments); float32's sums join exactly
+    enough that the count does not show. That the blocks show is checked too: the Python path's
+    step on one thread and on two differ."""
+    assert cpu.BACKWARD_PLANES_SERIAL_BELOW <= 8 * 200 * 16 < cpu.SERIAL_BELOW
     before = torch.get_num_threads()
-    x = make_input((16, 32, 24, 24), torch.float64, "channels_last", seed=1, offset=3.0)
-    grad = make_input((16, 32, 24, 24), torch.float64, "channels_last", seed=2)
+    x = make_input(shape, torch.float64, layout, seed=1, offset=3.0)
+    grad = make_input(shape, torch.float64, layout, seed=2)
+    steps = {}
     try:
         for threads in (1, 2, 1):
             torch.set_num_threads(threads)
-            ours, python = _pair(batchnorm.BatchNorm2d(32).double())
-            _same_step(ours, python, x, grad)
+            ours, python = _pair(batchnorm.BatchNorm2d(shape[1]).double())
+            steps[threads] = _same_step(ours, python, x, grad)[1]
     finally:
         torch.set_num_threads(before)
+    assert not all(torch.equal(a, b) for a, b in zip(steps[1], steps[2], strict=True))
 
 
 def test_the_step_matches_torch_and_records_its_writes(compiled):
