@@ -213,17 +213,18 @@ def _length(t: torch.Tensor | None) -> int:
 # Below this many elements a parallel launch costs more than it saves (torch's own grain size
 # is of the same order); such inputs run on the calling thread.
 SERIAL_BELOW = 1 << 16
-# The backward on planes (NCHW) of more than ``kernels.SHORT_PLANE_PARALLEL`` values goes
-# parallel from fewer values: it reads two tensors and writes a third, and inside a model it finds
-# them out of cache, where one core's bandwidth decides. Kernel alone, 2 threads, with a torch
-# matrix product and a 4 MB write between calls (as the convolutions between a model's batch
-# norms), 1 block against 2 (torch's backward beside it): (4, 128, 6, 6) 23.2 vs 16.6 us (39.8),
-# (4, 416, 6, 6) 57.3 vs 32.6 (55.2), (8, 112, 6, 6) 31.5 vs 20.0 (41.4). Inside densenet121
-# (`batchnorm bench --suite models --per-call`, two runs each) its 6x6 layers of 16384-65535
-# values took 1.44x torch's time in the backward on one block and 1.23x on two. Its 3x3 layers
-# of that size measured the other way (1.22x on one block, 1.74x on two), so planes of at most
-# SHORT_PLANE_PARALLEL values keep SERIAL_BELOW, as do rows (channels_last, (N, C)): there
-# (64, 256) measured 64.0 us on one block against 81.4 on two.
+# The backward on planes (NCHW) goes parallel from fewer values: it reads two tensors and writes
+# a third, and inside a model it finds them out of cache, where one core's bandwidth decides.
+# Kernel alone, 2 threads, with a torch matrix product and a 4 MB write before each call (as a
+# model's convolutions run between its batch norms), one block against two, torch's backward in
+# brackets (`python scripts/backward_threshold.py kernel ...`): (4, 128, 6, 6) 20.4 vs 12.8 us
+# (25.1), (8, 112, 6, 6) 27.6 vs 17.3 (34.5), (4, 416, 6, 6) 55.1 vs 27.3 (35.1), (4, 512, 3, 3)
+# 25.9 vs 21.1 (33.1); below the threshold, (4, 128, 3, 3), 4608 values, 10.3 vs 12.0 (23.3).
+# Inside densenet121 and efficientnet_b0 (`batchnorm bench --suite models --per-call`, two runs
+# each way) the backward of their 6x6 layers of 16384-65535 values went from 1.54x and 1.68x
+# torch's time to 1.20x and 1.21x. Rows ((N, C), channels_last) keep SERIAL_BELOW: there one
+# block measured faster up to 32768 values, (64, 256) 13.3 us against 14.7 on two blocks,
+# (256, 128) 24.2 against 26.0, channels_last (4, 128, 6, 6) 19.6 against 22.4.
 BACKWARD_PLANES_SERIAL_BELOW = 1 << 14
 
 
@@ -251,7 +252,7 @@ def _load_native() -> None:
     _native_tried = True
     try:
         compiled = native_path.load(SERIAL_BELOW, BACKWARD_PLANES_SERIAL_BELOW,
-                                    kernels.SHORT_PLANE_PARALLEL, numba.config.NUMBA_NUM_THREADS)
+                                    numba.config.NUMBA_NUM_THREADS)
     except Exception as error:  # noqa: BLE001 - whatever keeps the build from loading here
         # (an extension built against another torch, entry points Numba cannot load), the
         # Python path serves every call
@@ -596,8 +597,7 @@ def backward_common(grad_out, x, mean, variance, weight, bias, eps, needs,
         xp if grad_input is None else grad_input.data_ptr(), xp, False, grad_weight.data_ptr(),
         grad_bias.data_ptr(),
     )
-    serial_below = (BACKWARD_PLANES_SERIAL_BELOW if planes and size > kernels.SHORT_PLANE_PARALLEL
-                    else SERIAL_BELOW)
+    serial_below = BACKWARD_PLANES_SERIAL_BELOW if planes else SERIAL_BELOW
     if numel < serial_below and _pool_started:  # _run's first case, asked here: a frame less
         kernels.backward_at(*arguments, 1)
     else:
