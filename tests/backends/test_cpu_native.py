@@ -150,7 +150,8 @@ def test_any_common_call_equals_the_python_path(batch, channels, height, width, 
     ("shape", "layout"),
     [
         ((16, 32, 24, 24), "channels_last"),
-        # between BACKWARD_PLANES_SERIAL_BELOW and SERIAL_BELOW: only the backward goes parallel
+        # between BACKWARD_PLANES_SERIAL_BELOW and SERIAL_BELOW, planes over SHORT_PLANE_PARALLEL
+        # values: only the backward goes parallel
         ((8, 200, 4, 4), "contiguous"),
     ],
     ids=str,
@@ -163,6 +164,7 @@ def test_blocks_follow_torchs_thread_count(compiled, shape, layout):
     enough that the count does not show. That the blocks show is checked too: the Python path's
     step on one thread and on two differ."""
     assert cpu.BACKWARD_PLANES_SERIAL_BELOW <= 8 * 200 * 16 < cpu.SERIAL_BELOW
+    assert 16 > cpu.kernels.SHORT_PLANE_PARALLEL
     before = torch.get_num_threads()
     x = make_input(shape, torch.float64, layout, seed=1, offset=3.0)
     grad = make_input(shape, torch.float64, layout, seed=2)

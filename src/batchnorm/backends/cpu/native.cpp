@@ -50,7 +50,9 @@ Entries<float> float32;
 Entries<double> float64;
 bool loaded = false;
 int64_t serial_below = 0;  // below this many values a kernel runs on the calling thread
-int64_t backward_planes_serial_below = 0;  // the same for the backward on planes (as _run's)
+// the same for the backward on planes of more than short_plane_parallel values (as cpu's)
+int64_t backward_planes_serial_below = 0;
+int64_t short_plane_parallel = 0;
 int64_t pool_threads = 1;  // the most threads Numba's pool has
 // The Python backward for what the kernel does not take (native.py's backward_fallback).
 py::object* fallback = nullptr;
@@ -246,7 +248,8 @@ bool backward_kernel(Tensor grad, const Tensor& x, const Tensor& mean, const Ten
   auto grad_bias = at::empty({g.channels}, x.options());
   int64_t into = need_input ? address(grad_input) : address(x);  // (not written then)
   int64_t n = blocks(g.numel, g.planes ? g.channels : g.batch * g.size,
-                     g.planes ? backward_planes_serial_below : serial_below);
+                     g.planes && g.size > short_plane_parallel ? backward_planes_serial_below
+                                                               : serial_below);
   if (g.single) {
     float32.backward(0.0f, g.batch, g.channels, g.size, g.planes, address(grad), address(x),
                      address(mean), address(var), address(weight), address(bias), eps, act,
@@ -355,13 +358,14 @@ void set(Entries<T>& entries, const std::vector<int64_t>& addresses) {
 
 // The addresses of the C functions (train, eval, backward) for float32 and for float64, once.
 void set_entry_points(const std::vector<int64_t>& single, const std::vector<int64_t>& double_,
-                      int64_t serial, int64_t backward_planes_serial, int64_t threads,
-                      py::object backward_fallback) {
+                      int64_t serial, int64_t backward_planes_serial, int64_t short_plane,
+                      int64_t threads, py::object backward_fallback) {
   TORCH_CHECK(!loaded, "batchnorm native: the entry points are set once");
   set(float32, single);
   set(float64, double_);
   serial_below = serial;
   backward_planes_serial_below = backward_planes_serial;
+  short_plane_parallel = short_plane;
   pool_threads = threads;
   // kept for the life of the process (autograd may call it from any thread)
   fallback = new py::object(std::move(backward_fallback));
