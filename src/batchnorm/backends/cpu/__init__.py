@@ -221,10 +221,13 @@ SERIAL_BELOW = 1 << 16
 # scripts/backward_threshold.py kernel ...`): (4, 128, 6, 6) 20.4 vs 12.8 us (25.1),
 # (8, 112, 6, 6) 27.6 vs 17.3 (34.5), (4, 416, 6, 6) 55.1 vs 27.3 (35.1). Inside densenet121 and
 # efficientnet_b0 (`python scripts/backward_threshold.py models --below N --per-call ...`, two
-# runs each way) the backward of their 6x6 layers of 16384-65535 values went from 1.39x and 1.56x
-# torch's time to 1.19x and 1.20x. Short planes (3x3) keep SERIAL_BELOW: alone their kernel ran
-# faster on two blocks too ((4, 512, 3, 3) 25.9 vs 21.1 us), but inside densenet121 its 3x3
-# layers of that size took 1.79x torch's time on two blocks against 1.19x on one. Rows ((N, C),
+# runs each way, repeated) the backward of their 6x6 layers of 16384-65535 values went from
+# 1.39-1.54x and 1.56-1.59x torch's time to 1.19-1.34x and 1.15-1.20x. Short planes (at most
+# SHORT_PLANE_PARALLEL values, 3x3) keep SERIAL_BELOW, as before: alone their kernel ran faster
+# on two blocks too ((4, 512, 3, 3) 25.9 vs 21.1 us), but inside densenet121 its 3x3 layers of
+# that size read 1.79x torch's time on two blocks against 1.19x on one, and in a repeat where both
+# runs kept them on one block, 1.70x against 1.34x: the in-model sums move by that much between
+# runs, so that comparison cannot decide, and they stay as they were. Rows ((N, C),
 # channels_last) keep SERIAL_BELOW: there one block measured faster up to 32768 values,
 # (64, 256) 13.3 us against 14.7 on two blocks, channels_last (4, 128, 6, 6) 19.6 against 22.4.
 BACKWARD_PLANES_SERIAL_BELOW = 1 << 14
