@@ -1,13 +1,15 @@
 """Where the CPU backward on planes should go parallel: the figures behind
 ``batchnorm.backends.cpu.BACKWARD_PLANES_SERIAL_BELOW``.
 
-``python scripts/backward_threshold.py kernel 4x128x6x6 4x416x6x6 ...``
+``python scripts/backward_threshold.py kernel [--busy MS] 4x128x6x6 4x416x6x6 ...``
     The backward kernel alone (float32, identity; NCHW planes, or rows for an (N, C) shape and
     for a shape ending in ``:cl``, channels_last), on one block and on two, beside
     torch's ``native_batch_norm_backward``, interleaved call by call. Before every timed call a
     torch matrix product (on torch's threads) and a 4 MB write run, as a model's convolutions run
     between its batch norms: the call finds its tensors out of cache, as it does in a model.
-    Prints the median microseconds of each.
+    Prints the median microseconds of each. ``--busy MS``: instead, keep torch's threads busy
+    with matrix products for about MS milliseconds before each call, as a model's convolutions
+    do; the kernels' own thread pool idles that long.
 
 ``python scripts/backward_threshold.py models --below N [batchnorm bench arguments]``
     ``batchnorm bench --suite models ...`` with the threshold set to N before the first call,
@@ -28,15 +30,21 @@ from batchnorm.backends import cpu
 from batchnorm.backends.cpu import kernels
 
 
-def kernel(shapes: list[str], rounds: int = 300) -> None:
+def kernel(shapes: list[str], busy_ms: float | None = None, rounds: int = 300) -> None:
     torch.set_num_threads(2)
     batchnorm.BatchNorm2d(4)(torch.randn(64, 4, 32, 32))  # starts the kernels' thread pool
     a, b = torch.randn(256, 1024), torch.randn(1024, 256)
+    square = torch.randn(512, 512)
     scratch = torch.empty(1 << 20)
 
     def between() -> None:
-        torch.mm(a, b)
-        scratch.fill_(1.0)
+        if busy_ms is None:
+            torch.mm(a, b)
+            scratch.fill_(1.0)
+            return
+        end = time.perf_counter() + busy_ms / 1e3
+        while time.perf_counter() < end:
+            torch.mm(square, square)
 
     print("| shape | values | one block (us) | two blocks (us) | torch (us) |")
     print("|---|---:|---:|---:|---:|")
@@ -88,6 +96,9 @@ def _time_shape(text: str, between, rounds: int) -> tuple[int, dict[str, float]]
 
 
 def main(argv: list[str]) -> int:
+    if argv[:2] == ["kernel", "--busy"] and len(argv) > 3:
+        kernel(argv[3:], busy_ms=float(argv[2]), rounds=40)
+        return 0
     if argv[:1] == ["kernel"] and len(argv) > 1:
         kernel(argv[1:])
         return 0
