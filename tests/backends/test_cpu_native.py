@@ -92,6 +92,7 @@ SHAPES = [
     (3, 4, 5, 6),
     (2, 5, 3, 4, 2),
     (8, 16, 40, 40),  # above SERIAL_BELOW: blocks on threads
+    (8, 1024, 3, 3),  # short planes above SERIAL_BELOW: ranges of channels seen as rows
     (2048, 48),
 ]
 
@@ -177,6 +178,19 @@ def test_blocks_follow_torchs_thread_count(compiled, shape, layout):
     finally:
         torch.set_num_threads(before)
     assert not all(torch.equal(a, b) for a, b in zip(steps[1], steps[2], strict=True))
+
+
+def test_parallel_calls_run_on_torchs_threads(compiled):
+    """A call on several blocks runs on as many of torch's threads as ``torch.set_num_threads``
+    gives: the extension is built with OpenMP and uses torch's runtime (a build without OpenMP
+    runs it on one thread; another runtime would ignore torch's thread count)."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1, 2):
+            torch.set_num_threads(threads)
+            assert compiled.threads_of_a_call(2) == threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_step_matches_torch_and_records_its_writes(compiled):

@@ -49,6 +49,7 @@ NaN and inf propagate to the statistics, so the caller's non-finite check still 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numba
 import numpy as np
@@ -90,7 +91,9 @@ def _jit(**options):
 
 
 # Options of the serial reduction loops (inlined into the parallel kernels that call them) and of
-# the parallel entry points.
+# the parallel entry points. The compiled path's serial ranges and blocks take _PARALLEL too,
+# though they have no parallel loop: compiled without it, the same loops measured 1.7-2x the time
+# of a parallel kernel on one block (backward and training forward on 8x672x6x6, kernel alone).
 _REDUCE = {"fastmath": {"reassoc", "contract"}}
 _PARALLEL = {"parallel": True}
 
@@ -714,6 +717,72 @@ def backward_planes(
                           grad_bias, buffer, c)
 
 
+# -- planes, one range of channels or segments on the calling thread --------------------------
+#
+# The compiled call path runs a parallel call on torch's own thread pool (``at::parallel_for``),
+# not on Numba's: each of torch's threads calls one of these on its share of the units, which are
+# those of the parallel loops above (channels; eval: segments). Every unit's result depends on
+# that unit alone, so they give the kernels' results bit for bit on any split. Only for calls
+# that the kernels above run on more than one block: the short-plane cut is the parallel one.
+
+
+@_jit(**_PARALLEL)
+def train_planes_range(x, weight, bias, eps, act, out, mean, var, c0, c1):
+    """:func:`train_forward_planes` on several blocks, for channels [c0, c1) only."""
+    batch, channels, size = x.shape
+    if size <= SHORT_PLANE_PARALLEL:
+        width = channels * size
+        shift = np.empty(width, dtype=np.float64)
+        for c in range(c0, c1):
+            for i in range(c * size, (c + 1) * size):
+                shift[i] = x[0, c, 0]
+        columns = _zeros(2, width)
+        coefficients = np.empty((3, width), dtype=x.dtype)
+        _train_short_channels(_as_rows(x), weight, bias, eps, act, _as_rows(x), False,
+                              _as_rows(out), mean, var, shift, columns, coefficients, size, c0,
+                              c1)
+        return
+    xs, outs = _segments(x), _segments(out)
+    for c in range(c0, c1):
+        _train_forward_channel(x, weight, bias, eps, act, xs, False, xs, outs, mean, var, c)
+
+
+@_jit(**_PARALLEL)
+def eval_planes_range(x, mean, var, weight, bias, eps, act, out, j0, j1):
+    """:func:`eval_forward_planes` on several blocks, for (sample, channel) segments [j0, j1)."""
+    channels = x.shape[1]
+    m, s, b = _coefficients(x, mean, var, weight, bias, eps)
+    xs, outs = _segments(x), _segments(out)
+    c = j0 % channels
+    for j in range(j0, j1):
+        _normalize_segment(xs, xs, False, m[c], s[c], b[c], act, outs, j)
+        c = 0 if c == channels - 1 else c + 1
+
+
+@_jit(**_PARALLEL)
+def backward_planes_range(grad, x, mean, var, weight, bias, eps, act, need_input, grad_input,
+                          grad_weight, grad_bias, c0, c1):
+    """:func:`backward_planes` (training, no residual) on several blocks, for channels
+    [c0, c1) only."""
+    batch, channels, size = x.shape
+    if size <= SHORT_PLANE_PARALLEL:
+        width = channels * size
+        m, s, b = _coefficients(x, mean, var, weight, bias, eps)
+        me, se, be = _repeated(m, size), _repeated(s, size), _repeated(b, size)
+        gf, xf, gif = _as_rows(grad), _as_rows(x), _as_rows(grad_input)
+        columns = _zeros(2, width)
+        terms = np.empty((2, width), dtype=x.dtype)
+        _backward_short_channels(gf, xf, xf, False, mean, var, weight, bias, eps, act, True,
+                                 need_input, gif, gif, False, grad_weight, grad_bias, me, se, be,
+                                 columns, terms, size, c0, c1)
+        return
+    direct = act == IDENTITY or size <= PLANE_BLOCK
+    buffer = np.empty(0 if direct else size, dtype=x.dtype)
+    for c in range(c0, c1):
+        _backward_channel(grad, x, x, False, mean, var, weight, bias, eps, act, True, need_input,
+                          grad_input, grad_input, False, grad_weight, grad_bias, buffer, c)
+
+
 # -- rows (R, C) ------------------------------------------------------------------------------
 #
 # Every loop over columns runs over a range [lo, hi) (all columns, or one thread's channels of
@@ -972,6 +1041,101 @@ def backward_rows(
                               channels)
 
 
+# -- rows, one block on the calling thread ------------------------------------------------------
+#
+# As the planes' ranges above, for the compiled path's parallel calls on rows: block k of
+# ``blocks`` is the rows kernels' block k, and the per-block partial sums go to a float64
+# scratch array ``sums`` (2 * blocks, channels) that the caller allocates. The sums are joined in
+# the kernels' order by every block (a few operations per channel) so that no block waits for
+# another; block 0 alone writes the per-channel results.
+
+
+@_jit(**_PARALLEL)
+def rows_block_sums(x, sums, k, blocks):
+    """Block k's shifted sums of :func:`train_forward_rows`, into ``sums[k]`` and
+    ``sums[blocks + k]``."""
+    rows, channels = x.shape
+    shift = np.empty(channels, dtype=np.float64)
+    for c in range(channels):
+        shift[c] = x[0, c]
+        sums[k, c] = 0.0
+        sums[blocks + k, c] = 0.0
+    _row_sums(x, shift, k * rows // blocks, (k + 1) * rows // blocks, sums[k], sums[blocks + k],
+              0, channels)
+
+
+@_jit(**_PARALLEL)
+def rows_block_train(x, weight, bias, eps, act, out, mean, var, sums, k, blocks):
+    """The rest of :func:`train_forward_rows` for block k, once every block's sums are in
+    ``sums``: the statistics (written by block 0) and block k's output rows."""
+    rows, channels = x.shape
+    m = np.empty(channels, dtype=x.dtype)
+    v = np.empty(channels, dtype=x.dtype)
+    for c in range(channels):
+        t1 = 0.0
+        t2 = 0.0
+        for j in range(blocks):
+            t1 += sums[j, c]
+            t2 += sums[blocks + j, c]
+        m[c], v[c] = _moments(np.float64(x[0, c]), t1, t2, rows)
+    if k == 0:
+        for c in range(channels):
+            mean[c] = m[c]
+            var[c] = v[c]
+    rows_block_eval(x, m, v, weight, bias, eps, act, out, k, blocks)
+
+
+@_jit(**_PARALLEL)
+def rows_block_eval(x, mean, var, weight, bias, eps, act, out, k, blocks):
+    """:func:`eval_forward_rows` for block k of ``blocks``."""
+    rows = x.shape[0]
+    m, s, b = _coefficients(x, mean, var, weight, bias, eps)
+    _normalize_row_block(x, m, s, b, act, x, False, out, k * rows // blocks,
+                         (k + 1) * rows // blocks, 0, x.shape[1])
+
+
+@_jit(**_PARALLEL)
+def rows_block_grad_sums(grad, x, mean, var, weight, bias, eps, act, sums, k, blocks):
+    """Block k's sums of :func:`backward_rows` into ``sums[k]``, ``sums[blocks + k]``."""
+    rows, channels = x.shape
+    m, s, b = _coefficients(x, mean, var, weight, bias, eps)
+    prefetch, ahead = _prefetches(grad, act)
+    for c in range(channels):
+        sums[k, c] = 0.0
+        sums[blocks + k, c] = 0.0
+    _row_grad_sums(grad, x, x, False, mean, m, s, b, act, k * rows // blocks,
+                   (k + 1) * rows // blocks, sums[k], sums[blocks + k], prefetch, ahead, 0,
+                   channels)
+
+
+@_jit(**_PARALLEL)
+def rows_block_grad_input(grad, x, mean, var, weight, bias, eps, act, need_input, grad_input,
+                          grad_weight, grad_bias, sums, k, blocks):
+    """The rest of :func:`backward_rows` (training, no residual) for block k, once every block's
+    sums are in ``sums``: the parameter gradients (written by block 0) and block k's input
+    gradient rows."""
+    rows, channels = x.shape
+    m, s, b = _coefficients(x, mean, var, weight, bias, eps)
+    prefetch, ahead = _prefetches(grad, act)
+    gain = np.empty(channels, dtype=x.dtype)
+    k_centred = np.empty(channels, dtype=x.dtype)
+    k_offset = np.empty(channels, dtype=x.dtype)
+    gw = grad_weight if k == 0 else np.empty(channels, dtype=grad_weight.dtype)
+    gb = grad_bias if k == 0 else np.empty(channels, dtype=grad_bias.dtype)
+    for c in range(channels):
+        sum_d = 0.0
+        sum_dxc = 0.0
+        for j in range(blocks):
+            sum_d += sums[j, c]
+            sum_dxc += sums[blocks + j, c]
+        gain[c], k_centred[c], k_offset[c] = _gradient_terms(
+            mean, var, weight, bias, eps, c, sum_d, sum_dxc, rows, True, gw, gb)
+    if need_input:
+        _row_grad_input_block(grad, x, x, False, m, s, b, act, gain, k_centred, k_offset, True,
+                              grad_input, False, grad_input, k * rows // blocks,
+                              (k + 1) * rows // blocks, prefetch, ahead, 0, channels)
+
+
 # -- entry points by address --------------------------------------------------------------------
 #
 # Handing a tensor to Numba as a NumPy view (``Tensor.numpy()``) costs about 0.6 us, and a
@@ -1106,13 +1270,15 @@ def running_update_at(channels, running_mean, mean_like, running_var, var_like, 
 
 # -- entry points by C address ------------------------------------------------------------------
 #
-# The compiled call path (``batchnorm.backends.cpu.native``) calls the three entry points of a
-# common call (the training forward with its running-statistics update, the inference forward,
-# the training backward) through plain C functions, made here with ``numba.cfunc`` on first use
-# (:func:`c_entry_points`). Their arguments are those of the ``*_at`` entry points above, less
-# what the common call fixes (both per-channel vectors present, no residual); ``like`` is a value
-# of the dtype, which selects the pointer type. They live in this file for the disk cache's sake
-# (see above).
+# The compiled call path (``batchnorm.backends.cpu.native``) calls these through plain C
+# functions, made here with ``numba.cfunc`` on first use (:func:`c_entry_points`): the three
+# entry points of a common call (the training forward with its running-statistics update, the
+# inference forward, the training backward), with the arguments of the ``*_at`` entry points
+# above less what the common call fixes (both per-channel vectors present, no residual), for
+# calls on one block; and, for calls on several blocks, which it runs on torch's threads, the
+# planes' ranges and the rows' blocks above and the running-statistics update. ``like`` is a
+# value of the dtype, which selects the pointer type. They live in this file for the disk
+# cache's sake (see above).
 
 
 def _train_forward_c(like, batch, channels, size, planes, x, weight, bias, eps, act, out, mean,
@@ -1137,6 +1303,85 @@ def _backward_c(like, batch, channels, size, planes, grad, x, mean, var, weight,
                 False, grad_weight, grad_bias, blocks)
 
 
+def _train_range_c(like, batch, channels, size, x, weight, bias, eps, act, out, mean, var, c0,
+                   c1):
+    shape = (batch, channels, size)
+    train_planes_range(_at(x, shape, like), _vector(weight, channels, like),
+                       _vector(bias, channels, like), eps, act, _at(out, shape, like),
+                       _vector(mean, channels, like), _vector(var, channels, like), c0, c1)
+
+
+def _update_c(like, channels, mean, var, running_mean, running_var, bessel, momentum, tracked):
+    rm, rv = _vector(running_mean, channels, like), _vector(running_var, channels, like)
+    finite = running_update(rm, rv, _vector(mean, channels, like), _vector(var, channels, like),
+                            bessel, momentum, rm, rv)
+    if finite and tracked != 0:
+        count = _vector(tracked, 1, np.int64(0))
+        count[0] += 1
+    return 1 if finite else 0
+
+
+def _eval_range_c(like, batch, channels, size, x, mean, var, weight, bias, eps, act, out, j0,
+                  j1):
+    shape = (batch, channels, size)
+    eval_planes_range(_at(x, shape, like), _vector(mean, channels, like),
+                      _vector(var, channels, like), _vector(weight, channels, like),
+                      _vector(bias, channels, like), eps, act, _at(out, shape, like), j0, j1)
+
+
+def _backward_range_c(like, batch, channels, size, grad, x, mean, var, weight, bias, eps, act,
+                      need_input, grad_input, grad_weight, grad_bias, c0, c1):
+    shape = (batch, channels, size)
+    backward_planes_range(_at(grad, shape, like), _at(x, shape, like),
+                          _vector(mean, channels, like), _vector(var, channels, like),
+                          _vector(weight, channels, like), _vector(bias, channels, like), eps,
+                          act, need_input != 0, _at(grad_input, shape, like),
+                          _vector(grad_weight, channels, like),
+                          _vector(grad_bias, channels, like), c0, c1)
+
+
+def _rows_sums_c(like, rows, channels, x, sums, k, blocks):
+    rows_block_sums(_at(x, (rows, channels), like),
+                    _at(sums, (2 * blocks, channels), np.float64(0.0)), k, blocks)
+
+
+def _rows_train_c(like, rows, channels, x, weight, bias, eps, act, out, mean, var, sums, k,
+                  blocks):
+    shape = (rows, channels)
+    rows_block_train(_at(x, shape, like), _vector(weight, channels, like),
+                     _vector(bias, channels, like), eps, act, _at(out, shape, like),
+                     _vector(mean, channels, like), _vector(var, channels, like),
+                     _at(sums, (2 * blocks, channels), np.float64(0.0)), k, blocks)
+
+
+def _rows_eval_c(like, rows, channels, x, mean, var, weight, bias, eps, act, out, k, blocks):
+    shape = (rows, channels)
+    rows_block_eval(_at(x, shape, like), _vector(mean, channels, like),
+                    _vector(var, channels, like), _vector(weight, channels, like),
+                    _vector(bias, channels, like), eps, act, _at(out, shape, like), k, blocks)
+
+
+def _rows_grad_sums_c(like, rows, channels, grad, x, mean, var, weight, bias, eps, act, sums, k,
+                      blocks):
+    shape = (rows, channels)
+    rows_block_grad_sums(_at(grad, shape, like), _at(x, shape, like),
+                         _vector(mean, channels, like), _vector(var, channels, like),
+                         _vector(weight, channels, like), _vector(bias, channels, like), eps,
+                         act, _at(sums, (2 * blocks, channels), np.float64(0.0)), k, blocks)
+
+
+def _rows_grad_input_c(like, rows, channels, grad, x, mean, var, weight, bias, eps, act,
+                       need_input, grad_input, grad_weight, grad_bias, sums, k, blocks):
+    shape = (rows, channels)
+    rows_block_grad_input(_at(grad, shape, like), _at(x, shape, like),
+                          _vector(mean, channels, like), _vector(var, channels, like),
+                          _vector(weight, channels, like), _vector(bias, channels, like), eps,
+                          act, need_input != 0, _at(grad_input, shape, like),
+                          _vector(grad_weight, channels, like),
+                          _vector(grad_bias, channels, like),
+                          _at(sums, (2 * blocks, channels), np.float64(0.0)), k, blocks)
+
+
 def _c_signatures(like):
     i64, f64 = types.int64, types.float64
     return {
@@ -1146,6 +1391,21 @@ def _c_signatures(like):
                                     i64, i64),
         _backward_c: types.void(like, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, f64, i64,
                                 i64, i64, i64, i64, i64),
+        _train_range_c: types.void(like, i64, i64, i64, i64, i64, i64, f64, i64, i64, i64, i64,
+                                   i64, i64),
+        _update_c: types.int32(like, i64, i64, i64, i64, i64, f64, f64, i64),
+        _eval_range_c: types.void(like, i64, i64, i64, i64, i64, i64, i64, i64, f64, i64, i64,
+                                  i64, i64),
+        _backward_range_c: types.void(like, i64, i64, i64, i64, i64, i64, i64, i64, i64, f64, i64,
+                                      i64, i64, i64, i64, i64, i64),
+        _rows_sums_c: types.void(like, i64, i64, i64, i64, i64, i64),
+        _rows_train_c: types.void(like, i64, i64, i64, i64, i64, f64, i64, i64, i64, i64, i64,
+                                  i64, i64),
+        _rows_eval_c: types.void(like, i64, i64, i64, i64, i64, i64, i64, f64, i64, i64, i64, i64),
+        _rows_grad_sums_c: types.void(like, i64, i64, i64, i64, i64, i64, i64, i64, f64, i64, i64,
+                                      i64, i64),
+        _rows_grad_input_c: types.void(like, i64, i64, i64, i64, i64, i64, i64, i64, f64, i64,
+                                       i64, i64, i64, i64, i64, i64, i64),
     }
 
 
@@ -1153,7 +1413,8 @@ _C_ENTRY_POINTS: dict[str, tuple] = {}
 
 
 def c_entry_points(dtype: str = "float32", compile: bool = True) -> tuple | None:
-    """The C functions ``(train, eval, backward)`` for ``dtype`` ("float32" or "float64"),
+    """The C functions of :func:`_c_signatures`, in its order (the compiled path's ``set``
+    reads them so), for ``dtype`` ("float32" or "float64"),
     loaded from the disk cache or, with ``compile``, compiled (several minutes for both dtypes
     on 2 cores), and kept alive here: their ``address`` is what the compiled call path calls.
     None where ``compile`` is false and one of them is not in the cache (or Numba's C callback
@@ -1165,8 +1426,12 @@ def c_entry_points(dtype: str = "float32", compile: bool = True) -> tuple | None
         numba_parallel._launch_threads()
         signatures = _c_signatures(getattr(types, dtype))
         made = []
-        for python in (_train_forward_c, _eval_forward_c, _backward_c):
-            function = _c_function(python, signatures[python], compile)
+        for python in signatures:
+            with warnings.catch_warnings():
+                # the ranges and blocks are compiled with parallel=True and have no parallel
+                # loop, which Numba warns of: see _PARALLEL
+                warnings.simplefilter("ignore", numba.NumbaPerformanceWarning)
+                function = _c_function(python, signatures[python], compile)
             if function is None:
                 return None
             made.append(function)

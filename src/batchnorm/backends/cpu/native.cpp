@@ -17,7 +17,10 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
 #include <optional>
 
 namespace {
@@ -28,7 +31,10 @@ using torch::autograd::variable_list;
 using Vector = std::optional<Tensor>;
 
 // The C functions of kernels.c_entry_points for values of type T (float32 or float64; the
-// first argument, a value of that type, only selects it).
+// first argument, a value of that type, only selects it). The first three run a whole call, on
+// Numba's thread pool when given more than one block: the calls on one block take them. A call
+// on several blocks runs on torch's threads instead (see on_torch_threads), through the others:
+// each computes one range of units (planes) or one block (rows) on the calling thread.
 template <typename T>
 struct Entries {
   int32_t (*train)(T like, int64_t batch, int64_t channels, int64_t size, int64_t planes,
@@ -44,6 +50,38 @@ struct Entries {
                    int64_t bias, double eps, int64_t act, int64_t need_input,
                    int64_t grad_input, int64_t grad_weight, int64_t grad_bias,
                    int64_t blocks) = nullptr;
+  // planes: channels [first, stop) (eval: segments)
+  void (*train_range)(T like, int64_t batch, int64_t channels, int64_t size, int64_t x,
+                      int64_t weight, int64_t bias, double eps, int64_t act, int64_t out,
+                      int64_t mean, int64_t var, int64_t first, int64_t stop) = nullptr;
+  int32_t (*update)(T like, int64_t channels, int64_t mean, int64_t var, int64_t running_mean,
+                    int64_t running_var, double bessel, double momentum,
+                    int64_t tracked) = nullptr;
+  void (*eval_range)(T like, int64_t batch, int64_t channels, int64_t size, int64_t x,
+                     int64_t mean, int64_t var, int64_t weight, int64_t bias, double eps,
+                     int64_t act, int64_t out, int64_t first, int64_t stop) = nullptr;
+  void (*backward_range)(T like, int64_t batch, int64_t channels, int64_t size, int64_t grad,
+                         int64_t x, int64_t mean, int64_t var, int64_t weight, int64_t bias,
+                         double eps, int64_t act, int64_t need_input, int64_t grad_input,
+                         int64_t grad_weight, int64_t grad_bias, int64_t first,
+                         int64_t stop) = nullptr;
+  // rows: block k of blocks; sums, float64 (2 * blocks, channels), carries the partial sums
+  void (*rows_sums)(T like, int64_t rows, int64_t channels, int64_t x, int64_t sums, int64_t k,
+                    int64_t blocks) = nullptr;
+  void (*rows_train)(T like, int64_t rows, int64_t channels, int64_t x, int64_t weight,
+                     int64_t bias, double eps, int64_t act, int64_t out, int64_t mean,
+                     int64_t var, int64_t sums, int64_t k, int64_t blocks) = nullptr;
+  void (*rows_eval)(T like, int64_t rows, int64_t channels, int64_t x, int64_t mean,
+                    int64_t var, int64_t weight, int64_t bias, double eps, int64_t act,
+                    int64_t out, int64_t k, int64_t blocks) = nullptr;
+  void (*rows_grad_sums)(T like, int64_t rows, int64_t channels, int64_t grad, int64_t x,
+                         int64_t mean, int64_t var, int64_t weight, int64_t bias, double eps,
+                         int64_t act, int64_t sums, int64_t k, int64_t blocks) = nullptr;
+  void (*rows_grad_input)(T like, int64_t rows, int64_t channels, int64_t grad, int64_t x,
+                          int64_t mean, int64_t var, int64_t weight, int64_t bias, double eps,
+                          int64_t act, int64_t need_input, int64_t grad_input,
+                          int64_t grad_weight, int64_t grad_bias, int64_t sums, int64_t k,
+                          int64_t blocks) = nullptr;
 };
 
 Entries<float> float32;
@@ -137,6 +175,34 @@ int64_t blocks(int64_t numel, int64_t units, int64_t below = serial_below) {
   return std::max<int64_t>(1, std::min(threads, units));
 }
 
+// A call on several blocks runs on torch's intra-op threads (at::parallel_for, OpenMP: this
+// file is compiled with -fopenmp, and its OpenMP runtime is the one torch loaded). Numba's pool
+// is another OpenMP runtime with threads of its own: between a model's convolutions, the two
+// pools' threads took turns on the same cores. body(first, stop) runs on n ranges covering
+// [0, units), one per thread.
+template <typename Body>
+void on_torch_threads(int64_t units, int64_t n, const Body& body) {
+  at::parallel_for(0, units, (units + n - 1) / n, body);
+}
+
+// Rows on n blocks: every block's partial sums, then every block's rest (as the rows kernels'
+// two parallel loops).
+template <typename Sums, typename Rest>
+void rows_in_two_passes(int64_t n, const Sums& sums, const Rest& rest) {
+  on_torch_threads(n, n, [&](int64_t first, int64_t stop) {
+    for (int64_t k = first; k < stop; ++k) sums(k);
+  });
+  on_torch_threads(n, n, [&](int64_t first, int64_t stop) {
+    for (int64_t k = first; k < stop; ++k) rest(k);
+  });
+}
+
+// f(entries, like) on the entry points of the input's dtype.
+template <typename F>
+auto by_dtype(const Geometry& g, const F& f) {
+  return g.single ? f(float32, 0.0f) : f(float64, 0.0);
+}
+
 inline bool wants_grad(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   return at::GradMode::is_enabled() &&
          (x.requires_grad() || weight.requires_grad() || bias.requires_grad());
@@ -178,15 +244,33 @@ std::tuple<Tensor, Tensor, Tensor> train_kernel(const Tensor& x, const Tensor& w
   double bessel = static_cast<double>(count) / static_cast<double>(count - 1);
   int64_t tracked = r.tracked.has_value() ? address(*r.tracked) : 0;
   int64_t n = blocks(g.numel, g.planes ? g.channels : g.batch * g.size);
-  int32_t finite =
-      g.single ? float32.train(0.0f, g.batch, g.channels, g.size, g.planes, address(x),
-                               address(weight), address(bias), r.eps, kernel_act(r.act),
-                               address(out), address(mean), address(var), address(r.mean),
-                               address(r.var), bessel, r.momentum, tracked, n)
-               : float64.train(0.0, g.batch, g.channels, g.size, g.planes, address(x),
-                               address(weight), address(bias), r.eps, kernel_act(r.act),
-                               address(out), address(mean), address(var), address(r.mean),
-                               address(r.var), bessel, r.momentum, tracked, n);
+  int64_t act = kernel_act(r.act), rows = g.batch * g.size;
+  int32_t finite = by_dtype(g, [&](auto& e, auto like) {
+    if (n == 1) {
+      return e.train(like, g.batch, g.channels, g.size, g.planes, address(x), address(weight),
+                     address(bias), r.eps, act, address(out), address(mean), address(var),
+                     address(r.mean), address(r.var), bessel, r.momentum, tracked, 1);
+    }
+    if (g.planes) {
+      on_torch_threads(g.channels, n, [&](int64_t first, int64_t stop) {
+        e.train_range(like, g.batch, g.channels, g.size, address(x), address(weight),
+                      address(bias), r.eps, act, address(out), address(mean), address(var),
+                      first, stop);
+      });
+    } else {
+      auto sums = at::empty({2 * n, g.channels}, x.options().dtype(at::kDouble));
+      rows_in_two_passes(
+          n,
+          [&](int64_t k) { e.rows_sums(like, rows, g.channels, address(x), address(sums), k, n); },
+          [&](int64_t k) {
+            e.rows_train(like, rows, g.channels, address(x), address(weight), address(bias),
+                         r.eps, act, address(out), address(mean), address(var), address(sums),
+                         k, n);
+          });
+    }
+    return e.update(like, g.channels, address(mean), address(var), address(r.mean),
+                    address(r.var), bessel, r.momentum, tracked);
+  });
   r.finite = finite != 0;
   activate_in_place(out, r.act);
   // the in-place writes, recorded as torch's in-place operations record theirs
@@ -202,15 +286,26 @@ std::tuple<Tensor, Tensor, Tensor> train_kernel(const Tensor& x, const Tensor& w
 void eval_kernel(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& weight,
                  const Tensor& bias, double eps, int64_t act, const Geometry& g, Tensor& out) {
   int64_t n = blocks(g.numel, g.planes ? g.batch * g.channels : g.batch * g.size);
-  if (g.single) {
-    float32.eval(0.0f, g.batch, g.channels, g.size, g.planes, address(x), address(mean),
-                 address(var), address(weight), address(bias), eps, kernel_act(act),
-                 address(out), n);
-  } else {
-    float64.eval(0.0, g.batch, g.channels, g.size, g.planes, address(x), address(mean),
-                 address(var), address(weight), address(bias), eps, kernel_act(act),
-                 address(out), n);
-  }
+  int64_t fused = kernel_act(act), rows = g.batch * g.size;
+  by_dtype(g, [&](auto& e, auto like) {
+    if (n == 1) {
+      e.eval(like, g.batch, g.channels, g.size, g.planes, address(x), address(mean),
+             address(var), address(weight), address(bias), eps, fused, address(out), 1);
+    } else if (g.planes) {
+      on_torch_threads(g.batch * g.channels, n, [&](int64_t first, int64_t stop) {
+        e.eval_range(like, g.batch, g.channels, g.size, address(x), address(mean),
+                     address(var), address(weight), address(bias), eps, fused, address(out),
+                     first, stop);
+      });
+    } else {
+      on_torch_threads(n, n, [&](int64_t first, int64_t stop) {
+        for (int64_t k = first; k < stop; ++k) {
+          e.rows_eval(like, rows, g.channels, address(x), address(mean), address(var),
+                      address(weight), address(bias), eps, fused, address(out), k, n);
+        }
+      });
+    }
+  });
   activate_in_place(out, act);
 }
 
@@ -250,15 +345,36 @@ bool backward_kernel(Tensor grad, const Tensor& x, const Tensor& mean, const Ten
   int64_t n = blocks(g.numel, g.planes ? g.channels : g.batch * g.size,
                      g.planes && g.size > short_plane_parallel ? backward_planes_serial_below
                                                                : serial_below);
-  if (g.single) {
-    float32.backward(0.0f, g.batch, g.channels, g.size, g.planes, address(grad), address(x),
-                     address(mean), address(var), address(weight), address(bias), eps, act,
-                     need_input, into, address(grad_weight), address(grad_bias), n);
-  } else {
-    float64.backward(0.0, g.batch, g.channels, g.size, g.planes, address(grad), address(x),
-                     address(mean), address(var), address(weight), address(bias), eps, act,
-                     need_input, into, address(grad_weight), address(grad_bias), n);
-  }
+  int64_t rows = g.batch * g.size;
+  by_dtype(g, [&](auto& e, auto like) {
+    if (n == 1) {
+      e.backward(like, g.batch, g.channels, g.size, g.planes, address(grad), address(x),
+                 address(mean), address(var), address(weight), address(bias), eps, act,
+                 need_input, into, address(grad_weight), address(grad_bias), 1);
+    } else if (g.planes) {
+      on_torch_threads(g.channels, n, [&](int64_t first, int64_t stop) {
+        e.backward_range(like, g.batch, g.channels, g.size, address(grad), address(x),
+                         address(mean), address(var), address(weight), address(bias), eps, act,
+                         need_input, into, address(grad_weight), address(grad_bias), first,
+                         stop);
+      });
+    } else {
+      auto sums = at::empty({2 * n, g.channels}, x.options().dtype(at::kDouble));
+      rows_in_two_passes(
+          n,
+          [&](int64_t k) {
+            e.rows_grad_sums(like, rows, g.channels, address(grad), address(x), address(mean),
+                             address(var), address(weight), address(bias), eps, act,
+                             address(sums), k, n);
+          },
+          [&](int64_t k) {
+            e.rows_grad_input(like, rows, g.channels, address(grad), address(x), address(mean),
+                              address(var), address(weight), address(bias), eps, act,
+                              need_input, into, address(grad_weight), address(grad_bias),
+                              address(sums), k, n);
+          });
+    }
+  });
   grads = {grad_input, grad_weight, grad_bias};
   return true;
 }
@@ -349,11 +465,23 @@ py::object eval(const Tensor& x, const Tensor& mean, const Tensor& var, const Ve
 
 template <typename T>
 void set(Entries<T>& entries, const std::vector<int64_t>& addresses) {
-  TORCH_CHECK(addresses.size() == 3, "batchnorm native: expected 3 entry points per dtype, got ",
-              addresses.size());
-  entries.train = reinterpret_cast<decltype(entries.train)>(addresses[0]);
-  entries.eval = reinterpret_cast<decltype(entries.eval)>(addresses[1]);
-  entries.backward = reinterpret_cast<decltype(entries.backward)>(addresses[2]);
+  TORCH_CHECK(addresses.size() == 12,
+              "batchnorm native: expected 12 entry points per dtype, got ", addresses.size());
+  auto take = [&](auto& field, size_t i) {
+    field = reinterpret_cast<std::remove_reference_t<decltype(field)>>(addresses[i]);
+  };
+  take(entries.train, 0);
+  take(entries.eval, 1);
+  take(entries.backward, 2);
+  take(entries.train_range, 3);
+  take(entries.update, 4);
+  take(entries.eval_range, 5);
+  take(entries.backward_range, 6);
+  take(entries.rows_sums, 7);
+  take(entries.rows_train, 8);
+  take(entries.rows_eval, 9);
+  take(entries.rows_grad_sums, 10);
+  take(entries.rows_grad_input, 11);
 }
 
 // The addresses of the C functions (train, eval, backward) for float32 and for float64, once.
@@ -378,4 +506,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_entry_points", &set_entry_points);
   m.def("train", &train);
   m.def("eval", &eval);
+  // How many of torch's threads a parallel call on n blocks runs on (for the tests: 1 where
+  // this file was built without OpenMP, or where its runtime is not torch's, whose thread count
+  // torch.set_num_threads sets).
+  m.def("threads_of_a_call", [](int64_t n) {
+    std::atomic<int64_t> mask{0};
+    on_torch_threads(n, n, [&](int64_t, int64_t) { mask |= int64_t{1} << std::min(omp_get_thread_num(), 63); });
+    return __builtin_popcountll(mask.load());
+  });
 }

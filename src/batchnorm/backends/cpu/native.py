@@ -9,7 +9,10 @@ Function, the dispatcher of the Numba call) cost several microseconds a call mor
 C++ path, and the backward, a Python function, about twice torch's whole backward on small
 layers (BENCHMARKS.md, "Since adcfbf2"). Here the checks are C++, the training step's backward
 is a C++ autograd node, and the kernels are called by address. The arithmetic is the same
-kernels' with the same blocks, so the results are bit for bit those of the Python path.
+kernels' with the same blocks, so the results are bit for bit those of the Python path. A call
+on several blocks runs them on torch's own threads (``at::parallel_for``), not on Numba's pool:
+inside a model torch's threads have just run a convolution, and a second pool on the same cores
+made the batch norm's calls slower there than alone (BENCHMARKS.md, "Since 6d11ea9").
 
 What it takes: float32 and float64 inputs of the common form (see ``native.cpp``), after the
 first call of the process has started Numba's thread pool through the Python path. Everything
@@ -39,7 +42,10 @@ from types import ModuleType
 import torch
 
 SOURCE = pathlib.Path(__file__).with_name("native.cpp")
-_FLAGS = ("-O3",)
+# -fopenmp: at::parallel_for is inline OpenMP, so without it a parallel call ran on one thread;
+# the extension then needs libgomp.so.1, which resolves to the runtime torch loaded first (its
+# thread pool: see native.cpp)
+_FLAGS = ("-O3", "-fopenmp")
 
 def module_name() -> str:
     """The extension's module name: it changes with the source, torch, Python and the flags,
@@ -92,7 +98,8 @@ def build(verbose: bool = False) -> pathlib.Path:
             continue
         try:
             cpp_extension.load(
-                name, [str(SOURCE)], extra_cflags=list(_FLAGS), build_directory=str(target),
+                name, [str(SOURCE)], extra_cflags=list(_FLAGS), extra_ldflags=["-fopenmp"],
+                build_directory=str(target),
                 verbose=verbose, is_python_module=True,
             )
         except (OSError, RuntimeError, ImportError) as error:  # (what load raises)
