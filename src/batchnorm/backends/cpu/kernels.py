@@ -719,9 +719,9 @@ def backward_planes(
 
 # -- planes, one range of channels or segments on the calling thread --------------------------
 #
-# The compiled call path runs a parallel call on torch's own thread pool (``at::parallel_for``),
-# not on Numba's: each of torch's threads calls one of these on its share of the units, which are
-# those of the parallel loops above (channels; eval: segments). Every unit's result depends on
+# The compiled call path launches a parallel call with torch's ``at::parallel_for``, not with the
+# parallel loops above: each of torch's threads calls one of these on its share of the units,
+# which are those loops' units (channels; eval: segments). Every unit's result depends on
 # that unit alone, so they give the kernels' results bit for bit on any split. Only for calls
 # that the kernels above run on more than one block: the short-plane cut is the parallel one.
 

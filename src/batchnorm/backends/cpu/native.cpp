@@ -175,11 +175,11 @@ int64_t blocks(int64_t numel, int64_t units, int64_t below = serial_below) {
   return std::max<int64_t>(1, std::min(threads, units));
 }
 
-// A call on several blocks runs on torch's intra-op threads (at::parallel_for, OpenMP: this
-// file is compiled with -fopenmp, and its OpenMP runtime is the one torch loaded). Numba's pool
-// is another OpenMP runtime with threads of its own: between a model's convolutions, the two
-// pools' threads took turns on the same cores. body(first, stop) runs on n ranges covering
-// [0, units), one per thread.
+// A call on several blocks is launched by at::parallel_for on torch's intra-op threads (OpenMP:
+// this file is compiled with -fopenmp and binds to the runtime torch loaded, as Numba's OpenMP
+// layer does), with serial kernels for each thread's share, instead of a parallel Numba kernel
+// launched by Numba (BENCHMARKS.md, "Since 6d11ea9", for what it changed). body(first, stop)
+// runs on n ranges covering [0, units), one per thread.
 template <typename Body>
 void on_torch_threads(int64_t units, int64_t n, const Body& body) {
   at::parallel_for(0, units, (units + n - 1) / n, body);

@@ -10,9 +10,8 @@ C++ path, and the backward, a Python function, about twice torch's whole backwar
 layers (BENCHMARKS.md, "Since adcfbf2"). Here the checks are C++, the training step's backward
 is a C++ autograd node, and the kernels are called by address. The arithmetic is the same
 kernels' with the same blocks, so the results are bit for bit those of the Python path. A call
-on several blocks runs them on torch's own threads (``at::parallel_for``), not on Numba's pool:
-inside a model torch's threads have just run a convolution, and a second pool on the same cores
-made the batch norm's calls slower there than alone (BENCHMARKS.md, "Since 6d11ea9").
+on several blocks is launched by torch's ``at::parallel_for``, each thread running the kernels
+serially on its share, rather than by Numba's parallel loops (BENCHMARKS.md, "Since 6d11ea9").
 
 What it takes: float32 and float64 inputs of the common form (see ``native.cpp``), after the
 first call of the process has started Numba's thread pool through the Python path. Everything
