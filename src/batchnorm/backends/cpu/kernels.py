@@ -843,6 +843,19 @@ def _row_sums(x, shift, start, stop, s1, s2, lo, hi):
             s2[c] += t[1, c]
 
 
+@_jit(inline="always")
+def _joined(s1, s2, c):
+    """Column c of the per-block partial sums ``s1``, ``s2`` (blocks, channels), each joined
+    over the blocks in block order (the order every rows kernel and the compiled path's blocks
+    keep, so that they give the same bits)."""
+    t1 = 0.0
+    t2 = 0.0
+    for k in range(s1.shape[0]):
+        t1 += s1[k, c]
+        t2 += s2[k, c]
+    return t1, t2
+
+
 @_jit()
 def _normalize_row_block(x, m, s, b, act, residual, has_res, out, start, stop, lo, hi):
     for r in range(start, stop):
@@ -874,11 +887,7 @@ def train_forward_rows(x, weight, bias, eps, act, residual, has_res, out, mean, 
             _row_sums(x, shift, k * rows // blocks, (k + 1) * rows // blocks, s1[k], s2[k], 0,
                       channels)
     for c in range(channels):
-        t1 = 0.0
-        t2 = 0.0
-        for k in range(blocks):
-            t1 += s1[k, c]
-            t2 += s2[k, c]
+        t1, t2 = _joined(s1, s2, c)
         mean[c], var[c] = _moments(shift[c], t1, t2, rows)
     m, s, b = _coefficients(x, mean, var, weight, bias, eps)
     _normalize_rows(x, m, s, b, act, residual, has_res, out, blocks)
@@ -1020,11 +1029,7 @@ def backward_rows(
     k_centred = np.empty(channels, dtype=x.dtype)
     k_offset = np.empty(channels, dtype=x.dtype)
     for c in range(channels):
-        sum_d = 0.0
-        sum_dxc = 0.0
-        for k in range(blocks):
-            sum_d += s1[k, c]
-            sum_dxc += s2[k, c]
+        sum_d, sum_dxc = _joined(s1, s2, c)
         gain[c], k_centred[c], k_offset[c] = _gradient_terms(
             mean, var, weight, bias, eps, c, sum_d, sum_dxc, rows, train, grad_weight, grad_bias)
     if not (need_input or need_residual):
@@ -1071,12 +1076,9 @@ def rows_block_train(x, weight, bias, eps, act, out, mean, var, sums, k, blocks)
     rows, channels = x.shape
     m = np.empty(channels, dtype=x.dtype)
     v = np.empty(channels, dtype=x.dtype)
+    s1, s2 = sums[:blocks], sums[blocks:]
     for c in range(channels):
-        t1 = 0.0
-        t2 = 0.0
-        for j in range(blocks):
-            t1 += sums[j, c]
-            t2 += sums[blocks + j, c]
+        t1, t2 = _joined(s1, s2, c)
         m[c], v[c] = _moments(np.float64(x[0, c]), t1, t2, rows)
     if k == 0:
         for c in range(channels):
@@ -1122,12 +1124,9 @@ def rows_block_grad_input(grad, x, mean, var, weight, bias, eps, act, need_input
     k_offset = np.empty(channels, dtype=x.dtype)
     gw = grad_weight if k == 0 else np.empty(channels, dtype=grad_weight.dtype)
     gb = grad_bias if k == 0 else np.empty(channels, dtype=grad_bias.dtype)
+    s1, s2 = sums[:blocks], sums[blocks:]
     for c in range(channels):
-        sum_d = 0.0
-        sum_dxc = 0.0
-        for j in range(blocks):
-            sum_d += sums[j, c]
-            sum_dxc += sums[blocks + j, c]
+        sum_d, sum_dxc = _joined(s1, s2, c)
         gain[c], k_centred[c], k_offset[c] = _gradient_terms(
             mean, var, weight, bias, eps, c, sum_d, sum_dxc, rows, True, gw, gb)
     if need_input:

@@ -31,10 +31,10 @@ using torch::autograd::variable_list;
 using Vector = std::optional<Tensor>;
 
 // The C functions of kernels.c_entry_points for values of type T (float32 or float64; the
-// first argument, a value of that type, only selects it). The first three run a whole call, on
-// Numba's thread pool when given more than one block: the calls on one block take them. A call
-// on several blocks runs on torch's threads instead (see on_torch_threads), through the others:
-// each computes one range of units (planes) or one block (rows) on the calling thread.
+// first argument, a value of that type, only selects it). The first three run a whole call;
+// this file takes them for calls on one block only. A call on several blocks runs on torch's
+// threads (see on_torch_threads) through the others, each of which computes one range of units
+// (planes) or one block (rows) on the calling thread.
 template <typename T>
 struct Entries {
   int32_t (*train)(T like, int64_t batch, int64_t channels, int64_t size, int64_t planes,
