@@ -1205,6 +1205,17 @@ def train_forward_update_at(like, batch, channels, size, planes, x, weight, weig
     if they were, adds 1 to the int64 at ``tracked`` (the count of batches; 0: none)."""
     train_forward_at(like, batch, channels, size, planes, x, weight, weight_length, bias,
                      bias_length, eps, act, residual, has_res, out, mean, var, blocks)
+    return running_update_counted_at(like, channels, mean, var, running_mean, running_var,
+                                     bessel, momentum, tracked)
+
+
+@_jit()
+def running_update_counted_at(like, channels, mean, var, running_mean, running_var, bessel,
+                              momentum, tracked):
+    """:func:`running_update` in place of the running statistics from the batch's (every one a
+    dense vector of ``channels`` values of ``like``'s dtype), and the count of batches: returns
+    whether the batch statistics were finite; if they were, adds 1 to the int64 at ``tracked``
+    (0: no count)."""
     rm, rv = _vector(running_mean, channels, like), _vector(running_var, channels, like)
     finite = running_update(rm, rv, _vector(mean, channels, like), _vector(var, channels, like),
                             bessel, momentum, rm, rv)
@@ -1311,12 +1322,8 @@ def _train_range_c(like, batch, channels, size, x, weight, bias, eps, act, out, 
 
 
 def _update_c(like, channels, mean, var, running_mean, running_var, bessel, momentum, tracked):
-    rm, rv = _vector(running_mean, channels, like), _vector(running_var, channels, like)
-    finite = running_update(rm, rv, _vector(mean, channels, like), _vector(var, channels, like),
-                            bessel, momentum, rm, rv)
-    if finite and tracked != 0:
-        count = _vector(tracked, 1, np.int64(0))
-        count[0] += 1
+    finite = running_update_counted_at(like, channels, mean, var, running_mean, running_var,
+                                       bessel, momentum, tracked)
     return 1 if finite else 0
 
 
