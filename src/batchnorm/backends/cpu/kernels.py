@@ -788,7 +788,11 @@ def backward_planes_range(grad, x, mean, var, weight, bias, eps, act, need_input
 # Every loop over columns runs over a range [lo, hi) (all columns, or one thread's channels of
 # short planes) counted in unsigned integers: with a signed start LLVM cannot rule out a negative
 # index, keeps Numba's wraparound select on every access and leaves the loop scalar (measured
-# 5-6x slower on (8, 16384) and (1024, 256)); unsigned indices have no wraparound.
+# 5-6x slower on (8, 16384) and (1024, 256)); unsigned indices have no wraparound. The
+# elementwise passes count their rows in unsigned integers too: a block's first row is a runtime
+# value, and with it signed each row paid the select and its set-up again (eval kernel alone on
+# one block of (100352, 64), one thread: 1.4-1.9x a copy with signed rows, 1.15-1.25x unsigned,
+# which is what the whole-call kernel got where its first row is the constant 0).
 _u = np.uint64
 #
 # Rows are indexed as x[r, c] directly (no per-row views, no per-row scratch allocation, no
@@ -858,7 +862,7 @@ def _joined(s1, s2, c):
 
 @_jit()
 def _normalize_row_block(x, m, s, b, act, residual, has_res, out, start, stop, lo, hi):
-    for r in range(start, stop):
+    for r in range(_u(start), _u(stop)):  # unsigned rows: see "rows" above
         if has_res:
             for c in range(_u(lo), _u(hi)):
                 out[r, c] = (x[r, c] - m[c]) * s[c] + b[c] + residual[r, c]
@@ -976,9 +980,9 @@ def _row_grad_input_block(grad, x, residual, has_res, m, s, b, act, gain, k_cent
                           need_input, grad_input, need_residual, grad_residual, start, stop,
                           prefetch, ahead, lo, hi):
     zero = x.dtype.type(0)
-    for r in range(start, stop):
+    for r in range(_u(start), _u(stop)):  # unsigned rows: see "rows" above
         if prefetch:
-            _prefetch_rows(grad, r + ahead, 1)
+            _prefetch_rows(grad, np.int64(r) + ahead, 1)
         if act == IDENTITY:  # its own loop: through _grad_value it measured 3-6% slower
             if need_input:
                 for c in range(_u(lo), _u(hi)):
