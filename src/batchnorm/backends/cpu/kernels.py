@@ -788,11 +788,12 @@ def backward_planes_range(grad, x, mean, var, weight, bias, eps, act, need_input
 # Every loop over columns runs over a range [lo, hi) (all columns, or one thread's channels of
 # short planes) counted in unsigned integers: with a signed start LLVM cannot rule out a negative
 # index, keeps Numba's wraparound select on every access and leaves the loop scalar (measured
-# 5-6x slower on (8, 16384) and (1024, 256)); unsigned indices have no wraparound. The
-# elementwise passes count their rows in unsigned integers too: a block's first row is a runtime
-# value, and with it signed each row paid the select and its set-up again (eval kernel alone on
-# one block of (100352, 64), one thread: 1.4-1.9x a copy with signed rows, 1.15-1.25x unsigned,
-# which is what the whole-call kernel got where its first row is the constant 0).
+# 5-6x slower on (8, 16384) and (1024, 256)); unsigned indices have no wraparound. Rows are
+# counted in unsigned integers too: a block's first row is a runtime value, and with it signed
+# every row (every sweep, in the sums) paid the select and its set-up again. Kernel alone on one
+# block of (100352, 64), one thread: the eval pass took 1.4-1.9x a copy with signed rows and
+# 1.15-1.25x unsigned (what the whole-call kernel got, where the first row is the constant 0);
+# the training sums 0.87-0.89x the time of signed rows (0.96 on (25088, 256)).
 _u = np.uint64
 #
 # Rows are indexed as x[r, c] directly (no per-row views, no per-row scratch allocation, no
@@ -816,27 +817,27 @@ def _row_sums(x, shift, start, stop, s1, s2, lo, hi):
     # both block accumulators in one local array: measured 10-20% faster on (100352, 64) than
     # two separate ones, with the same sums
     t = np.empty((2, channels), dtype=x.dtype)
-    for block in range(start, stop, ROW_BLOCK):
-        end = min(block + ROW_BLOCK, stop)
+    for block in range(_u(start), _u(stop), _u(ROW_BLOCK)):  # unsigned rows, as below
+        end = min(block + _u(ROW_BLOCK), _u(stop))
         for c in range(_u(lo), _u(hi)):
             t[0, c] = 0
             t[1, c] = 0
         r = block
-        while r + 8 <= end:
+        while r + _u(8) <= end:
             for c in range(_u(lo), _u(hi)):
                 kc = k[c]
                 d0 = x[r, c] - kc
-                d1 = x[r + 1, c] - kc
-                d2 = x[r + 2, c] - kc
-                d3 = x[r + 3, c] - kc
-                d4 = x[r + 4, c] - kc
-                d5 = x[r + 5, c] - kc
-                d6 = x[r + 6, c] - kc
-                d7 = x[r + 7, c] - kc
+                d1 = x[r + _u(1), c] - kc
+                d2 = x[r + _u(2), c] - kc
+                d3 = x[r + _u(3), c] - kc
+                d4 = x[r + _u(4), c] - kc
+                d5 = x[r + _u(5), c] - kc
+                d6 = x[r + _u(6), c] - kc
+                d7 = x[r + _u(7), c] - kc
                 t[0, c] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
                 t[1, c] += ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) + (
                     (d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7))
-            r += 8
+            r += _u(8)
         for tail in range(r, end):
             for c in range(_u(lo), _u(hi)):
                 d = x[tail, c] - k[c]
@@ -928,42 +929,42 @@ def _row_grad_sums(grad, x, residual, has_res, centre_of, m, s, b, act, start, s
     t = np.empty((2, channels), dtype=x.dtype)  # one local array, as in _row_sums
     zero = x.dtype.type(0)
     fast_relu = act == RELU and not has_res
-    for block in range(start, stop, ROW_BLOCK):
-        end = min(block + ROW_BLOCK, stop)
+    for block in range(_u(start), _u(stop), _u(ROW_BLOCK)):  # unsigned rows, as below
+        end = min(block + _u(ROW_BLOCK), _u(stop))
         for c in range(_u(lo), _u(hi)):
             t[0, c] = 0
             t[1, c] = 0
         r = block
         if act == IDENTITY:  # four rows per sweep (eight measured 3-12% slower here)
-            while r + 4 <= end:
+            while r + _u(4) <= end:
                 for c in range(_u(lo), _u(hi)):
                     kc = k[c]
                     g0 = grad[r, c]
-                    g1 = grad[r + 1, c]
-                    g2 = grad[r + 2, c]
-                    g3 = grad[r + 3, c]
+                    g1 = grad[r + _u(1), c]
+                    g2 = grad[r + _u(2), c]
+                    g3 = grad[r + _u(3), c]
                     t[0, c] += (g0 + g1) + (g2 + g3)
-                    t[1, c] += (g0 * (x[r, c] - kc) + g1 * (x[r + 1, c] - kc)) + (
-                        g2 * (x[r + 2, c] - kc) + g3 * (x[r + 3, c] - kc))
-                r += 4
+                    t[1, c] += (g0 * (x[r, c] - kc) + g1 * (x[r + _u(1), c] - kc)) + (
+                        g2 * (x[r + _u(2), c] - kc) + g3 * (x[r + _u(3), c] - kc))
+                r += _u(4)
         elif fast_relu:  # d = g where z > 0, inline (no scratch row), four rows per sweep
-            while r + 4 <= end:
+            while r + _u(4) <= end:
                 if prefetch:
-                    _prefetch_rows(grad, r + ahead, 4)
+                    _prefetch_rows(grad, np.int64(r) + ahead, 4)
                 for c in range(_u(lo), _u(hi)):
                     kc, mc, sc, bc = k[c], m[c], s[c], b[c]
-                    x0, x1, x2, x3 = x[r, c], x[r + 1, c], x[r + 2, c], x[r + 3, c]
+                    x0, x1, x2, x3 = x[r, c], x[r + _u(1), c], x[r + _u(2), c], x[r + _u(3), c]
                     d0 = grad[r, c] if (x0 - mc) * sc + bc > 0 else zero
-                    d1 = grad[r + 1, c] if (x1 - mc) * sc + bc > 0 else zero
-                    d2 = grad[r + 2, c] if (x2 - mc) * sc + bc > 0 else zero
-                    d3 = grad[r + 3, c] if (x3 - mc) * sc + bc > 0 else zero
+                    d1 = grad[r + _u(1), c] if (x1 - mc) * sc + bc > 0 else zero
+                    d2 = grad[r + _u(2), c] if (x2 - mc) * sc + bc > 0 else zero
+                    d3 = grad[r + _u(3), c] if (x3 - mc) * sc + bc > 0 else zero
                     t[0, c] += (d0 + d1) + (d2 + d3)
                     t[1, c] += (d0 * (x0 - kc) + d1 * (x1 - kc)) + (
                         d2 * (x2 - kc) + d3 * (x3 - kc))
-                r += 4
+                r += _u(4)
         for tail in range(r, end):
             if prefetch:
-                _prefetch_rows(grad, tail + ahead, 1)
+                _prefetch_rows(grad, np.int64(tail) + ahead, 1)
             for c in range(_u(lo), _u(hi)):
                 xv = x[tail, c]
                 d = _grad_value(grad[tail, c], xv, residual[tail, c], has_res, m[c], s[c], b[c],
