@@ -791,8 +791,8 @@ def backward_planes_range(grad, x, mean, var, weight, bias, eps, act, need_input
 # 5-6x slower on (8, 16384) and (1024, 256)); unsigned indices have no wraparound. Rows are
 # counted in unsigned integers too: a block's first row is a runtime value, and with it signed
 # every row (every sweep, in the sums) paid the select and its set-up again. Kernel alone on one
-# block of (100352, 64), one thread: the eval pass took 1.4-1.9x a copy with signed rows and
-# 1.15-1.25x unsigned (what the whole-call kernel got, where the first row is the constant 0);
+# block of (100352, 64), one thread: the eval pass took 1.2-1.9x a copy with signed rows and
+# 1.15-1.25x unsigned (about what the whole-call kernel got, its first row the constant 0);
 # the training sums 0.87-0.89x the time of signed rows (0.96 on (25088, 256)).
 _u = np.uint64
 #
