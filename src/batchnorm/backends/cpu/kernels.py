@@ -357,8 +357,8 @@ def _train_forward_channel(x, weight, bias, eps, act, rs, has_res, xs, outs, mea
     mc = x.dtype.type(mean[c])
     sc = x.dtype.type(scale)
     bc = x.dtype.type(beta)
-    for n in range(batch):
-        _normalize_segment(xs, rs, has_res, mc, sc, bc, act, outs, n * channels + c)
+    for n in range(batch):  # the segment unsigned: see _u
+        _normalize_segment(xs, rs, has_res, mc, sc, bc, act, outs, _u(n * channels + c))
 
 
 # -- short planes, on the calling thread --------------------------------------------------------
@@ -561,7 +561,7 @@ def eval_forward_planes(x, mean, var, weight, bias, eps, act, residual, has_res,
     for k in prange(blocks):
         start = k * segments // blocks
         c = start % channels
-        for j in range(start, (k + 1) * segments // blocks):
+        for j in range(_u(start), _u((k + 1) * segments // blocks)):  # unsigned: see _u
             _normalize_segment(xs, rs, has_res, m[c], s[c], b[c], act, outs, j)
             c = 0 if c == channels - 1 else c + 1
 
@@ -754,7 +754,7 @@ def eval_planes_range(x, mean, var, weight, bias, eps, act, out, j0, j1):
     m, s, b = _coefficients(x, mean, var, weight, bias, eps)
     xs, outs = _segments(x), _segments(out)
     c = j0 % channels
-    for j in range(j0, j1):
+    for j in range(_u(j0), _u(j1)):  # unsigned segments: see _u
         _normalize_segment(xs, xs, False, m[c], s[c], b[c], act, outs, j)
         c = 0 if c == channels - 1 else c + 1
 
@@ -793,7 +793,9 @@ def backward_planes_range(grad, x, mean, var, weight, bias, eps, act, need_input
 # every row (every sweep, in the sums) paid the select and its set-up again. Kernel alone on one
 # block of (100352, 64), one thread: the eval pass took 1.2-1.9x a copy with signed rows and
 # 1.15-1.25x unsigned (about what the whole-call kernel got, its first row the constant 0);
-# the training sums 0.87-0.89x the time of signed rows (0.96 on (25088, 256)).
+# the training sums 0.87-0.89x the time of signed rows (0.96 on (25088, 256)). The planes'
+# normalizing pass counts its (sample, channel) segments unsigned for the same reason (eval
+# range alone, one thread: 0.82-0.91x the time on 8x1024x14x14, 0.90-0.91x on 8x2048x7x7).
 _u = np.uint64
 #
 # Rows are indexed as x[r, c] directly (no per-row views, no per-row scratch allocation, no
