@@ -795,7 +795,7 @@ def backward_planes_range(grad, x, mean, var, weight, bias, eps, act, need_input
 # 1.15-1.25x unsigned (about what the whole-call kernel got, its first row the constant 0);
 # the training sums 0.87-0.89x the time of signed rows (0.96 on (25088, 256)). The planes'
 # normalizing pass counts its (sample, channel) segments unsigned for the same reason (eval
-# range alone, one thread: 0.82-0.91x the time on 8x1024x14x14, 0.90-0.91x on 8x2048x7x7).
+# range alone, one thread: 0.81-0.87x the time on 8x1024x14x14, 0.90-0.91x on 8x2048x7x7).
 _u = np.uint64
 #
 # Rows are indexed as x[r, c] directly (no per-row views, no per-row scratch allocation, no
