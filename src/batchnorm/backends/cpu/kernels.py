@@ -417,31 +417,30 @@ def _train_short_planes(x, weight, bias, eps, act, residual, has_res, out, mean,
     the rows kernel's shifted sums per column (the shift is each channel's first value, as in
     :func:`_plane_sums`), joined per channel, then its normalizing pass. Each of ``blocks``
     threads owns a range of channels, so its sums need no other thread's."""
-    batch, channels, size = x.shape
-    width = channels * size
-    shift = np.empty(width, dtype=np.float64)
-    for c in range(channels):
-        for i in range(c * size, (c + 1) * size):
-            shift[i] = x[0, c, 0]
+    channels, size = x.shape[1], x.shape[2]
     xf, rf, outf = _as_rows(x), _as_rows(residual), _as_rows(out)
-    columns = _zeros(2, width)
-    coefficients = np.empty((3, width), dtype=x.dtype)  # per column: mean, scale, shift
     if blocks == 1:
-        _train_short_channels(xf, weight, bias, eps, act, rf, has_res, outf, mean, var, shift,
-                              columns, coefficients, size, 0, channels)
+        _train_short_channels(xf, weight, bias, eps, act, rf, has_res, outf, mean, var, size, 0,
+                              channels)
         return
     for k in prange(blocks):
-        _train_short_channels(xf, weight, bias, eps, act, rf, has_res, outf, mean, var, shift,
-                              columns, coefficients, size, k * channels // blocks,
-                              (k + 1) * channels // blocks)
+        _train_short_channels(xf, weight, bias, eps, act, rf, has_res, outf, mean, var, size,
+                              k * channels // blocks, (k + 1) * channels // blocks)
 
 
 @_jit(inline="always")
-def _train_short_channels(xf, weight, bias, eps, act, rf, has_res, outf, mean, var, shift,
-                          columns, coefficients, size, c0, c1):
-    """:func:`_train_short_planes` for channels [c0, c1), columns [c0 * size, c1 * size)."""
-    batch = xf.shape[0]
+def _train_short_channels(xf, weight, bias, eps, act, rf, has_res, outf, mean, var, size, c0,
+                          c1):
+    """:func:`_train_short_planes` for channels [c0, c1), columns [c0 * size, c1 * size), with
+    its own scratch (full-width arrays, of which it uses only those columns)."""
+    batch, width = xf.shape
     lo, hi = c0 * size, c1 * size
+    shift = np.empty(width, dtype=np.float64)
+    for c in range(c0, c1):
+        for i in range(c * size, (c + 1) * size):
+            shift[i] = xf[0, c * size]
+    columns = _zeros(2, width)
+    coefficients = np.empty((3, width), dtype=xf.dtype)  # per column: mean, scale, shift
     _row_sums(xf, shift, 0, batch, columns[0], columns[1], lo, hi)
     count = batch * size
     for c in range(c0, c1):
@@ -467,33 +466,32 @@ def _backward_short_planes(grad, x, residual, has_res, mean, var, weight, bias, 
     """:func:`backward_planes` on short planes (see ``SHORT_PLANE``), seen as rows: the rows
     kernel's sums of d and d (x - mean) per column, joined per channel, then its pass for the
     input and residual gradients; each of ``blocks`` threads owns a range of channels."""
-    batch, channels, size = x.shape
-    width = channels * size
-    m, s, b = _coefficients(x, mean, var, weight, bias, eps)
-    me, se, be = _repeated(m, size), _repeated(s, size), _repeated(b, size)
+    channels, size = x.shape[1], x.shape[2]
     gf, xf, rf = _as_rows(grad), _as_rows(x), _as_rows(residual)
     gif, grf = _as_rows(grad_input), _as_rows(grad_residual)
-    columns = _zeros(2, width)
-    terms = np.empty((2, width), dtype=x.dtype)  # per column: k_centred, k_offset
     if blocks == 1:
         _backward_short_channels(gf, xf, rf, has_res, mean, var, weight, bias, eps, act, train,
-                                 need_input, gif, grf, need_residual, grad_weight, grad_bias, me,
-                                 se, be, columns, terms, size, 0, channels)
+                                 need_input, gif, grf, need_residual, grad_weight, grad_bias,
+                                 size, 0, channels)
         return
     for k in prange(blocks):
         _backward_short_channels(gf, xf, rf, has_res, mean, var, weight, bias, eps, act, train,
-                                 need_input, gif, grf, need_residual, grad_weight, grad_bias, me,
-                                 se, be, columns, terms, size, k * channels // blocks,
-                                 (k + 1) * channels // blocks)
+                                 need_input, gif, grf, need_residual, grad_weight, grad_bias,
+                                 size, k * channels // blocks, (k + 1) * channels // blocks)
 
 
 @_jit(inline="always")
 def _backward_short_channels(gf, xf, rf, has_res, mean, var, weight, bias, eps, act, train,
-                             need_input, gif, grf, need_residual, grad_weight, grad_bias, me, se,
-                             be, columns, terms, size, c0, c1):
-    """:func:`_backward_short_planes` for channels [c0, c1), columns [c0 * size, c1 * size)."""
-    batch = xf.shape[0]
+                             need_input, gif, grf, need_residual, grad_weight, grad_bias, size,
+                             c0, c1):
+    """:func:`_backward_short_planes` for channels [c0, c1), columns [c0 * size, c1 * size),
+    with its own scratch (full-width arrays, of which it uses only those columns)."""
+    batch, width = xf.shape
     lo, hi = c0 * size, c1 * size
+    m, s, b = _coefficients(xf, mean, var, weight, bias, eps)
+    me, se, be = _repeated(m, size), _repeated(s, size), _repeated(b, size)
+    columns = _zeros(2, width)
+    terms = np.empty((2, width), dtype=xf.dtype)  # per column: k_centred, k_offset
     _row_grad_sums(gf, xf, rf, has_res, me, me, se, be, act, 0, batch, columns[0], columns[1],
                    False, 1, lo, hi)
     count = batch * size
@@ -729,18 +727,10 @@ def backward_planes(
 @_jit(**_PARALLEL)
 def train_planes_range(x, weight, bias, eps, act, out, mean, var, c0, c1):
     """:func:`train_forward_planes` on several blocks, for channels [c0, c1) only."""
-    batch, channels, size = x.shape
+    size = x.shape[2]
     if size <= SHORT_PLANE_PARALLEL:
-        width = channels * size
-        shift = np.empty(width, dtype=np.float64)
-        for c in range(c0, c1):
-            for i in range(c * size, (c + 1) * size):
-                shift[i] = x[0, c, 0]
-        columns = _zeros(2, width)
-        coefficients = np.empty((3, width), dtype=x.dtype)
         _train_short_channels(_as_rows(x), weight, bias, eps, act, _as_rows(x), False,
-                              _as_rows(out), mean, var, shift, columns, coefficients, size, c0,
-                              c1)
+                              _as_rows(out), mean, var, size, c0, c1)
         return
     xs, outs = _segments(x), _segments(out)
     for c in range(c0, c1):
@@ -764,17 +754,12 @@ def backward_planes_range(grad, x, mean, var, weight, bias, eps, act, need_input
                           grad_weight, grad_bias, c0, c1):
     """:func:`backward_planes` (training, no residual) on several blocks, for channels
     [c0, c1) only."""
-    batch, channels, size = x.shape
+    size = x.shape[2]
     if size <= SHORT_PLANE_PARALLEL:
-        width = channels * size
-        m, s, b = _coefficients(x, mean, var, weight, bias, eps)
-        me, se, be = _repeated(m, size), _repeated(s, size), _repeated(b, size)
         gf, xf, gif = _as_rows(grad), _as_rows(x), _as_rows(grad_input)
-        columns = _zeros(2, width)
-        terms = np.empty((2, width), dtype=x.dtype)
         _backward_short_channels(gf, xf, xf, False, mean, var, weight, bias, eps, act, True,
-                                 need_input, gif, gif, False, grad_weight, grad_bias, me, se, be,
-                                 columns, terms, size, c0, c1)
+                                 need_input, gif, gif, False, grad_weight, grad_bias, size, c0,
+                                 c1)
         return
     direct = act == IDENTITY or size <= PLANE_BLOCK
     buffer = np.empty(0 if direct else size, dtype=x.dtype)

@@ -185,16 +185,20 @@ void on_torch_threads(int64_t units, int64_t n, const Body& body) {
   at::parallel_for(0, units, (units + n - 1) / n, body);
 }
 
+// block(k) for each of n row blocks, one per thread.
+template <typename Block>
+void each_block(int64_t n, const Block& block) {
+  on_torch_threads(n, n, [&](int64_t first, int64_t stop) {
+    for (int64_t k = first; k < stop; ++k) block(k);
+  });
+}
+
 // Rows on n blocks: every block's partial sums, then every block's rest (as the rows kernels'
 // two parallel loops).
 template <typename Sums, typename Rest>
 void rows_in_two_passes(int64_t n, const Sums& sums, const Rest& rest) {
-  on_torch_threads(n, n, [&](int64_t first, int64_t stop) {
-    for (int64_t k = first; k < stop; ++k) sums(k);
-  });
-  on_torch_threads(n, n, [&](int64_t first, int64_t stop) {
-    for (int64_t k = first; k < stop; ++k) rest(k);
-  });
+  each_block(n, sums);
+  each_block(n, rest);
 }
 
 // f(entries, like) on the entry points of the input's dtype.
@@ -298,11 +302,9 @@ void eval_kernel(const Tensor& x, const Tensor& mean, const Tensor& var, const T
                      first, stop);
       });
     } else {
-      on_torch_threads(n, n, [&](int64_t first, int64_t stop) {
-        for (int64_t k = first; k < stop; ++k) {
-          e.rows_eval(like, rows, g.channels, address(x), address(mean), address(var),
-                      address(weight), address(bias), eps, fused, address(out), k, n);
-        }
+      each_block(n, [&](int64_t k) {
+        e.rows_eval(like, rows, g.channels, address(x), address(mean), address(var),
+                    address(weight), address(bias), eps, fused, address(out), k, n);
       });
     }
   });
@@ -484,7 +486,8 @@ void set(Entries<T>& entries, const std::vector<int64_t>& addresses) {
   take(entries.rows_grad_input, 11);
 }
 
-// The addresses of the C functions (train, eval, backward) for float32 and for float64, once.
+// The addresses of the C functions (the twelve of Entries, in its order) for float32 and for
+// float64, once.
 void set_entry_points(const std::vector<int64_t>& single, const std::vector<int64_t>& double_,
                       int64_t serial, int64_t backward_planes_serial, int64_t short_plane,
                       int64_t threads, py::object backward_fallback) {
@@ -511,7 +514,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // torch.set_num_threads sets).
   m.def("threads_of_a_call", [](int64_t n) {
     std::atomic<int64_t> mask{0};
-    on_torch_threads(n, n, [&](int64_t, int64_t) { mask |= int64_t{1} << std::min(omp_get_thread_num(), 63); });
+    each_block(n, [&](int64_t) { mask |= int64_t{1} << std::min(omp_get_thread_num(), 63); });
     return __builtin_popcountll(mask.load());
   });
 }
