@@ -199,9 +199,15 @@ def _prefetches(grad, act):
 @_jit(inline="always")
 def _zeros(rows, columns):
     """A float64 (rows, columns) array of zeros, filled by a plain loop (see above)."""
+    return _zeros_in(rows, columns, 0, columns)
+
+
+@_jit(inline="always")
+def _zeros_in(rows, columns, lo, hi):
+    """A float64 (rows, columns) array whose columns [lo, hi) are zeros (the others unset)."""
     out = np.empty((rows, columns), dtype=np.float64)
     for r in range(rows):
-        for c in range(columns):
+        for c in range(_u(lo), _u(hi)):  # unsigned: see _u
             out[r, c] = 0.0
     return out
 
@@ -431,14 +437,17 @@ SHORT_PLANE_PARALLEL = 9
 
 
 @_jit(inline="always")
-def _repeated(v, size):
+def _repeated(v, size, c0, c1):
     """Each value of the per-channel vector ``v`` repeated ``size`` times, channel after
-    channel (the coefficient of every column of the (N, C * size) view)."""
+    channel (the coefficient of every column of the (N, C * size) view), for channels
+    [c0, c1) (the other columns unset)."""
     out = np.empty(v.shape[0] * size, dtype=v.dtype)
-    for c in range(v.shape[0]):
+    n = _u(size)
+    for c in range(_u(c0), _u(c1)):  # unsigned: see _u
         value = v[c]
-        for i in range(size):
-            out[c * size + i] = value
+        base = c * n
+        for i in range(n):
+            out[base + i] = value
     return out
 
 
@@ -452,11 +461,11 @@ def _as_rows(x):
 def _eval_short_planes(x, m, s, b, act, residual, has_res, out):
     """Eval on planes of at most ``SHORT_PLANE`` values, on the calling thread, by the rows
     kernel's normalizing pass."""
-    size = x.shape[2]
+    channels, size = x.shape[1], x.shape[2]
     xf = _as_rows(x)
-    _normalize_row_block(xf, _repeated(m, size), _repeated(s, size), _repeated(b, size), act,
-                         _as_rows(residual), has_res, _as_rows(out), 0, xf.shape[0], 0,
-                         xf.shape[1])
+    _normalize_row_block(xf, _repeated(m, size, 0, channels), _repeated(s, size, 0, channels),
+                         _repeated(b, size, 0, channels), act, _as_rows(residual), has_res,
+                         _as_rows(out), 0, xf.shape[0], 0, xf.shape[1])
 
 
 @_jit(inline="always")
@@ -480,14 +489,14 @@ def _train_short_planes(x, weight, bias, eps, act, residual, has_res, out, mean,
 def _train_short_channels(xf, weight, bias, eps, act, rf, has_res, outf, mean, var, size, c0,
                           c1):
     """:func:`_train_short_planes` for channels [c0, c1), columns [c0 * size, c1 * size), with
-    its own scratch (full-width arrays, of which it uses only those columns)."""
+    its own scratch (full-width arrays, of which it fills and uses only those columns)."""
     batch, width = xf.shape
     lo, hi = c0 * size, c1 * size
     shift = np.empty(width, dtype=np.float64)
     for c in range(c0, c1):
         for i in range(c * size, (c + 1) * size):
             shift[i] = xf[0, c * size]
-    columns = _zeros(2, width)
+    columns = _zeros_in(2, width, lo, hi)
     coefficients = np.empty((3, width), dtype=xf.dtype)  # per column: mean, scale, shift
     _row_sums(xf, shift, 0, batch, columns[0], columns[1], lo, hi)
     count = batch * size
@@ -533,12 +542,14 @@ def _backward_short_channels(gf, xf, rf, has_res, mean, var, weight, bias, eps, 
                              need_input, gif, grf, need_residual, grad_weight, grad_bias, size,
                              c0, c1):
     """:func:`_backward_short_planes` for channels [c0, c1), columns [c0 * size, c1 * size),
-    with its own scratch (full-width arrays, of which it uses only those columns)."""
+    with its own scratch (full-width arrays, of which it fills and uses only those columns)."""
     batch, width = xf.shape
     lo, hi = c0 * size, c1 * size
     m, s, b = _coefficients(xf, mean, var, weight, bias, eps)
-    me, se, be = _repeated(m, size), _repeated(s, size), _repeated(b, size)
-    columns = _zeros(2, width)
+    me = _repeated(m, size, c0, c1)
+    se = _repeated(s, size, c0, c1)
+    be = _repeated(b, size, c0, c1)
+    columns = _zeros_in(2, width, lo, hi)
     terms = np.empty((2, width), dtype=xf.dtype)  # per column: k_centred, k_offset
     _row_grad_sums(gf, xf, rf, has_res, me, me, se, be, act, 0, batch, columns[0], columns[1],
                    False, 1, lo, hi)
