@@ -11,23 +11,33 @@
     with matrix products for about MS milliseconds before each call, as a model's convolutions
     do; the kernels' own thread pool idles that long.
 
-``python scripts/backward_threshold.py models --below N [batchnorm bench arguments]``
-    ``batchnorm bench --suite models ...`` with the threshold set to N before the first call,
-    so that one checkout times the model's calls with another threshold (``--per-call`` gives
-    the backward of each layer inside the model).
+``python scripts/backward_threshold.py models --below N [--rounds R] MODEL ...``
+    Inside each model of the models suite whose name contains MODEL, the backward of every
+    batch norm in a training step, timed where it runs (hooks on the autograd nodes of each
+    layer, as ``batchnorm bench --suite models --per-call`` times them), for torch's model and
+    for two converted copies: one with the backward's cut on planes as loaded
+    (``BACKWARD_PLANES_SERIAL_BELOW``), one with the cut set to N for its steps only. The three
+    steps run interleaved in one process, the order shuffled every round, so that the two cuts
+    meet the same state of the host. Prints, per plane size and size class of the input, the
+    sums of the layers' median times and their ratios.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import statistics
 import sys
 import time
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import batchnorm
 from batchnorm.backends import cpu
 from batchnorm.backends.cpu import kernels
+from batchnorm.bench import models
+from batchnorm.convert import convert
 
 
 def kernel(shapes: list[str], busy_ms: float | None = None, rounds: int = 300) -> None:
@@ -95,6 +105,87 @@ def _time_shape(text: str, between, rounds: int) -> tuple[int, dict[str, float]]
     return x.numel(), {name: 1e6 * statistics.median(t) for name, t in times.items()}
 
 
+def models_side_by_side(names: list[str], below: int, rounds: int) -> None:
+    torch.set_num_threads(2)
+    for spec in models.MODELS:
+        if any(name in spec.name for name in names):
+            _model_side_by_side(spec, below, rounds)
+
+
+def _model_side_by_side(spec: models.ModelSpec, below: int, rounds: int) -> None:
+    model = models.build(spec)
+    x = models.input_for(spec)
+    labels = torch.randint(0, models.CLASSES, (x.shape[0],),
+                           generator=torch.Generator().manual_seed(0))
+    variants = {"torch": model, "loaded": convert(copy.deepcopy(model)),
+                "other": convert(copy.deepcopy(model))}
+    variants["loaded"](x).sum().backward()  # the first call loads the compiled path
+    if cpu.compiled is None:
+        raise SystemExit("the compiled call path is not loaded here: run `batchnorm compile`")
+    loaded = cpu.BACKWARD_PLANES_SERIAL_BELOW
+    spent: dict[tuple[str, str], list[float]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    started: dict[tuple[str, str], float] = {}
+    for variant, tree in variants.items():
+        for layer, module in tree.named_modules():
+            if isinstance(module, _BatchNorm):
+                module.register_forward_hook(_timing_hook(variant, layer, shapes, started, spent))
+    steps = {variant: models._training_step(m, x, labels) for variant, m in variants.items()}
+
+    def other() -> None:  # both call paths follow the cut
+        cpu.compiled.set_backward_planes_serial_below(below)
+        cpu.BACKWARD_PLANES_SERIAL_BELOW = below
+        try:
+            steps["other"]()
+        finally:
+            cpu.compiled.set_backward_planes_serial_below(loaded)
+            cpu.BACKWARD_PLANES_SERIAL_BELOW = loaded
+
+    models.interleaved_times({"torch": steps["torch"], "loaded": steps["loaded"], "other": other},
+                             rounds, warmup=1)
+    sums: dict[str, dict[str, float]] = {}
+    for layer, shape in shapes.items():
+        numel = math.prod(shape)
+        cuts = [0, *sorted({below, loaded, cpu.SERIAL_BELOW})]
+        band = next((f"{low}-{high - 1}" for low, high in zip(cuts, cuts[1:], strict=False)
+                     if numel < high), f"{cuts[-1]} and more")
+        for group in (f"{'x'.join(map(str, shape[2:]))}, {band} values", "every layer"):
+            totals = sums.setdefault(group, {"layers": 0, "torch": 0.0, "loaded": 0.0,
+                                             "other": 0.0})
+            totals["layers"] += 1
+            for variant in variants:
+                totals[variant] += statistics.median(spent[variant, layer][1:])
+    print(f"{spec.name}, backward, sums of the layers' median us; cut as loaded {loaded}, "
+          f"other cut {below}, {rounds} rounds")
+    print("| layers | count | torch | loaded | other | loaded/torch | other/torch | other/loaded |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for group, t in sorted(sums.items(), key=lambda item: item[0] == "every layer"):
+        print(f"| {group} | {t['layers']} | {1e6 * t['torch']:.0f} | {1e6 * t['loaded']:.0f} | "
+              f"{1e6 * t['other']:.0f} | {t['loaded'] / t['torch']:.2f} | "
+              f"{t['other'] / t['torch']:.2f} | {t['other'] / t['loaded']:.2f} |", flush=True)
+
+
+def _timing_hook(variant, layer, shapes, started, spent):
+    """A forward hook that times the layer's backward: from its first autograd node's start to
+    its last node's end (``models._backward_span``)."""
+    key = (variant, layer)
+
+    def entered(grad_outputs):
+        started[key] = time.perf_counter()
+
+    def left(grad_inputs, grad_outputs):
+        spent.setdefault(key, []).append(time.perf_counter() - started[key])
+
+    def hook(module, args, output):
+        shapes.setdefault(layer, tuple(args[0].shape))
+        span = models._backward_span(output, args[0])
+        if span is not None:
+            span[0].register_prehook(entered)
+            span[1].register_hook(left)
+
+    return hook
+
+
 def main(argv: list[str]) -> int:
     if argv[:2] == ["kernel", "--busy"] and len(argv) > 3:
         kernel(argv[3:], busy_ms=float(argv[2]), rounds=40)
@@ -102,11 +193,13 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["kernel"] and len(argv) > 1:
         kernel(argv[1:])
         return 0
-    if argv[:2] == ["models", "--below"] and len(argv) > 2:
-        cpu.BACKWARD_PLANES_SERIAL_BELOW = int(argv[2])  # before the first call loads it
-        from batchnorm import cli
-
-        return cli.main(["bench", "--suite", "models", *argv[3:]])
+    if argv[:2] == ["models", "--below"] and len(argv) > 3:
+        rest = argv[3:]
+        rounds = 15
+        if rest[:1] == ["--rounds"] and len(rest) > 2:
+            rounds, rest = int(rest[1]), rest[2:]
+        models_side_by_side(rest, int(argv[2]), rounds)
+        return 0
     print(__doc__, file=sys.stderr)
     return 2
 

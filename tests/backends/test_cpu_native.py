@@ -180,6 +180,34 @@ def test_blocks_follow_torchs_thread_count(compiled, shape, layout):
     assert not all(torch.equal(a, b) for a, b in zip(steps[1], steps[2], strict=True))
 
 
+def test_the_backward_cut_moves_for_side_by_side_timing(compiled):
+    """``set_backward_planes_serial_below`` (for scripts/backward_threshold.py) answers the cut
+    it replaces, and the next call follows the new one: with both paths' cuts above the input,
+    float64 4x4 planes on two threads run on one block on both, bit for bit alike; with the
+    compiled path's cut alone moved, the two paths cut the call differently and the last bits
+    show it."""
+    shape = (8, 200, 4, 4)
+    x = make_input(shape, torch.float64, "contiguous", seed=1, offset=3.0)
+    grad = make_input(shape, torch.float64, "contiguous", seed=2)
+    loaded = cpu.BACKWARD_PLANES_SERIAL_BELOW
+    above = 2 * x.numel()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert compiled.set_backward_planes_serial_below(above) == loaded
+        cpu.BACKWARD_PLANES_SERIAL_BELOW = above
+        _same_step(*_pair(batchnorm.BatchNorm2d(shape[1]).double()), x, grad)
+        cpu.BACKWARD_PLANES_SERIAL_BELOW = loaded
+        ours, python = _pair(batchnorm.BatchNorm2d(shape[1]).double())
+        taken = _step(ours, x, grad, python=False)
+        reference = _step(python, x, grad, python=True)
+        assert not all(torch.equal(a, b) for a, b in zip(taken, reference, strict=True))
+    finally:
+        assert compiled.set_backward_planes_serial_below(loaded) == above
+        cpu.BACKWARD_PLANES_SERIAL_BELOW = loaded
+        torch.set_num_threads(before)
+
+
 def test_parallel_calls_run_on_torchs_threads(compiled):
     """A call on several blocks runs on as many of torch's threads as ``torch.set_num_threads``
     gives: the extension is built with OpenMP and uses torch's runtime (a build without OpenMP

@@ -213,23 +213,21 @@ def _length(t: torch.Tensor | None) -> int:
 # Below this many elements a parallel launch costs more than it saves (torch's own grain size
 # is of the same order); such inputs run on the calling thread.
 SERIAL_BELOW = 1 << 16
-# The backward on planes (NCHW) of more than ``kernels.SHORT_PLANE_PARALLEL`` values goes
-# parallel from fewer values: it reads two tensors and writes a third, and inside a model it finds
-# them out of cache, where one core's bandwidth decides. Kernel alone, 2 threads, with a torch
-# matrix product and a 4 MB write before each call (as a model's convolutions run between its
-# batch norms), one block against two, torch's backward in brackets (`python
-# scripts/backward_threshold.py kernel ...`): (4, 128, 6, 6) 20.4 vs 12.8 us (25.1),
-# (8, 112, 6, 6) 27.6 vs 17.3 (34.5), (4, 416, 6, 6) 55.1 vs 27.3 (35.1). Inside densenet121 and
-# efficientnet_b0 (`python scripts/backward_threshold.py models --below N --per-call ...`, two
-# runs each way, repeated) the backward of their 6x6 layers of 16384-65535 values went from
-# 1.39-1.54x and 1.56-1.59x torch's time to 1.19-1.34x and 1.15-1.20x. Short planes (at most
-# SHORT_PLANE_PARALLEL values, 3x3) keep SERIAL_BELOW, as before: alone their kernel ran faster
-# on two blocks too ((4, 512, 3, 3) 25.9 vs 21.1 us), but inside densenet121 its 3x3 layers of
-# that size read 1.79x torch's time on two blocks against 1.19x on one, and in a repeat where both
-# runs kept them on one block, 1.70x against 1.34x: the in-model sums move by that much between
-# runs, so that comparison cannot decide, and they stay as they were. Rows ((N, C),
-# channels_last) keep SERIAL_BELOW: there one block measured faster up to 32768 values,
-# (64, 256) 13.3 us against 14.7 on two blocks, channels_last (4, 128, 6, 6) 19.6 against 22.4.
+# The backward on planes (NCHW) goes parallel from fewer values: it reads two tensors and writes
+# a third, and inside a model it finds them out of cache, where one core's bandwidth decides.
+# Kernel alone, 2 threads, with a torch matrix product and a 4 MB write before each call (as a
+# model's convolutions run between its batch norms), one block against two, torch's backward in
+# brackets (`python scripts/backward_threshold.py kernel ...`): (4, 128, 6, 6) 20.4 vs 12.8 us
+# (25.1), (8, 112, 6, 6) 27.6 vs 17.3 (34.5), (4, 416, 6, 6) 55.1 vs 27.3 (35.1). Inside
+# densenet121 and efficientnet_b0 the backward of their 6x6 layers of 16384-65535 values went
+# from 1.39-1.54x and 1.56-1.59x torch's time to 1.19-1.34x and 1.15-1.20x. 3x3 planes follow
+# since their parallel calls run on torch's threads: inside densenet121, timed side by side in
+# one process (`python scripts/backward_threshold.py models --below 65536 ...`), its 3x3 layers
+# of 16384-65535 values took 0.70-0.73x the time on two blocks that they took on one, three runs
+# out of three; below 16384 values two blocks gained nothing (1.00, 0.96 at cuts of 8192 and
+# 4096). Rows ((N, C), channels_last) keep SERIAL_BELOW: there one block measured faster up to
+# 32768 values, (64, 256) 13.3 us against 14.7 on two blocks, channels_last (4, 128, 6, 6) 19.6
+# against 22.4.
 BACKWARD_PLANES_SERIAL_BELOW = 1 << 14
 
 
@@ -257,7 +255,7 @@ def _load_native() -> None:
     _native_tried = True
     try:
         compiled = native_path.load(SERIAL_BELOW, BACKWARD_PLANES_SERIAL_BELOW,
-                                    kernels.SHORT_PLANE_PARALLEL, numba.config.NUMBA_NUM_THREADS)
+                                    numba.config.NUMBA_NUM_THREADS)
     except Exception as error:  # noqa: BLE001 - whatever keeps the build from loading here
         # (an extension built against another torch, entry points Numba cannot load), the
         # Python path serves every call
@@ -602,8 +600,7 @@ def backward_common(grad_out, x, mean, variance, weight, bias, eps, needs,
         xp if grad_input is None else grad_input.data_ptr(), xp, False, grad_weight.data_ptr(),
         grad_bias.data_ptr(),
     )
-    serial_below = (BACKWARD_PLANES_SERIAL_BELOW if planes and size > kernels.SHORT_PLANE_PARALLEL
-                    else SERIAL_BELOW)
+    serial_below = BACKWARD_PLANES_SERIAL_BELOW if planes else SERIAL_BELOW
     if numel < serial_below and _pool_started:  # _run's first case, asked here: a frame less
         kernels.backward_at(*arguments, 1)
     else:

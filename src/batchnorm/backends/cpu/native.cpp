@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <atomic>
 #include <optional>
+#include <utility>
 
 namespace {
 
@@ -88,9 +89,8 @@ Entries<float> float32;
 Entries<double> float64;
 bool loaded = false;
 int64_t serial_below = 0;  // below this many values a kernel runs on the calling thread
-// the same for the backward on planes of more than short_plane_parallel values (as cpu's)
+// the same for the backward on planes (as cpu's)
 int64_t backward_planes_serial_below = 0;
-int64_t short_plane_parallel = 0;
 int64_t pool_threads = 1;  // the most threads Numba's pool has
 // The Python backward for what the kernel does not take (native.py's backward_fallback).
 py::object* fallback = nullptr;
@@ -345,8 +345,7 @@ bool backward_kernel(Tensor grad, const Tensor& x, const Tensor& mean, const Ten
   auto grad_bias = at::empty({g.channels}, x.options());
   int64_t into = need_input ? address(grad_input) : address(x);  // (not written then)
   int64_t n = blocks(g.numel, g.planes ? g.channels : g.batch * g.size,
-                     g.planes && g.size > short_plane_parallel ? backward_planes_serial_below
-                                                               : serial_below);
+                     g.planes ? backward_planes_serial_below : serial_below);
   int64_t rows = g.batch * g.size;
   by_dtype(g, [&](auto& e, auto like) {
     if (n == 1) {
@@ -489,14 +488,13 @@ void set(Entries<T>& entries, const std::vector<int64_t>& addresses) {
 // The addresses of the C functions (the twelve of Entries, in its order) for float32 and for
 // float64, once.
 void set_entry_points(const std::vector<int64_t>& single, const std::vector<int64_t>& double_,
-                      int64_t serial, int64_t backward_planes_serial, int64_t short_plane,
-                      int64_t threads, py::object backward_fallback) {
+                      int64_t serial, int64_t backward_planes_serial, int64_t threads,
+                      py::object backward_fallback) {
   TORCH_CHECK(!loaded, "batchnorm native: the entry points are set once");
   set(float32, single);
   set(float64, double_);
   serial_below = serial;
   backward_planes_serial_below = backward_planes_serial;
-  short_plane_parallel = short_plane;
   pool_threads = threads;
   // kept for the life of the process (autograd may call it from any thread)
   fallback = new py::object(std::move(backward_fallback));
@@ -507,6 +505,11 @@ void set_entry_points(const std::vector<int64_t>& single, const std::vector<int6
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_entry_points", &set_entry_points);
+  // The backward's cut on planes changed after loading, for timing two cuts side by side in
+  // one process (scripts/backward_threshold.py); answers the cut it replaces.
+  m.def("set_backward_planes_serial_below", [](int64_t below) {
+    return std::exchange(backward_planes_serial_below, below);
+  });
   m.def("train", &train);
   m.def("eval", &eval);
   // How many of torch's threads a parallel call on n blocks runs on (for the tests: 1 where

@@ -153,8 +153,7 @@ def _fallback(grad, x, weight, bias, mean, variance, eps, act, needs):
     return function(grad, x, weight, bias, mean, variance, eps, needs)
 
 
-def load(serial_below: int, backward_planes_serial_below: int, short_plane_parallel: int,
-         threads: int) -> ModuleType | None:
+def load(serial_below: int, backward_planes_serial_below: int, threads: int) -> ModuleType | None:
     """The extension with the kernels' entry points handed over, or None where it is off
     (``BATCHNORM_NATIVE=0``), not built, or its entry points are not in Numba's cache (the
     kernels changed since ``batchnorm compile``; nothing is compiled here). Called once Numba's
@@ -176,7 +175,7 @@ def load(serial_below: int, backward_planes_serial_below: int, short_plane_paral
     module = _import(path)
     module.set_entry_points(
         *([function.address for function in functions] for functions in entry_points),
-        serial_below, backward_planes_serial_below, short_plane_parallel, threads, _fallback,
+        serial_below, backward_planes_serial_below, threads, _fallback,
     )
     return module
 
