@@ -221,13 +221,13 @@ SERIAL_BELOW = 1 << 16
 # (25.1), (8, 112, 6, 6) 27.6 vs 17.3 (34.5), (4, 416, 6, 6) 55.1 vs 27.3 (35.1). Inside
 # densenet121 and efficientnet_b0 the backward of their 6x6 layers of 16384-65535 values went
 # from 1.39-1.54x and 1.56-1.59x torch's time to 1.19-1.34x and 1.15-1.20x. 3x3 planes follow
-# since their parallel calls run on torch's threads: inside densenet121, timed side by side in
-# one process (`python scripts/backward_threshold.py models --below 65536 ...`), its 3x3 layers
-# of 16384-65535 values took 0.70-0.73x the time on two blocks that they took on one, three runs
-# out of three; below 16384 values two blocks gained nothing (1.00, 0.96 at cuts of 8192 and
-# 4096). Rows ((N, C), channels_last) keep SERIAL_BELOW: there one block measured faster up to
-# 32768 values, (64, 256) 13.3 us against 14.7 on two blocks, channels_last (4, 128, 6, 6) 19.6
-# against 22.4.
+# since their parallel calls run on torch's threads: timed side by side in one process (`python
+# scripts/backward_threshold.py models --below 65536 ...`), the 3x3 layers of 16384-65535 values
+# took 0.70-0.88x the time on two blocks that they took on one inside densenet121 (seven runs),
+# and 0.71-0.88x inside both efficientnet_b0s (four); below 16384 values two blocks gained
+# nothing (1.00, 0.96 at cuts of 8192 and 4096). Rows ((N, C), channels_last) keep
+# SERIAL_BELOW: there one block measured faster up to 32768 values, (64, 256) 13.3 us against
+# 14.7 on two blocks, channels_last (4, 128, 6, 6) 19.6 against 22.4.
 BACKWARD_PLANES_SERIAL_BELOW = 1 << 14
 
 

@@ -101,9 +101,10 @@ _PARALLEL = {"parallel": True}
 # reference counting (its private ``_nrt`` option; they allocate nothing and return no array of
 # their own). With it, every call of such a function took a reference to each of its array
 # arguments on entry and dropped it on exit, eight calls into Numba's runtime per channel for the
-# backward's sums. Kernel alone, one thread, without/with (``python scripts/kernels_ab.py``):
-# backward 0.64 on (4, 1024, 36), 0.66 on (4, 512, 36), 0.83 on (8, 1024, 49), 0.95-0.97 on
-# (4, 448, 144) and (8, 256, 784), same bits.
+# backward's sums. Kernel alone, one thread, without/with (``python scripts/kernels_ab.py``, two
+# runs): backward 0.62-0.64 on (4, 1024, 36), 0.62-0.66 on (4, 512, 36), 0.75-0.83 on
+# (8, 1024, 49), 0.88-0.97 on (4, 448, 144), 0.94-0.95 on (8, 256, 784); forward unchanged; same
+# bits.
 _NO_NRT = {"_nrt": False} if hasattr(numba_options.DefaultOptions, "_nrt") else {}
 _PLANE_REDUCE = {**_REDUCE, **_NO_NRT}
 
