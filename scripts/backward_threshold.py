@@ -31,7 +31,6 @@ import sys
 import time
 
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import batchnorm
 from batchnorm.backends import cpu
@@ -123,13 +122,7 @@ def _model_side_by_side(spec: models.ModelSpec, below: int, rounds: int) -> None
     if cpu.compiled is None:
         raise SystemExit("the compiled call path is not loaded here: run `batchnorm compile`")
     loaded = cpu.BACKWARD_PLANES_SERIAL_BELOW
-    spent: dict[tuple[str, str], list[float]] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    started: dict[tuple[str, str], float] = {}
-    for variant, tree in variants.items():
-        for layer, module in tree.named_modules():
-            if isinstance(module, _BatchNorm):
-                module.register_forward_hook(_timing_hook(variant, layer, shapes, started, spent))
+    spent, shapes, handles = models.time_each_call(variants)
     steps = {variant: models._training_step(m, x, labels) for variant, m in variants.items()}
 
     def other() -> None:  # both call paths follow the cut
@@ -141,8 +134,12 @@ def _model_side_by_side(spec: models.ModelSpec, below: int, rounds: int) -> None
             cpu.compiled.set_backward_planes_serial_below(loaded)
             cpu.BACKWARD_PLANES_SERIAL_BELOW = loaded
 
-    models.interleaved_times({"torch": steps["torch"], "loaded": steps["loaded"], "other": other},
-                             rounds, warmup=1)
+    try:
+        models.interleaved_times(
+            {"torch": steps["torch"], "loaded": steps["loaded"], "other": other}, rounds, warmup=1)
+    finally:
+        for handle in handles:
+            handle.remove()
     sums: dict[str, dict[str, float]] = {}
     for layer, shape in shapes.items():
         numel = math.prod(shape)
@@ -154,7 +151,7 @@ def _model_side_by_side(spec: models.ModelSpec, below: int, rounds: int) -> None
                                              "other": 0.0})
             totals["layers"] += 1
             for variant in variants:
-                totals[variant] += statistics.median(spent[variant, layer][1:])
+                totals[variant] += statistics.median(spent[variant, "backward", layer][1:])
     print(f"{spec.name}, backward, sums of the layers' median us; cut as loaded {loaded}, "
           f"other cut {below}, {rounds} rounds")
     print("| layers | count | torch | loaded | other | loaded/torch | other/torch | other/loaded |")
@@ -163,27 +160,6 @@ def _model_side_by_side(spec: models.ModelSpec, below: int, rounds: int) -> None
         print(f"| {group} | {t['layers']} | {1e6 * t['torch']:.0f} | {1e6 * t['loaded']:.0f} | "
               f"{1e6 * t['other']:.0f} | {t['loaded'] / t['torch']:.2f} | "
               f"{t['other'] / t['torch']:.2f} | {t['other'] / t['loaded']:.2f} |", flush=True)
-
-
-def _timing_hook(variant, layer, shapes, started, spent):
-    """A forward hook that times the layer's backward: from its first autograd node's start to
-    its last node's end (``models._backward_span``)."""
-    key = (variant, layer)
-
-    def entered(grad_outputs):
-        started[key] = time.perf_counter()
-
-    def left(grad_inputs, grad_outputs):
-        spent.setdefault(key, []).append(time.perf_counter() - started[key])
-
-    def hook(module, args, output):
-        shapes.setdefault(layer, tuple(args[0].shape))
-        span = models._backward_span(output, args[0])
-        if span is not None:
-            span[0].register_prehook(entered)
-            span[1].register_hook(left)
-
-    return hook
 
 
 def main(argv: list[str]) -> int:

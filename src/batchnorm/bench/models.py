@@ -409,7 +409,44 @@ def per_call_times(
     what that does to each call)."""
     model.train()
     variants = {"torch": model, "ours": convert(copy.deepcopy(model))}
-    started: dict[int, float] = {}
+    spent, sizes, handles = time_each_call(variants, clock)
+    labels = torch.randint(0, CLASSES, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    together = {
+        **{("train", n): _training_step(m, x, labels) for n, m in variants.items()},
+        **{("eval", n): _eval_forward(m, x) for n, m in variants.items()},
+    }
+    try:
+        interleaved_times(together, rounds, warmup=1, clock=clock)  # type: ignore[arg-type]
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = []
+    for mode in ("train", "backward", "eval"):
+        by_size: dict[tuple[int, ...], list[tuple[float, float]]] = {}
+        for layer, size in sizes.items():
+            theirs, ours = spent.get(("torch", mode, layer)), spent.get(("ours", mode, layer))
+            if theirs and ours:  # (the warm-up round is left out)
+                by_size.setdefault(size, []).append(
+                    (statistics.median(theirs[1:] or theirs), statistics.median(ours[1:] or ours))
+                )
+        for size, pairs in by_size.items():
+            rows.append(CallTimes(
+                name, mode, size, len(pairs),
+                1e6 * statistics.fmean(p[0] for p in pairs),
+                1e6 * statistics.fmean(p[1] for p in pairs),
+            ))
+    return rows
+
+
+def time_each_call(
+    variants: dict[str, nn.Module], clock: Callable[[], float] = time.perf_counter,
+) -> tuple[dict[tuple[str, str, str], list[float]], dict[str, tuple[int, ...]], list]:
+    """Hooks on every batch norm of each model in ``variants`` that time its calls where they
+    run: ``spent[(variant, mode, layer)]`` receives the seconds of each forward (mode "train" or
+    "eval") and of each training call's backward (mode "backward": from the first to the last
+    autograd node the forward recorded, :func:`_backward_span`); ``sizes[layer]`` the input's
+    shape. Returns (spent, sizes, handles); remove the handles when done."""
+    started: dict[object, float] = {}
     spent: dict[tuple[str, str, str], list[float]] = {}
     sizes: dict[str, tuple[int, ...]] = {}
     handles = []
@@ -440,32 +477,7 @@ def per_call_times(
 
             handles.append(module.register_forward_pre_hook(before))
             handles.append(module.register_forward_hook(after))
-    labels = torch.randint(0, CLASSES, (x.shape[0],), generator=torch.Generator().manual_seed(0))
-    together = {
-        **{("train", n): _training_step(m, x, labels) for n, m in variants.items()},
-        **{("eval", n): _eval_forward(m, x) for n, m in variants.items()},
-    }
-    try:
-        interleaved_times(together, rounds, warmup=1, clock=clock)  # type: ignore[arg-type]
-    finally:
-        for handle in handles:
-            handle.remove()
-    rows = []
-    for mode in ("train", "backward", "eval"):
-        by_size: dict[tuple[int, ...], list[tuple[float, float]]] = {}
-        for layer, size in sizes.items():
-            theirs, ours = spent.get(("torch", mode, layer)), spent.get(("ours", mode, layer))
-            if theirs and ours:  # (the warm-up round is left out)
-                by_size.setdefault(size, []).append(
-                    (statistics.median(theirs[1:] or theirs), statistics.median(ours[1:] or ours))
-                )
-        for size, pairs in by_size.items():
-            rows.append(CallTimes(
-                name, mode, size, len(pairs),
-                1e6 * statistics.fmean(p[0] for p in pairs),
-                1e6 * statistics.fmean(p[1] for p in pairs),
-            ))
-    return rows
+    return spent, sizes, handles
 
 
 def _backward_span(output: torch.Tensor, input: torch.Tensor):

@@ -373,10 +373,12 @@ def _plane_grad_pre_activation(gs, xs, rs, has_res, m, s, b, act, buffer):
 
 
 # The planes' statistics and gradient sums share the term (_pair_term) and the segment loop
-# (_segment_pair_sums) but keep a loop over segments each: one function for both, inlined into
-# these per-channel functions, paid its array arguments' reference counts on every channel
+# (_segment_pair_sums) but keep a loop over segments each. One function for both, inlined into
+# these per-channel functions, first paid its array arguments' reference counts on every channel
 # (training forward, kernel alone, one thread: 1.14-1.27x the time on (4, 128, 36) and
-# (8, 1024, 49)), and one compiled per kind of terms from a closure 1.1-1.6x.
+# (8, 1024, 49)); inlined again once these were compiled without them (_PLANE_REDUCE), the
+# training forward on (8, 512, 196) without activation still took 1.14-1.23x the time in five
+# runs. One compiled per kind of terms from a closure: 1.1-1.6x.
 @_jit(**_PLANE_REDUCE)
 def _plane_sums(x, c):
     """Shifted sums of channel c: (shift, sum(x - shift), sum((x - shift)^2)), the shift its
